@@ -1,0 +1,274 @@
+//! Every RocksDB key Chorus writes, encoded in one place.
+//!
+//! All integers are big-endian so that byte order is numeric order. Every key of a shard starts
+//! with the shard id, so each shard is one contiguous range in each column family and can be
+//! snapshotted, dropped or moved as a range.
+//!
+//! | column family | key                                                  | value            |
+//! |---------------|------------------------------------------------------|------------------|
+//! | `default`     | `node/identity`                                      | `ClusterIdentity`|
+//! | `raft_log`    | shard u32 · index u64                                | `LogEntry`       |
+//! | `raft_state`  | shard u32 · kind u8 (see [`StateKey`])               | per kind         |
+//! | `sm`          | shard u32 · gen u32 · `0x00` · `next_room_id`        | u64              |
+//! | `sm`          | shard u32 · gen u32 · `0x01` · room name             | `RoomRecord`     |
+//! | `sm`          | shard u32 · gen u32 · `0x02` · room id u64 · seq u64 | `MessageRecord`  |
+//! | `sm`          | shard u32 · gen u32 · `0x03` · room id · client key · client_seq u64 | `DedupRecord` |
+//! | `sm`          | shard u32 · gen u32 · `0x04` · room id · client key  | highest client_seq u64 |
+//!
+//! A client key is the client id's length (u8) followed by its bytes, so that one client's keys
+//! never interleave with another's. `gen` is the shard's state-machine generation: installing a
+//! snapshot writes a new generation and switches to it atomically (see `snapshot.rs`).
+
+use crate::types::ShardId;
+
+pub const CF_LOG: &str = "raft_log";
+pub const CF_STATE: &str = "raft_state";
+pub const CF_SM: &str = "sm";
+pub const COLUMN_FAMILIES: [&str; 3] = [CF_LOG, CF_STATE, CF_SM];
+
+/// Node-level record in the default column family.
+pub const NODE_IDENTITY_KEY: &[u8] = b"node/identity";
+
+/// Shard ids stop one short of `u32::MAX` so that "the next shard" is always a valid bound.
+pub const MAX_SHARD_ID: ShardId = u32::MAX - 1;
+
+/// The per-shard records of the `raft_state` column family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StateKey {
+    /// `Vote`: the vote this node holds for the shard.
+    Vote = 0x01,
+    /// `LogId`: the last log id purged from the shard's log.
+    LastPurged = 0x02,
+    /// `LogId`: the last log id applied to the state machine.
+    Applied = 0x10,
+    /// `StoredMembership`: the membership as of the last applied entry.
+    Membership = 0x11,
+    /// u32: the active state-machine generation.
+    SmGeneration = 0x12,
+}
+
+pub const SM_TAG_COUNTER: u8 = 0x00;
+pub const SM_TAG_ROOM: u8 = 0x01;
+pub const SM_TAG_MESSAGE: u8 = 0x02;
+pub const SM_TAG_DEDUP: u8 = 0x03;
+pub const SM_TAG_DEDUP_HIGH: u8 = 0x04;
+
+/// Length of the `shard · gen` prefix of every `sm` key.
+pub const SM_PREFIX_LEN: usize = 8;
+
+pub fn shard_prefix(shard: ShardId) -> [u8; 4] {
+    shard.to_be_bytes()
+}
+
+/// The first key after every key of `shard` (the exclusive end of its range).
+pub fn shard_end(shard: ShardId) -> [u8; 4] {
+    debug_assert!(shard <= MAX_SHARD_ID);
+    (shard + 1).to_be_bytes()
+}
+
+pub fn log_key(shard: ShardId, index: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&shard.to_be_bytes());
+    k[4..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Decodes a `raft_log` key into `(shard, index)`.
+pub fn decode_log_key(key: &[u8]) -> Option<(ShardId, u64)> {
+    let key: &[u8; 12] = key.try_into().ok()?;
+    let shard = u32::from_be_bytes(key[..4].try_into().ok()?);
+    let index = u64::from_be_bytes(key[4..].try_into().ok()?);
+    Some((shard, index))
+}
+
+pub fn state_key(shard: ShardId, kind: StateKey) -> [u8; 5] {
+    let mut k = [0u8; 5];
+    k[..4].copy_from_slice(&shard.to_be_bytes());
+    k[4] = kind as u8;
+    k
+}
+
+/// The prefix of every `sm` key of one generation of one shard.
+pub fn sm_prefix(shard: ShardId, generation: u32) -> [u8; SM_PREFIX_LEN] {
+    let mut k = [0u8; SM_PREFIX_LEN];
+    k[..4].copy_from_slice(&shard.to_be_bytes());
+    k[4..].copy_from_slice(&generation.to_be_bytes());
+    k
+}
+
+/// The exclusive end of one generation's range (the first key of the next generation, or of the
+/// next shard when `generation` is the last one).
+pub fn sm_generation_end(shard: ShardId, generation: u32) -> Vec<u8> {
+    match generation.checked_add(1) {
+        Some(next) => sm_prefix(shard, next).to_vec(),
+        None => shard_end(shard).to_vec(),
+    }
+}
+
+/// Builds `sm` keys of one shard generation. Snapshots carry keys without the prefix
+/// ("relative" keys) so that they can be installed under any shard generation.
+#[derive(Debug, Clone, Copy)]
+pub struct SmKeys {
+    prefix: [u8; SM_PREFIX_LEN],
+}
+
+impl SmKeys {
+    pub fn new(shard: ShardId, generation: u32) -> Self {
+        SmKeys { prefix: sm_prefix(shard, generation) }
+    }
+
+    pub fn prefix(&self) -> &[u8; SM_PREFIX_LEN] {
+        &self.prefix
+    }
+
+    fn key(&self, tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+        let len = SM_PREFIX_LEN + 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut k = Vec::with_capacity(len);
+        k.extend_from_slice(&self.prefix);
+        k.push(tag);
+        for p in parts {
+            k.extend_from_slice(p);
+        }
+        k
+    }
+
+    pub fn next_room_id(&self) -> Vec<u8> {
+        self.key(SM_TAG_COUNTER, &[b"next_room_id"])
+    }
+
+    pub fn room(&self, name: &str) -> Vec<u8> {
+        self.key(SM_TAG_ROOM, &[name.as_bytes()])
+    }
+
+    /// `[start, end)` of every room record, in name order.
+    pub fn room_range(&self) -> (Vec<u8>, Vec<u8>) {
+        (self.key(SM_TAG_ROOM, &[]), self.key(SM_TAG_ROOM + 1, &[]))
+    }
+
+    pub fn message(&self, room_id: u64, seq: u64) -> Vec<u8> {
+        self.key(SM_TAG_MESSAGE, &[&room_id.to_be_bytes(), &seq.to_be_bytes()])
+    }
+
+    pub fn dedup(&self, room_id: u64, client_id: &[u8], client_seq: u64) -> Vec<u8> {
+        let len = [client_key_len(client_id)];
+        self.key(SM_TAG_DEDUP, &[&room_id.to_be_bytes(), &len, client_id, &client_seq.to_be_bytes()])
+    }
+
+    pub fn dedup_high(&self, room_id: u64, client_id: &[u8]) -> Vec<u8> {
+        let len = [client_key_len(client_id)];
+        self.key(SM_TAG_DEDUP_HIGH, &[&room_id.to_be_bytes(), &len, client_id])
+    }
+
+    /// The generation's whole range.
+    pub fn range(&self) -> (Vec<u8>, Vec<u8>) {
+        let shard = u32::from_be_bytes([self.prefix[0], self.prefix[1], self.prefix[2], self.prefix[3]]);
+        let generation = u32::from_be_bytes([self.prefix[4], self.prefix[5], self.prefix[6], self.prefix[7]]);
+        (self.prefix.to_vec(), sm_generation_end(shard, generation))
+    }
+
+    /// Turns a relative key (from a snapshot) into a key of this generation.
+    pub fn absolute(&self, relative: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(SM_PREFIX_LEN + relative.len());
+        k.extend_from_slice(&self.prefix);
+        k.extend_from_slice(relative);
+        k
+    }
+}
+
+/// Client ids are at most 64 bytes (checked before any key is built), so the length fits a u8.
+fn client_key_len(client_id: &[u8]) -> u8 {
+    debug_assert!(client_id.len() <= crate::limits::MAX_CLIENT_ID_BYTES);
+    client_id.len().min(u8::MAX as usize) as u8
+}
+
+/// Checks a relative key read from a snapshot: it must name a known record kind.
+pub fn check_relative_sm_key(relative: &[u8]) -> Result<(), &'static str> {
+    match relative.first() {
+        None => Err("empty key"),
+        Some(&tag) if tag <= SM_TAG_DEDUP_HIGH => Ok(()),
+        Some(_) => Err("unknown record tag"),
+    }
+}
+
+pub fn encode_u64(v: u64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
+pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+pub fn encode_u32(v: u32) -> [u8; 4] {
+    v.to_be_bytes()
+}
+
+pub fn decode_u32(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(bytes.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn log_keys_round_trip(shard in 0..=MAX_SHARD_ID, index: u64) {
+            prop_assert_eq!(decode_log_key(&log_key(shard, index)), Some((shard, index)));
+        }
+
+        #[test]
+        fn log_keys_sort_by_shard_then_index(a in (0..=MAX_SHARD_ID, any::<u64>()), b in (0..=MAX_SHARD_ID, any::<u64>())) {
+            prop_assert_eq!(log_key(a.0, a.1).cmp(&log_key(b.0, b.1)), a.cmp(&b));
+        }
+
+        #[test]
+        fn every_key_of_a_shard_is_inside_its_range(shard in 0..=MAX_SHARD_ID, generation: u32, room_id: u64, seq: u64,
+                                                    name in "[a-z0-9]{1,128}", cid in proptest::collection::vec(any::<u8>(), 1..64)) {
+            let keys = SmKeys::new(shard, generation);
+            let (start, end) = keys.range();
+            for k in [keys.room(&name), keys.message(room_id, seq), keys.dedup(room_id, &cid, seq),
+                      keys.dedup_high(room_id, &cid), keys.next_room_id()] {
+                prop_assert!(k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice());
+                prop_assert!(k.as_slice() >= shard_prefix(shard).as_slice() && k.as_slice() < shard_end(shard).as_slice());
+            }
+            let log = log_key(shard, seq);
+            prop_assert!(log.as_slice() >= shard_prefix(shard).as_slice() && log.as_slice() < shard_end(shard).as_slice());
+        }
+
+        #[test]
+        fn messages_sort_by_seq_within_a_room(room_id: u64, a: u64, b: u64) {
+            let keys = SmKeys::new(1, 0);
+            prop_assert_eq!(keys.message(room_id, a).cmp(&keys.message(room_id, b)), a.cmp(&b));
+        }
+
+        #[test]
+        fn one_clients_dedup_keys_never_interleave_with_anothers(c1 in proptest::collection::vec(any::<u8>(), 1..64),
+                                                                 c2 in proptest::collection::vec(any::<u8>(), 1..64),
+                                                                 s1: u64, s2: u64, t1: u64) {
+            prop_assume!(c1 != c2);
+            let keys = SmKeys::new(1, 0);
+            // Every key of c2 is on the same side of both of c1's keys.
+            let (lo, hi) = (keys.dedup(7, &c1, s1.min(t1)), keys.dedup(7, &c1, s1.max(t1)));
+            let other = keys.dedup(7, &c2, s2);
+            prop_assert!(other < lo || other > hi);
+        }
+    }
+
+    #[test]
+    fn generation_ranges_are_disjoint_and_ordered() {
+        let a = SmKeys::new(3, 7).range();
+        let b = SmKeys::new(3, 8).range();
+        assert_eq!(a.1, b.0);
+        let last = SmKeys::new(3, u32::MAX).range();
+        assert_eq!(last.1, shard_end(3).to_vec());
+    }
+
+    #[test]
+    fn relative_keys_are_checked() {
+        assert!(check_relative_sm_key(&[]).is_err());
+        assert!(check_relative_sm_key(&[0x05]).is_err());
+        assert!(check_relative_sm_key(&[SM_TAG_MESSAGE, 1, 2]).is_ok());
+    }
+}

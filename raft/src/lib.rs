@@ -1,0 +1,34 @@
+//! Chorus's replication core: every shard is one openraft group whose log and chat state
+//! machine live in the node's single RocksDB.
+//!
+//! - [`db`]: the node's database, its identity, and group commit ([`wal_sync`]).
+//! - [`keys`]: every RocksDB key encoding.
+//! - [`log_store`]: openraft log storage for one shard.
+//! - [`state_machine`]: the chat state machine (rooms, sequences, idempotency) and its reads.
+//! - [`snapshot`]: building, streaming and installing shard snapshots.
+//! - [`routing`]: room → shard.
+//! - [`shard`]: wiring one shard replica together.
+//!
+//! See `docs/ARCHITECTURE.md` for the data path and the invariants.
+
+pub mod codec;
+pub mod db;
+pub mod error;
+pub mod keys;
+pub mod limits;
+pub mod log_store;
+pub mod routing;
+pub mod shard;
+pub mod snapshot;
+pub mod state_machine;
+pub mod types;
+pub mod wal_sync;
+
+pub use db::{DbOptions, NodeDb};
+pub use error::{CommandError, QueryError, StoreError};
+pub use limits::Limits;
+pub use log_store::ShardLogStore;
+pub use routing::ShardRouter;
+pub use shard::{RaftTuning, ShardReplica, StartError, open_shard_storage, start_shard};
+pub use state_machine::{HistoryPage, HistoryQuery, ShardEvent, ShardReader, ShardStateMachine};
+pub use types::*;

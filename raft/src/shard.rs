@@ -1,0 +1,124 @@
+//! Wiring one shard replica: its storage views over the node's database, its openraft
+//! configuration, and the running Raft instance. The network is a parameter, so the real gRPC
+//! network and the in-process test network plug in the same way.
+
+use std::sync::Arc;
+
+use openraft::{Config, RaftNetworkFactory, SnapshotPolicy};
+
+use crate::db::NodeDb;
+use crate::error::StoreError;
+use crate::log_store::ShardLogStore;
+use crate::state_machine::{ShardReader, ShardStateMachine};
+use crate::types::{ChorusRaft, NodeId, ShardId, TypeConfig};
+
+/// Raft timing and log-retention settings, shared by every shard of a node.
+#[derive(Debug, Clone)]
+pub struct RaftTuning {
+    pub heartbeat_interval_ms: u64,
+    /// Elections start after a random timeout in `[min, max)`. Keep `min` well above the fsync
+    /// latency (10× or more) and several heartbeats long.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many entries have been applied since the last one.
+    pub snapshot_every_entries: u64,
+    /// Entries kept in the log behind the latest snapshot, so that a follower slightly behind
+    /// catches up from the log rather than by a full snapshot.
+    pub log_entries_kept_after_snapshot: u64,
+    /// Most entries in one AppendEntries RPC.
+    pub max_entries_per_append: u64,
+    /// Snapshots are streamed in chunks of this size.
+    pub snapshot_chunk_bytes: u64,
+    /// Timeout for one snapshot chunk (and its install on the last one).
+    pub install_snapshot_timeout_ms: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_every_entries: 20_000,
+            log_entries_kept_after_snapshot: 5_000,
+            max_entries_per_append: 256,
+            snapshot_chunk_bytes: 1 << 20,
+            install_snapshot_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl RaftTuning {
+    /// openraft's configuration for `shard`, validated.
+    pub fn config(&self, shard: ShardId) -> Result<Arc<Config>, StoreError> {
+        let config = Config {
+            cluster_name: format!("chorus-shard-{shard}"),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            install_snapshot_timeout: self.install_snapshot_timeout_ms,
+            max_payload_entries: self.max_entries_per_append,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes,
+            max_in_snapshot_log_to_keep: self.log_entries_kept_after_snapshot,
+            purge_batch_size: 256,
+            ..Default::default()
+        };
+        let config = config.validate().map_err(|e| StoreError::Config(format!("raft settings: {e}")))?;
+        Ok(Arc::new(config))
+    }
+}
+
+/// The log store and state machine of one shard, over the node's database.
+pub fn open_shard_storage(db: &Arc<NodeDb>, shard: ShardId) -> Result<(ShardLogStore, ShardStateMachine), StoreError> {
+    if shard >= db.identity().shard_count {
+        return Err(StoreError::Config(format!(
+            "shard {shard} does not exist: the cluster has {} shards",
+            db.identity().shard_count
+        )));
+    }
+    let log = ShardLogStore::new(db.clone(), shard);
+    let state_machine = ShardStateMachine::open(db.clone(), shard)?;
+    Ok((log, state_machine))
+}
+
+/// A running replica of one shard on this node.
+#[derive(Clone)]
+pub struct ShardReplica {
+    pub shard: ShardId,
+    pub raft: ChorusRaft,
+    pub reader: ShardReader,
+}
+
+/// Why a shard replica could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("starting raft for shard {shard}: {source}")]
+    Raft {
+        shard: ShardId,
+        #[source]
+        source: openraft::error::Fatal<NodeId>,
+    },
+}
+
+/// Starts the Raft instance of `shard` on node `node_id`.
+pub async fn start_shard<N>(
+    node_id: NodeId,
+    shard: ShardId,
+    db: &Arc<NodeDb>,
+    tuning: &RaftTuning,
+    network: N,
+) -> Result<ShardReplica, StartError>
+where
+    N: RaftNetworkFactory<TypeConfig>,
+{
+    let config = tuning.config(shard)?;
+    let (log, state_machine) = open_shard_storage(db, shard)?;
+    let reader = state_machine.reader();
+    let raft = ChorusRaft::new(node_id, config, network, log, state_machine)
+        .await
+        .map_err(|source| StartError::Raft { shard, source })?;
+    Ok(ShardReplica { shard, raft, reader })
+}

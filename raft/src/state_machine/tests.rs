@@ -1,0 +1,458 @@
+use std::collections::BTreeMap;
+
+use chorus_proto::storage::{ClusterIdentity, Op};
+use openraft::{CommittedLeaderId, RaftSnapshotBuilder};
+
+use super::*;
+use crate::db::DbOptions;
+use crate::types::Membership;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    db: Arc<NodeDb>,
+    sm: ShardStateMachine,
+    next_index: u64,
+}
+
+const SHARD: ShardId = 1;
+
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
+fn open_db(dir: &std::path::Path) -> Arc<NodeDb> {
+    let identity = ClusterIdentity { cluster_id: "test".into(), node_id: 1, shard_count: 4, format_version: 0 };
+    NodeDb::open(dir, identity, &DbOptions::default()).unwrap()
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path());
+        let sm = ShardStateMachine::open(db.clone(), SHARD).unwrap();
+        Fixture { _dir: dir, db, sm, next_index: 1 }
+    }
+
+    fn entry(&mut self, payload: EntryPayload<TypeConfig>) -> Entry {
+        let index = self.next_index;
+        self.next_index += 1;
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload }
+    }
+
+    async fn apply_cmd(&mut self, ts_ms: u64, ops: Vec<op::Kind>) -> Vec<Result<OpOutcome, CommandError>> {
+        let cmd = Command { ts_ms, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() };
+        let entry = self.entry(EntryPayload::Normal(cmd));
+        let mut responses = self.sm.apply([entry]).await.unwrap();
+        assert_eq!(responses.len(), 1);
+        responses.pop().unwrap().results
+    }
+
+    async fn create(&mut self, room: &str) {
+        let r = self.apply_cmd(1_000, vec![create_room_op(room, "admin")]).await;
+        assert!(matches!(r[0], Ok(OpOutcome::RoomCreated { .. })), "{r:?}");
+    }
+
+    async fn send(&mut self, room: &str, client: &str, client_seq: u64, body: &str) -> Result<OpOutcome, CommandError> {
+        let mut r =
+            self.apply_cmd(2_000, vec![append_op(room, "alice", client.as_bytes(), client_seq, body.to_owned())]).await;
+        r.pop().unwrap()
+    }
+
+    /// Every state-machine key and value of the shard, for "nothing was written" checks.
+    fn sm_contents(&self) -> Vec<KeyValue> {
+        let cf = self.db.cf_sm().unwrap();
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::shard_end(SHARD).to_vec());
+        let start = keys::shard_prefix(SHARD);
+        self.db
+            .rocks()
+            .iterator_cf_opt(cf, opts, IteratorMode::From(&start, Direction::Forward))
+            .map(|r| r.unwrap())
+            .collect()
+    }
+
+    fn history(&self, room: &str, query: HistoryQuery) -> HistoryPage {
+        self.sm.reader().history(room, query).unwrap()
+    }
+}
+
+fn seqs(page: &HistoryPage) -> Vec<u64> {
+    page.messages.iter().map(|m| m.seq).collect()
+}
+
+#[tokio::test]
+async fn every_room_gets_a_dense_ordered_sequence() {
+    let mut f = Fixture::new();
+    f.create("general").await;
+    f.create("random").await;
+    // Mixed batches: several rooms in one entry, several entries.
+    let mut expected_general = Vec::new();
+    let mut client_seq = 0;
+    for batch in 0..20u64 {
+        let mut ops = Vec::new();
+        for i in 0..(batch % 5 + 1) {
+            client_seq += 1;
+            let body = format!("msg {batch}/{i}");
+            ops.push(append_op("general", "alice", b"c1", client_seq, body.clone()));
+            expected_general.push(body);
+            ops.push(append_op("random", "bob", b"c2", client_seq, "x"));
+        }
+        let results = f.apply_cmd(1_000 + batch, ops).await;
+        assert!(results.iter().all(|r| matches!(r, Ok(OpOutcome::Appended { duplicate: false, .. }))));
+    }
+    let page = f.history("general", HistoryQuery::After { after: 0, limit: 1000 });
+    assert_eq!(seqs(&page), (1..=expected_general.len() as u64).collect::<Vec<_>>());
+    let bodies: Vec<_> = page.messages.iter().map(|m| String::from_utf8(m.body.to_vec()).unwrap()).collect();
+    assert_eq!(bodies, expected_general);
+    assert_eq!(page.last_seq, expected_general.len() as u64);
+    assert_eq!(f.sm.reader().last_seq("random").unwrap(), expected_general.len() as u64);
+}
+
+#[tokio::test]
+async fn a_retried_send_returns_the_original_seq_and_appends_nothing() {
+    let mut f = Fixture::new();
+    f.create("r").await;
+    let first = f.send("r", "c1", 1, "hello").await.unwrap();
+    let OpOutcome::Appended { seq, ts_ms, duplicate: false } = first else { panic!("{first:?}") };
+    f.send("r", "c2", 1, "other client").await.unwrap();
+    let before = f.sm_contents();
+    // A later entry, and twice within one entry.
+    let retry = f.send("r", "c1", 1, "hello").await.unwrap();
+    assert_eq!(retry, OpOutcome::Appended { seq, ts_ms, duplicate: true });
+    let twice =
+        f.apply_cmd(9_000, vec![append_op("r", "alice", b"c3", 1, "a"), append_op("r", "alice", b"c3", 1, "a")]).await;
+    assert_eq!(twice[0], Ok(OpOutcome::Appended { seq: 3, ts_ms: 9_000, duplicate: false }));
+    assert_eq!(twice[1], Ok(OpOutcome::Appended { seq: 3, ts_ms: 9_000, duplicate: true }));
+    assert_eq!(f.sm.reader().last_seq("r").unwrap(), 3);
+    // The retry alone wrote nothing.
+    assert_eq!(before.len() + 3, f.sm_contents().len(), "only c3's message, dedup and high-water records are new");
+}
+
+#[tokio::test]
+async fn pipelined_sends_may_apply_out_of_client_order() {
+    let mut f = Fixture::new();
+    f.create("r").await;
+    // client_seq 2 overtakes 1 (e.g. 1 was retried through another node).
+    assert_eq!(f.send("r", "c", 2, "two").await, Ok(OpOutcome::Appended { seq: 1, ts_ms: 2_000, duplicate: false }));
+    assert_eq!(f.send("r", "c", 1, "one").await, Ok(OpOutcome::Appended { seq: 2, ts_ms: 2_000, duplicate: false }));
+    assert_eq!(f.send("r", "c", 2, "two").await, Ok(OpOutcome::Appended { seq: 1, ts_ms: 2_000, duplicate: true }));
+    assert_eq!(f.send("r", "c", 1, "one").await, Ok(OpOutcome::Appended { seq: 2, ts_ms: 2_000, duplicate: true }));
+}
+
+#[tokio::test]
+async fn dedup_state_is_bounded_by_the_window() {
+    let mut f = Fixture::new();
+    f.create("r").await;
+    let total = DEDUP_WINDOW * 2 + 10;
+    let mut client_seq = 0;
+    while client_seq < total {
+        let batch_end = (client_seq + 500).min(total);
+        let ops = (client_seq + 1..=batch_end).map(|s| append_op("r", "a", b"c", s, "")).collect();
+        client_seq = batch_end;
+        f.apply_cmd(5, ops).await;
+    }
+    let dedup_records = f.sm_contents().iter().filter(|(k, _)| k[keys::SM_PREFIX_LEN] == keys::SM_TAG_DEDUP).count();
+    assert_eq!(dedup_records as u64, DEDUP_WINDOW);
+    // Inside the window: remembered. Below it: a clear error, nothing appended.
+    let oldest = total - DEDUP_WINDOW + 1;
+    assert!(matches!(f.send("r", "c", oldest, "").await, Ok(OpOutcome::Appended { duplicate: true, .. })));
+    assert_eq!(
+        f.send("r", "c", oldest - 1, "").await,
+        Err(CommandError::ClientSeqTooOld { client_seq: oldest - 1, oldest_accepted: oldest, window: DEDUP_WINDOW })
+    );
+    assert_eq!(f.sm.reader().last_seq("r").unwrap(), total);
+}
+
+#[tokio::test]
+async fn bad_input_gets_its_specific_error_and_writes_nothing() {
+    let mut f = Fixture::new();
+    f.create("r").await;
+    f.send("r", "c", 1, "ok").await.unwrap();
+    let before = f.sm_contents();
+    let huge = vec![b'x'; Limits::PROTOCOL.max_body_bytes + 1];
+    let cases: Vec<(op::Kind, CommandError)> = vec![
+        (
+            append_op("r", "a", b"c", 2, huge.clone()),
+            CommandError::BodyTooLarge { size: huge.len(), limit: Limits::PROTOCOL.max_body_bytes },
+        ),
+        (
+            append_op("bad name", "a", b"c", 2, "x"),
+            CommandError::RoomNameInvalid {
+                name: "bad name".into(),
+                reason: "may contain only ASCII letters, digits, '.', '_' and '-'",
+            },
+        ),
+        (append_op("nope", "a", b"c", 2, "x"), CommandError::RoomNotFound { room: "nope".into() }),
+        (
+            append_op("r", "", b"c", 2, "x"),
+            CommandError::SenderInvalid { sender: "".into(), reason: "must not be empty" },
+        ),
+        (append_op("r", "a", b"", 2, "x"), CommandError::ClientIdInvalid { reason: "must not be empty" }),
+        (append_op("r", "a", b"c", 0, "x"), CommandError::ClientSeqZero),
+        (create_room_op("r", "a"), CommandError::RoomExists { room: "r".into() }),
+        (create_room_op("", "a"), CommandError::RoomNameInvalid { name: "".into(), reason: "must not be empty" }),
+    ];
+    for (op, expected) in cases {
+        let results = f.apply_cmd(3_000, vec![op]).await;
+        assert_eq!(results, vec![Err(expected)]);
+    }
+    // A command over the protocol's batch limit: every op refused.
+    let ops =
+        (0..Limits::PROTOCOL.max_ops_per_command + 1).map(|i| append_op("r", "a", b"d", i as u64 + 1, "")).collect();
+    let results = f.apply_cmd(3_000, ops).await;
+    assert!(results.iter().all(|r| matches!(r, Err(CommandError::BatchTooLarge { .. }))));
+    // An operation of unknown kind (from a newer version) is refused on its own.
+    let entry = f.entry(EntryPayload::Normal(Command { ts_ms: 1, ops: vec![Op { kind: None }] }));
+    let responses = f.sm.apply([entry]).await.unwrap();
+    assert_eq!(responses[0].results, vec![Err(CommandError::UnknownOperation)]);
+
+    assert_eq!(f.sm_contents(), before, "refused operations must not write anything");
+    // ...but last-applied moved on: the entries were applied (as refusals).
+    assert_eq!(f.sm.reader().applied().unwrap().unwrap().index, f.next_index - 1);
+}
+
+#[tokio::test]
+async fn a_refused_op_does_not_affect_its_neighbours_in_the_batch() {
+    let mut f = Fixture::new();
+    f.create("r").await;
+    let results = f
+        .apply_cmd(
+            10_000,
+            vec![
+                append_op("r", "a", b"c", 1, "x"),
+                append_op("missing", "a", b"c", 1, "y"),
+                append_op("r", "a", b"c", 2, "z"),
+            ],
+        )
+        .await;
+    assert_eq!(results[0], Ok(OpOutcome::Appended { seq: 1, ts_ms: 10_000, duplicate: false }));
+    assert_eq!(results[1], Err(CommandError::RoomNotFound { room: "missing".into() }));
+    assert_eq!(results[2], Ok(OpOutcome::Appended { seq: 2, ts_ms: 10_000, duplicate: false }));
+}
+
+#[tokio::test]
+async fn room_timestamps_never_go_backwards() {
+    let mut f = Fixture::new();
+    f.create("r").await;
+    let a = f.apply_cmd(50_000, vec![append_op("r", "a", b"c", 1, "")]).await;
+    // A new leader with a slower clock.
+    let b = f.apply_cmd(40_000, vec![append_op("r", "a", b"c", 2, "")]).await;
+    assert_eq!(a[0], Ok(OpOutcome::Appended { seq: 1, ts_ms: 50_000, duplicate: false }));
+    assert_eq!(b[0], Ok(OpOutcome::Appended { seq: 2, ts_ms: 50_000, duplicate: false }));
+}
+
+#[tokio::test]
+async fn applied_state_and_membership_move_with_the_data() {
+    let mut f = Fixture::new();
+    assert_eq!(f.sm.applied_state().await.unwrap(), (None, StoredMembership::default()));
+    let membership = Membership::new(vec![[1, 2, 3].into()], ());
+    let m_entry = f.entry(EntryPayload::Membership(membership.clone()));
+    let m_id = m_entry.log_id;
+    let blank = f.entry(EntryPayload::Blank);
+    let blank_id = blank.log_id;
+    let responses = f.sm.apply([m_entry, blank]).await.unwrap();
+    assert_eq!(responses, vec![CommandResponse::default(), CommandResponse::default()]);
+    assert_eq!(f.sm.applied_state().await.unwrap(), (Some(blank_id), StoredMembership::new(Some(m_id), membership)));
+}
+
+#[tokio::test]
+async fn history_pages_in_both_directions() {
+    let mut f = Fixture::new();
+    f.create("r").await;
+    let ops = (1..=50).map(|i| append_op("r", "a", b"c", i, format!("m{i}"))).collect();
+    f.apply_cmd(1, ops).await;
+    let q = |query| seqs(&f.history("r", query));
+    assert_eq!(q(HistoryQuery::After { after: 0, limit: 3 }), vec![1, 2, 3]);
+    assert_eq!(q(HistoryQuery::After { after: 48, limit: 10 }), vec![49, 50]);
+    assert_eq!(q(HistoryQuery::After { after: 50, limit: 10 }), Vec::<u64>::new());
+    assert_eq!(q(HistoryQuery::After { after: u64::MAX, limit: 10 }), Vec::<u64>::new());
+    assert_eq!(q(HistoryQuery::Before { before: u64::MAX, limit: 3 }), vec![48, 49, 50]);
+    assert_eq!(q(HistoryQuery::Before { before: 3, limit: 10 }), vec![1, 2]);
+    assert_eq!(q(HistoryQuery::Before { before: 1, limit: 10 }), Vec::<u64>::new());
+    assert_eq!(q(HistoryQuery::Before { before: 20, limit: 0 }), Vec::<u64>::new());
+    let all = f.history("r", HistoryQuery::After { after: 0, limit: usize::MAX });
+    assert_eq!(all.messages.len(), 50);
+    let reader = f.sm.reader();
+    assert!(matches!(
+        reader.history("absent", HistoryQuery::After { after: 0, limit: 1 }),
+        Err(QueryError::Invalid(CommandError::RoomNotFound { .. }))
+    ));
+    assert!(matches!(
+        reader.history("no/slash", HistoryQuery::After { after: 0, limit: 1 }),
+        Err(QueryError::Invalid(CommandError::RoomNameInvalid { .. }))
+    ));
+}
+
+#[tokio::test]
+async fn rooms_are_listed_in_name_order_with_paging() {
+    let mut f = Fixture::new();
+    for name in ["delta", "alpha", "charlie", "bravo"] {
+        f.create(name).await;
+    }
+    let reader = f.sm.reader();
+    let names = |rooms: Vec<RoomRecord>| rooms.into_iter().map(|r| r.name).collect::<Vec<_>>();
+    assert_eq!(names(reader.list_rooms(None, 10).unwrap()), ["alpha", "bravo", "charlie", "delta"]);
+    assert_eq!(names(reader.list_rooms(None, 2).unwrap()), ["alpha", "bravo"]);
+    assert_eq!(names(reader.list_rooms(Some("bravo"), 10).unwrap()), ["charlie", "delta"]);
+    assert_eq!(names(reader.list_rooms(Some("b"), 1).unwrap()), ["bravo"]);
+}
+
+#[tokio::test]
+async fn subscribers_see_appended_messages_in_order() {
+    let mut f = Fixture::new();
+    f.create("r").await;
+    let mut events = f.sm.reader().subscribe();
+    f.apply_cmd(1, vec![append_op("r", "a", b"c", 1, "x"), append_op("r", "a", b"c", 2, "y")]).await;
+    f.send("r", "c", 2, "y").await.unwrap(); // a duplicate: no event
+    f.send("r", "c", 3, "z").await.unwrap();
+    let mut seen = Vec::new();
+    while let Ok(ShardEvent::Appended(batch)) = events.try_recv() {
+        seen.extend(batch.iter().map(|m| (m.room.clone(), m.message.seq)));
+    }
+    assert_eq!(seen, vec![("r".into(), 1), ("r".into(), 2), ("r".into(), 3)]);
+}
+
+/// Two replicas applying the same entries end with byte-identical state.
+#[tokio::test]
+async fn replicas_applying_the_same_entries_are_identical() {
+    use rand::{Rng, SeedableRng};
+    let seed = rand::random::<u64>();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut a = Fixture::new();
+    let mut b = Fixture::new();
+    let rooms = ["r0", "r1", "r2", "bad name"];
+    let mut entries = Vec::new();
+    for i in 0..200u64 {
+        let ops = (0..rng.random_range(1..8))
+            .map(|_| {
+                let room = rooms[rng.random_range(0..rooms.len())];
+                if rng.random_bool(0.1) {
+                    create_room_op(room, "x")
+                } else {
+                    let client = [b'c', rng.random_range(0..3u8)];
+                    append_op(room, "s", &client, rng.random_range(1..40), vec![0u8; rng.random_range(0..100)])
+                }
+            })
+            .map(|k| Op { kind: Some(k) })
+            .collect();
+        entries.push(Command { ts_ms: 1_000 + rng.random_range(0..100) + i, ops });
+    }
+    let mut responses = (Vec::new(), Vec::new());
+    for cmd in entries {
+        let ea = a.entry(EntryPayload::Normal(cmd.clone()));
+        let eb = b.entry(EntryPayload::Normal(cmd));
+        responses.0.extend(a.sm.apply([ea]).await.unwrap());
+        responses.1.extend(b.sm.apply([eb]).await.unwrap());
+    }
+    assert_eq!(responses.0, responses.1, "seed {seed}");
+    assert_eq!(a.sm_contents(), b.sm_contents(), "seed {seed}");
+}
+
+async fn install_snapshot_of(from: &mut Fixture, to: &mut Fixture) -> SnapshotMeta {
+    let snapshot = from.sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    // Stream it through a fresh receiving file, chunk by chunk, as openraft does.
+    let mut source = snapshot.snapshot;
+    let mut receiving = to.sm.begin_receiving_snapshot().await.unwrap();
+    tokio::io::copy(&mut source, &mut *receiving).await.unwrap();
+    to.sm.install_snapshot(&snapshot.meta, receiving).await.unwrap();
+    snapshot.meta
+}
+
+#[tokio::test]
+async fn a_retry_after_a_snapshot_install_is_still_deduplicated() {
+    let mut leader = Fixture::new();
+    let mut follower = Fixture::new();
+    leader.create("r").await;
+    for i in 1..=10 {
+        leader.send("r", "c", i, &format!("m{i}")).await.unwrap();
+    }
+    let meta = install_snapshot_of(&mut leader, &mut follower).await;
+    follower.next_index = leader.next_index;
+    assert_eq!(follower.sm.applied_state().await.unwrap().0, meta.last_log_id);
+    // The retry arrives at the follower, now leader.
+    assert_eq!(
+        follower.send("r", "c", 7, "m7").await,
+        Ok(OpOutcome::Appended { seq: 7, ts_ms: 2_000, duplicate: true })
+    );
+    assert_eq!(
+        follower.send("r", "c", 11, "m11").await,
+        Ok(OpOutcome::Appended { seq: 11, ts_ms: 2_000, duplicate: false })
+    );
+    let page = follower.history("r", HistoryQuery::After { after: 0, limit: 100 });
+    assert_eq!(seqs(&page), (1..=11).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn installing_a_snapshot_replaces_the_whole_state() {
+    let mut leader = Fixture::new();
+    let mut follower = Fixture::new();
+    leader.create("kept").await;
+    leader.send("kept", "c", 1, "leader's").await.unwrap();
+    // State the follower has that the snapshot does not: must be gone after install.
+    follower.create("stale").await;
+    follower.send("stale", "c", 1, "old").await.unwrap();
+    install_snapshot_of(&mut leader, &mut follower).await;
+    let names: Vec<_> = follower.sm.reader().list_rooms(None, 10).unwrap().into_iter().map(|r| r.name).collect();
+    assert_eq!(names, ["kept"]);
+    assert_eq!(leader.sm_contents().len(), follower.sm_contents().len());
+    // The installed snapshot is the follower's current one, and survives a restart.
+    let current = follower.sm.get_current_snapshot().await.unwrap().unwrap();
+    let dir = follower._dir.path().to_path_buf();
+    drop(follower.sm);
+    let reopened = ShardStateMachine::open(follower.db.clone(), SHARD).unwrap();
+    let mut reopened = reopened;
+    assert_eq!(reopened.get_current_snapshot().await.unwrap().unwrap().meta, current.meta);
+    assert_eq!(reopened.reader().last_seq("kept").unwrap(), 1);
+    assert!(dir.exists());
+}
+
+#[tokio::test]
+async fn a_corrupt_snapshot_is_refused_and_the_state_kept() {
+    use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+    let mut leader = Fixture::new();
+    let mut follower = Fixture::new();
+    leader.create("r").await;
+    for i in 1..=20 {
+        leader.send("r", "c", i, "payload").await.unwrap();
+    }
+    follower.create("mine").await;
+    let before = follower.sm_contents();
+    let snapshot = leader.sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let mut receiving = follower.sm.begin_receiving_snapshot().await.unwrap();
+    let mut source = snapshot.snapshot;
+    tokio::io::copy(&mut source, &mut *receiving).await.unwrap();
+    // Flip one byte in the middle of the records.
+    let len = receiving.seek(std::io::SeekFrom::End(0)).await.unwrap();
+    receiving.seek(std::io::SeekFrom::Start(len / 2)).await.unwrap();
+    receiving.write_all(&[0xAA]).await.unwrap();
+    let err = follower.sm.install_snapshot(&snapshot.meta, receiving).await.unwrap_err();
+    assert!(err.to_string().contains("corrupt snapshot"), "{err}");
+    assert_eq!(follower.sm_contents(), before);
+    assert!(follower.sm.reader().room("mine").unwrap().is_some());
+}
+
+#[tokio::test]
+async fn leftovers_of_an_interrupted_install_are_removed_at_open() {
+    let mut f = Fixture::new();
+    f.create("r").await;
+    let before = f.sm_contents();
+    // What an install that crashed before its switch leaves: keys in the next generation.
+    let next = SmKeys::new(SHARD, 1);
+    let mut batch = WriteBatch::default();
+    batch.put_cf(f.db.cf_sm().unwrap(), next.room("ghost"), b"junk");
+    f.db.write(batch).unwrap();
+    assert_ne!(f.sm_contents(), before);
+    let reopened = ShardStateMachine::open(f.db.clone(), SHARD).unwrap();
+    assert_eq!(f.sm_contents(), before);
+    assert!(reopened.reader().room("ghost").unwrap().is_none());
+    assert!(reopened.reader().room("r").unwrap().is_some());
+}
+
+#[tokio::test]
+async fn room_metadata_is_stored() {
+    let mut f = Fixture::new();
+    let mut metadata = BTreeMap::new();
+    metadata.insert("topic".to_string(), "launch".to_string());
+    let op = op::Kind::CreateRoom(CreateRoom { room: "r".into(), creator: "ann".into(), metadata: metadata.clone() });
+    f.apply_cmd(77, vec![op]).await;
+    let room = f.sm.reader().room("r").unwrap().unwrap();
+    assert_eq!((room.creator.as_str(), room.created_ts_ms, room.metadata), ("ann", 77, metadata));
+}
