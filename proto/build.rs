@@ -9,7 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Deterministic encoding: the same record encodes to the same bytes on every replica.
     config.btree_map(["."]);
 
-    let protos = ["protos/storage.proto"];
+    let protos = ["protos/storage.proto", "protos/client.proto", "protos/peer.proto"];
     tonic_prost_build::configure().build_client(true).build_server(true).compile_with_config(
         config,
         &protos,
