@@ -183,6 +183,12 @@ impl NodeDb {
         self.syncer.sync().await.map_err(|e| StoreError::io("syncing the WAL", e))
     }
 
+    /// Syncs the WAL now, on the calling thread (used at shutdown).
+    pub fn sync_wal(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
     pub fn syncer(&self) -> &WalSyncer {
         &self.syncer
     }

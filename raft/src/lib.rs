@@ -6,6 +6,7 @@
 //! - [`log_store`]: openraft log storage for one shard.
 //! - [`state_machine`]: the chat state machine (rooms, sequences, idempotency) and its reads.
 //! - [`snapshot`]: building, streaming and installing shard snapshots.
+//! - [`network`]: the Raft network between nodes (gRPC).
 //! - [`routing`]: room → shard.
 //! - [`shard`]: wiring one shard replica together.
 //!
@@ -17,6 +18,7 @@ pub mod error;
 pub mod keys;
 pub mod limits;
 pub mod log_store;
+pub mod network;
 pub mod routing;
 pub mod shard;
 pub mod snapshot;

@@ -69,6 +69,8 @@ pub struct HistoryPage {
     pub messages: Vec<MessageRecord>,
     /// The room's newest sequence number when the page was read.
     pub last_seq: u64,
+    /// The room's oldest retained sequence number (earlier ones were deleted by retention).
+    pub first_seq: u64,
 }
 
 /// Which part of a room's history to read.
@@ -180,21 +182,25 @@ impl ShardReader {
         let keys = SmKeys::new(self.view.shard, *generation);
         let room =
             self.view.get_room(&keys, name)?.ok_or_else(|| CommandError::RoomNotFound { room: name.to_owned() })?;
-        // Sequence numbers are dense, so the page's range is known before reading.
+        // Sequence numbers are dense from the oldest retained one, so the page's range is known
+        // before reading.
+        let oldest = first_retained(&room);
         let (first, last) = match query {
             HistoryQuery::After { after, limit } => {
+                let first = after.saturating_add(1).max(oldest);
                 let limit = limit.min(MAX_PAGE) as u64;
-                (after.saturating_add(1), after.saturating_add(limit).min(room.last_seq))
+                (first, first.saturating_add(limit.saturating_sub(1)).min(room.last_seq))
             }
             HistoryQuery::Before { before, limit } => {
                 let limit = limit.min(MAX_PAGE) as u64;
                 let last = before.saturating_sub(1).min(room.last_seq);
-                (last.saturating_sub(limit.saturating_sub(1)).max(1), last)
+                (last.saturating_sub(limit.saturating_sub(1)).max(oldest), last)
             }
         };
         let mut messages = Vec::new();
+        let page = |messages| HistoryPage { messages, last_seq: room.last_seq, first_seq: oldest };
         if limit_is_zero(query) || first > last {
-            return Ok(HistoryPage { messages, last_seq: room.last_seq });
+            return Ok(page(messages));
         }
         let cf = self.view.db.cf_sm()?;
         let mut opts = ReadOptions::default();
@@ -225,7 +231,7 @@ impl ShardReader {
             )
             .into());
         }
-        Ok(HistoryPage { messages, last_seq: room.last_seq })
+        Ok(page(messages))
     }
 
     /// Rooms of this shard in name order, starting after `after`. `limit` is capped at
@@ -265,6 +271,11 @@ impl ShardReader {
     pub fn subscribe(&self) -> broadcast::Receiver<ShardEvent> {
         self.view.events.subscribe()
     }
+}
+
+/// The oldest retained message of a room (records written before retention existed say 0).
+pub fn first_retained(room: &RoomRecord) -> u64 {
+    room.first_seq.max(1)
 }
 
 fn limit_is_zero(query: HistoryQuery) -> bool {
@@ -437,6 +448,8 @@ impl<'a> ApplyBatch<'a> {
             metadata: c.metadata,
             last_seq: 0,
             last_ts_ms: ts_ms,
+            first_seq: 1,
+            retention_max_messages: c.retention_max_messages,
         };
         self.rooms.insert(c.room.clone(), record);
         self.mark_dirty(&c.room);
@@ -447,8 +460,10 @@ impl<'a> ApplyBatch<'a> {
         if let Err(e) = Limits::PROTOCOL.check_append(&a) {
             return Ok(Err(e));
         }
-        let (room_id, last_seq, last_ts) = match self.room(&a.room)? {
-            Some(room) => (room.room_id, room.last_seq, room.last_ts_ms),
+        let (room_id, last_seq, last_ts, first_seq, retention) = match self.room(&a.room)? {
+            Some(room) => {
+                (room.room_id, room.last_seq, room.last_ts_ms, first_retained(room), room.retention_max_messages)
+            }
             None => return Ok(Err(CommandError::RoomNotFound { room: a.room })),
         };
 
@@ -506,9 +521,26 @@ impl<'a> ApplyBatch<'a> {
                 self.write.delete_cf(sm, expired_key);
             }
         }
+        // Retention: keep the newest `retention` messages.
+        let mut new_first = first_seq;
+        if retention > 0 && seq - first_seq + 1 > retention {
+            new_first = seq - retention + 1;
+            if new_first - first_seq <= 64 {
+                for old in first_seq..new_first {
+                    self.write.delete_cf(sm, self.keys.message(room_id, old));
+                }
+            } else {
+                self.write.delete_range_cf(
+                    sm,
+                    self.keys.message(room_id, first_seq),
+                    self.keys.message(room_id, new_first),
+                );
+            }
+        }
         if let Some(room) = self.rooms.get_mut(&a.room) {
             room.last_seq = seq;
             room.last_ts_ms = ts_ms;
+            room.first_seq = new_first;
         }
         self.mark_dirty(&a.room);
         self.appended.push(AppliedMessage { room: a.room, message });
@@ -594,6 +626,7 @@ pub fn create_room_op(room: &str, creator: &str) -> op::Kind {
         room: room.to_owned(),
         creator: creator.to_owned(),
         metadata: Default::default(),
+        retention_max_messages: 0,
     })
 }
 

@@ -451,8 +451,38 @@ async fn room_metadata_is_stored() {
     let mut f = Fixture::new();
     let mut metadata = BTreeMap::new();
     metadata.insert("topic".to_string(), "launch".to_string());
-    let op = op::Kind::CreateRoom(CreateRoom { room: "r".into(), creator: "ann".into(), metadata: metadata.clone() });
+    let op = op::Kind::CreateRoom(CreateRoom {
+        room: "r".into(),
+        creator: "ann".into(),
+        metadata: metadata.clone(),
+        retention_max_messages: 0,
+    });
     f.apply_cmd(77, vec![op]).await;
     let room = f.sm.reader().room("r").unwrap().unwrap();
     assert_eq!((room.creator.as_str(), room.created_ts_ms, room.metadata), ("ann", 77, metadata));
+}
+
+#[tokio::test]
+async fn retention_keeps_the_newest_messages_and_history_starts_there() {
+    let mut f = Fixture::new();
+    let create = op::Kind::CreateRoom(CreateRoom {
+        room: "short".into(),
+        creator: "ann".into(),
+        metadata: BTreeMap::new(),
+        retention_max_messages: 10,
+    });
+    f.apply_cmd(1, vec![create]).await;
+    // One big batch (range delete) and single appends (point deletes).
+    f.apply_cmd(2, (1..=100).map(|i| append_op("short", "a", b"c", i, format!("m{i}"))).collect()).await;
+    for i in 101..=105 {
+        f.send("short", "c", i, "x").await.unwrap();
+    }
+    let room = f.sm.reader().room("short").unwrap().unwrap();
+    assert_eq!((room.first_seq, room.last_seq), (96, 105));
+    let page = f.history("short", HistoryQuery::After { after: 0, limit: 1000 });
+    assert_eq!(seqs(&page), (96..=105).collect::<Vec<_>>());
+    assert_eq!(page.first_seq, 96);
+    assert_eq!(seqs(&f.history("short", HistoryQuery::Before { before: 98, limit: 10 })), vec![96, 97]);
+    let messages = f.sm_contents().iter().filter(|(k, _)| k[keys::SM_PREFIX_LEN] == keys::SM_TAG_MESSAGE).count();
+    assert_eq!(messages, 10, "deleted messages are gone from disk");
 }
