@@ -1,1 +1,24 @@
+//! chorusd: one Chorus node. It replicates its share of the shards (Raft over gRPC, storage in
+//! RocksDB) and serves clients over QUIC, forwarding what it cannot serve itself.
+//!
+//! - [`config`]: flags, environment and config file.
+//! - [`cluster`]: cluster id and shard placement.
+//! - [`node`]: start-up, the shared node state, ordered shutdown.
+//! - [`front_door`]: the QUIC endpoint; [`requests`]: one module per request kind.
+//! - [`forward`]: reaching the shard leader from any node.
+//! - [`subscription`]: gap-free live feeds.
+//! - [`peer`]: the gRPC service between nodes; [`bootstrap`]: creating shards once.
+//! - [`status`]: the cluster status table; [`tls`]: certificates.
 
+pub mod bootstrap;
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod front_door;
+pub mod node;
+pub mod peer;
+pub mod requests;
+pub mod status;
+pub mod subscription;
+pub mod tls;

@@ -1,0 +1,457 @@
+//! chorusd's configuration: command-line flags, `CHORUS_*` environment variables and a TOML
+//! file (`--config`), in that order of precedence, over built-in defaults.
+//!
+//! Every key has the same name everywhere: `--data-dir`, `CHORUS_DATA_DIR`, `data_dir = ...`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chorus_raft::{Limits, NodeId, RaftTuning};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+/// Defaults, in one place (also quoted in `--help`).
+pub mod defaults {
+    pub const NODE_ID: u64 = 1;
+    pub const CLIENT_PORT_BASE: u16 = 7400;
+    pub const PEER_PORT_BASE: u16 = 7300;
+    pub const CLUSTER_TOKEN: &str = "chorus";
+    pub const SHARD_COUNT: u32 = 16;
+    pub const REPLICATION_FACTOR: usize = 3;
+    pub const MAX_BODY_BYTES: usize = 64 * 1024;
+    pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
+    pub const HEARTBEAT_MS: u64 = 100;
+    pub const ELECTION_TIMEOUT_MS: u64 = 500;
+    pub const SNAPSHOT_EVERY_ENTRIES: u64 = 20_000;
+    pub const LOG_KEPT_AFTER_SNAPSHOT: u64 = 5_000;
+    pub const MAX_CONNECTIONS: usize = 4096;
+    pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+    pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
+    pub const LOG: &str = "info,openraft=warn";
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chorusd",
+    version,
+    about = "Chorus node: a Raft-replicated chat log served over QUIC",
+    long_about = "Chorus node: a Raft-replicated chat log served over QUIC.\n\n\
+        Every setting can be given as a flag, as a CHORUS_* environment variable (e.g. \
+        --data-dir / CHORUS_DATA_DIR), or as a key of the TOML file named by --config (e.g. \
+        data_dir = \"/var/lib/chorus\"). Flags win over the environment, which wins over the file.\n\n\
+        With no settings at all, chorusd runs a single-node cluster on 127.0.0.1 (clients: port \
+        7401) with its data in ./chorus-data/node-1.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a self-signed TLS certificate and key (PEM) and print its SHA-256 fingerprint.
+    GenCert(GenCertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenCertArgs {
+    /// Directory to write cert.pem, key.pem and fingerprint into.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Host names and IP addresses the certificate is valid for (repeatable).
+    #[arg(long = "san", default_values = ["localhost", "127.0.0.1"])]
+    pub sans: Vec<String>,
+}
+
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// TOML file with any of the settings below (keys are the flag names with '_' for '-').
+    #[arg(long, env = "CHORUS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// This node's id: a positive integer, unique in the cluster and never reused.
+    /// [default: 1]
+    #[arg(long, env = "CHORUS_NODE_ID")]
+    pub node_id: Option<NodeId>,
+
+    /// Where this node keeps its database, snapshots and generated TLS certificate.
+    /// [default: ./chorus-data/node-<node-id>]
+    #[arg(long, env = "CHORUS_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// UDP address the QUIC client endpoint listens on. [default: 127.0.0.1:<7400 + node-id>]
+    #[arg(long, env = "CHORUS_CLIENT_ADDR", value_name = "HOST:PORT")]
+    pub client_addr: Option<SocketAddr>,
+
+    /// TCP address the gRPC peer endpoint listens on. [default: the address of this node in
+    /// --initial-cluster, else 127.0.0.1:<7300 + node-id>]
+    #[arg(long, env = "CHORUS_PEER_ADDR", value_name = "HOST:PORT")]
+    pub peer_addr: Option<SocketAddr>,
+
+    /// Client address other nodes and clients are told to use, if not --client-addr (e.g. when
+    /// listening on 0.0.0.0).
+    #[arg(long, env = "CHORUS_ADVERTISE_CLIENT_ADDR", value_name = "HOST:PORT")]
+    pub advertise_client_addr: Option<String>,
+
+    /// Every node of the cluster as id=host:port (peer addresses), comma-separated, the same on
+    /// every node; e.g. 1=10.0.0.1:7301,2=10.0.0.2:7302,3=10.0.0.3:7303.
+    /// [default: this node alone, at its peer address]
+    #[arg(long, env = "CHORUS_INITIAL_CLUSTER", value_name = "ID=HOST:PORT,...")]
+    pub initial_cluster: Option<String>,
+
+    /// A name that, with --initial-cluster, --shard-count and --replication-factor, makes up
+    /// the cluster id: two clusters with different tokens never mix data. [default: chorus]
+    #[arg(long, env = "CHORUS_CLUSTER_TOKEN")]
+    pub cluster_token: Option<String>,
+
+    /// Number of shards (Raft groups). Fixed when the cluster is created. [default: 16]
+    #[arg(long, env = "CHORUS_SHARD_COUNT")]
+    pub shard_count: Option<u32>,
+
+    /// Replicas per shard (at most the number of nodes). [default: 3, or the number of nodes if
+    /// smaller]
+    #[arg(long, env = "CHORUS_REPLICATION_FACTOR")]
+    pub replication_factor: Option<usize>,
+
+    /// TLS certificate chain (PEM) for the client endpoint. [default: a self-signed certificate
+    /// generated once into <data-dir>/tls/, whose SHA-256 fingerprint is logged and written to
+    /// <data-dir>/tls/fingerprint]
+    #[arg(long, env = "CHORUS_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, env = "CHORUS_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Largest message body accepted, in bytes (at most 1 MiB). [default: 65536]
+    #[arg(long, env = "CHORUS_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+
+    /// How long a request may wait for a shard leader (forwarding and retries included) before
+    /// failing with `unavailable`, in ms. [default: 5000]
+    #[arg(long, env = "CHORUS_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+
+    /// Raft heartbeat interval, in ms. [default: 100]
+    #[arg(long, env = "CHORUS_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+
+    /// Minimum Raft election timeout, in ms; the actual timeout is random in [t, 2t).
+    /// [default: 500]
+    #[arg(long, env = "CHORUS_ELECTION_TIMEOUT_MS")]
+    pub election_timeout_ms: Option<u64>,
+
+    /// Build a shard snapshot after this many applied entries. [default: 20000]
+    #[arg(long, env = "CHORUS_SNAPSHOT_EVERY_ENTRIES")]
+    pub snapshot_every_entries: Option<u64>,
+
+    /// Log entries kept behind the latest snapshot, so lagging followers can catch up from the
+    /// log. [default: 5000]
+    #[arg(long, env = "CHORUS_LOG_KEPT_AFTER_SNAPSHOT")]
+    pub log_kept_after_snapshot: Option<u64>,
+
+    /// Most concurrent client connections. [default: 4096]
+    #[arg(long, env = "CHORUS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Most concurrent requests (streams) per client connection. [default: 256]
+    #[arg(long, env = "CHORUS_MAX_STREAMS_PER_CONNECTION")]
+    pub max_streams_per_connection: Option<u32>,
+
+    /// On SIGTERM/ctrl-c, how long in-flight requests may take to finish, in ms. [default: 10000]
+    #[arg(long, env = "CHORUS_SHUTDOWN_GRACE_MS")]
+    pub shutdown_grace_ms: Option<u64>,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. "debug" or "chorus_server=debug,info").
+    /// [default: info,openraft=warn]
+    #[arg(long, env = "CHORUS_LOG")]
+    pub log: Option<String>,
+}
+
+/// The `--config` file: the same keys as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: Option<NodeId>,
+    pub data_dir: Option<PathBuf>,
+    pub client_addr: Option<SocketAddr>,
+    pub peer_addr: Option<SocketAddr>,
+    pub advertise_client_addr: Option<String>,
+    pub initial_cluster: Option<String>,
+    pub cluster_token: Option<String>,
+    pub shard_count: Option<u32>,
+    pub replication_factor: Option<usize>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub max_body_bytes: Option<usize>,
+    pub request_timeout_ms: Option<u64>,
+    pub heartbeat_ms: Option<u64>,
+    pub election_timeout_ms: Option<u64>,
+    pub snapshot_every_entries: Option<u64>,
+    pub log_kept_after_snapshot: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub max_streams_per_connection: Option<u32>,
+    pub shutdown_grace_ms: Option<u64>,
+    pub log: Option<String>,
+}
+
+/// A configuration that cannot work, and what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The resolved configuration of a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    pub data_dir: PathBuf,
+    pub client_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    pub advertise_client_addr: String,
+    /// Peer addresses of every node, by id.
+    pub initial_cluster: BTreeMap<NodeId, String>,
+    pub cluster_token: String,
+    pub shard_count: u32,
+    pub replication_factor: usize,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub limits: Limits,
+    pub request_timeout: Duration,
+    pub tuning: RaftTuning,
+    pub max_connections: usize,
+    pub max_streams_per_connection: u32,
+    pub shutdown_grace: Duration,
+    pub log: String,
+}
+
+impl RunArgs {
+    /// Reads the config file (if any) and resolves every setting.
+    pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        resolve(self, file)
+    }
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_initial_cluster(spec: &str) -> Result<BTreeMap<NodeId, String>, ConfigError> {
+    let mut nodes = BTreeMap::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Invalid(format!("initial cluster entry {part:?} is not id=host:port")))?;
+        let id: NodeId = id.trim().parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+            ConfigError::Invalid(format!("node id {id:?} in the initial cluster is not a positive integer"))
+        })?;
+        let addr = addr.trim();
+        if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            return Err(ConfigError::Invalid(format!("address {addr:?} of node {id} is not host:port")));
+        }
+        if nodes.insert(id, addr.to_owned()).is_some() {
+            return Err(ConfigError::Invalid(format!("node {id} appears twice in the initial cluster")));
+        }
+    }
+    if nodes.is_empty() {
+        return Err(ConfigError::Invalid("the initial cluster is empty".into()));
+    }
+    Ok(nodes)
+}
+
+fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
+    use defaults as d;
+    let node_id = args.node_id.or(file.node_id).unwrap_or(d::NODE_ID);
+    if node_id == 0 {
+        return Err(ConfigError::Invalid("node id must be a positive integer".into()));
+    }
+    let port_offset = u16::try_from(node_id).ok().filter(|o| *o < 100).unwrap_or(0);
+    let initial_cluster = match args.initial_cluster.or(file.initial_cluster) {
+        Some(spec) => parse_initial_cluster(&spec)?,
+        None => {
+            let peer = args.peer_addr.or(file.peer_addr).map(|a| a.to_string());
+            let peer = peer.unwrap_or_else(|| format!("127.0.0.1:{}", d::PEER_PORT_BASE + port_offset));
+            BTreeMap::from([(node_id, peer)])
+        }
+    };
+    let Some(own_peer) = initial_cluster.get(&node_id) else {
+        return Err(ConfigError::Invalid(format!(
+            "node {node_id} is not in the initial cluster ({}); add it, or fix --node-id",
+            initial_cluster.keys().map(|k| k.to_string()).collect::<Vec<_>>().join(", ")
+        )));
+    };
+    let peer_addr = match args.peer_addr.or(file.peer_addr) {
+        Some(a) => a,
+        None => own_peer.parse().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "this node's initial-cluster address {own_peer:?} is not an IP:port; set --peer-addr to listen on"
+            ))
+        })?,
+    };
+    let client_addr = args
+        .client_addr
+        .or(file.client_addr)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], d::CLIENT_PORT_BASE + port_offset)));
+    let advertise_client_addr =
+        args.advertise_client_addr.or(file.advertise_client_addr).unwrap_or_else(|| client_addr.to_string());
+    if client_addr.ip().is_unspecified() && advertise_client_addr == client_addr.to_string() {
+        return Err(ConfigError::Invalid(format!(
+            "client address {client_addr} is not reachable as such: set --advertise-client-addr"
+        )));
+    }
+    let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| format!("chorus-data/node-{node_id}").into());
+    let shard_count = args.shard_count.or(file.shard_count).unwrap_or(d::SHARD_COUNT);
+    if shard_count == 0 || shard_count > 65_536 {
+        return Err(ConfigError::Invalid(format!("shard count must be between 1 and 65536, got {shard_count}")));
+    }
+    let replication_factor = match args.replication_factor.or(file.replication_factor) {
+        Some(rf) if rf == 0 || rf > initial_cluster.len() => {
+            return Err(ConfigError::Invalid(format!(
+                "replication factor {rf} must be between 1 and the number of nodes ({})",
+                initial_cluster.len()
+            )));
+        }
+        Some(rf) => rf,
+        None => d::REPLICATION_FACTOR.min(initial_cluster.len()),
+    };
+    let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => return Err(ConfigError::Invalid("--tls-cert and --tls-key go together".into())),
+    };
+    let limits = Limits {
+        max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(d::MAX_BODY_BYTES),
+        ..Limits::default()
+    };
+    limits.check().map_err(ConfigError::Invalid)?;
+    let heartbeat = args.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(d::HEARTBEAT_MS);
+    let election = args.election_timeout_ms.or(file.election_timeout_ms).unwrap_or(d::ELECTION_TIMEOUT_MS);
+    if heartbeat == 0 || election < 2 * heartbeat {
+        return Err(ConfigError::Invalid(format!(
+            "the election timeout ({election} ms) must be at least twice the heartbeat ({heartbeat} ms)"
+        )));
+    }
+    let tuning = RaftTuning {
+        heartbeat_interval_ms: heartbeat,
+        election_timeout_min_ms: election,
+        election_timeout_max_ms: election * 2,
+        snapshot_every_entries: args
+            .snapshot_every_entries
+            .or(file.snapshot_every_entries)
+            .unwrap_or(d::SNAPSHOT_EVERY_ENTRIES)
+            .max(1),
+        log_entries_kept_after_snapshot: args
+            .log_kept_after_snapshot
+            .or(file.log_kept_after_snapshot)
+            .unwrap_or(d::LOG_KEPT_AFTER_SNAPSHOT),
+        ..RaftTuning::default()
+    };
+    tuning.config(0).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    Ok(NodeConfig {
+        node_id,
+        data_dir,
+        client_addr,
+        peer_addr,
+        advertise_client_addr,
+        initial_cluster,
+        cluster_token: args.cluster_token.or(file.cluster_token).unwrap_or_else(|| d::CLUSTER_TOKEN.into()),
+        shard_count,
+        replication_factor,
+        tls,
+        limits,
+        request_timeout: Duration::from_millis(
+            args.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(d::REQUEST_TIMEOUT_MS).max(100),
+        ),
+        tuning,
+        max_connections: args.max_connections.or(file.max_connections).unwrap_or(d::MAX_CONNECTIONS).max(1),
+        max_streams_per_connection: args
+            .max_streams_per_connection
+            .or(file.max_streams_per_connection)
+            .unwrap_or(d::MAX_STREAMS_PER_CONNECTION)
+            .max(1),
+        shutdown_grace: Duration::from_millis(
+            args.shutdown_grace_ms.or(file.shutdown_grace_ms).unwrap_or(d::SHUTDOWN_GRACE_MS),
+        ),
+        log: args.log.or(file.log).unwrap_or_else(|| d::LOG.into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> RunArgs {
+        let mut argv = vec!["chorusd"];
+        argv.extend_from_slice(list);
+        Cli::try_parse_from(argv).unwrap().run
+    }
+
+    #[test]
+    fn defaults_make_a_single_node_cluster() {
+        let c = resolve(RunArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.node_id, 1);
+        assert_eq!(c.client_addr.to_string(), "127.0.0.1:7401");
+        assert_eq!(c.peer_addr.to_string(), "127.0.0.1:7301");
+        assert_eq!(c.initial_cluster, BTreeMap::from([(1, "127.0.0.1:7301".to_string())]));
+        assert_eq!((c.shard_count, c.replication_factor), (16, 1));
+        assert_eq!(c.data_dir, PathBuf::from("chorus-data/node-1"));
+        assert_eq!(c.limits.max_body_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file: FileConfig =
+            toml::from_str("node_id = 2\nshard_count = 8\ninitial_cluster = \"1=127.0.0.1:1,2=127.0.0.1:2\"").unwrap();
+        let c = resolve(args(&["--shard-count", "4"]), file).unwrap();
+        assert_eq!((c.node_id, c.shard_count, c.replication_factor), (2, 4, 2));
+        assert_eq!(c.peer_addr.to_string(), "127.0.0.1:2");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        assert!(toml::from_str::<FileConfig>("shard_cuont = 3").is_err());
+    }
+
+    #[test]
+    fn initial_cluster_syntax_is_checked() {
+        assert_eq!(parse_initial_cluster("1=a:1, 2=b:2").unwrap().len(), 2);
+        for bad in ["", "1", "x=a:1", "0=a:1", "1=a", "1=a:1,1=b:2"] {
+            assert!(parse_initial_cluster(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn inconsistent_settings_are_refused_with_a_reason() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--node-id", "4", "--initial-cluster", "1=127.0.0.1:1"], "not in the initial cluster"),
+            (&["--replication-factor", "3"], "replication factor 3"),
+            (&["--max-body-bytes", "99999999"], "max_body_bytes"),
+            (&["--heartbeat-ms", "100", "--election-timeout-ms", "150"], "at least twice the heartbeat"),
+            (&["--client-addr", "0.0.0.0:7000"], "--advertise-client-addr"),
+        ];
+        for (argv, expected) in cases {
+            let err = resolve(args(argv), FileConfig::default()).unwrap_err().to_string();
+            assert!(err.contains(expected), "{argv:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Every error a client can receive, with its stable code. Mapped to the wire in one place
+//! ([`ServiceError::to_wire`]); docs/PROTOCOL.md lists the codes.
+
+use chorus_proto::client;
+use chorus_proto::framing::FrameError;
+use chorus_raft::{CommandError, QueryError, ShardId};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ServiceError {
+    /// The request itself is invalid (room name, sizes, ...): deterministic, do not retry.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("say hello first: the first request on a connection must be Hello")]
+    HelloRequired,
+    #[error("already said hello as {0:?}")]
+    HelloTwice(String),
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("unknown request kind (is this client newer than the server?)")]
+    UnknownRequest,
+    #[error("request frame of {size} bytes is over the limit of {limit} bytes")]
+    FrameTooLarge { size: usize, limit: usize },
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    /// Nothing was done, and nothing will be: safe to retry the same request.
+    #[error("unavailable: {reason}")]
+    Unavailable { reason: String },
+    /// The outcome is unknown: the write may still be applied. Retry with the same
+    /// (client_id, client_seq) to learn it.
+    #[error("timed out: {reason}")]
+    Timeout { reason: String },
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// An error a peer already mapped (forwarded requests): passed on unchanged.
+    #[error("{}", .0.message)]
+    Remote(client::Error),
+}
+
+impl ServiceError {
+    pub fn no_leader(shard: ShardId) -> ServiceError {
+        ServiceError::Unavailable { reason: format!("no leader for shard {shard}") }
+    }
+
+    pub fn code(&self) -> &str {
+        match self {
+            ServiceError::Remote(e) => &e.code,
+            ServiceError::Command(e) => e.code(),
+            ServiceError::HelloRequired => "hello_required",
+            ServiceError::HelloTwice(_) => "hello_twice",
+            ServiceError::Malformed(_) => "malformed_request",
+            ServiceError::UnknownRequest => "unknown_request",
+            ServiceError::FrameTooLarge { .. } => "frame_too_large",
+            ServiceError::InvalidArgument(_) => "invalid_argument",
+            ServiceError::Unavailable { .. } => "unavailable",
+            ServiceError::Timeout { .. } => "timeout",
+            ServiceError::ShuttingDown => "shutting_down",
+            ServiceError::Internal(_) => "internal",
+        }
+    }
+
+    /// True when the operation may have taken effect despite the error.
+    pub fn indeterminate(&self) -> bool {
+        match self {
+            ServiceError::Timeout { .. } => true,
+            ServiceError::Remote(e) => e.indeterminate,
+            _ => false,
+        }
+    }
+
+    /// The error as an event ending a subscription (of one room, when `room` is given).
+    pub fn to_event(&self, room: Option<&str>) -> chorus_proto::client::Event {
+        let mut wire = self.to_wire();
+        wire.room = room.unwrap_or_default().to_owned();
+        chorus_proto::client::Event { kind: Some(chorus_proto::client::event::Kind::Error(wire)) }
+    }
+
+    pub fn to_wire(&self) -> client::Error {
+        if let ServiceError::Remote(e) = self {
+            return e.clone();
+        }
+        client::Error {
+            code: self.code().to_owned(),
+            message: self.to_string(),
+            indeterminate: self.indeterminate(),
+            room: String::new(),
+        }
+    }
+
+    /// An error received from a peer (forwarding), kept as it is.
+    pub fn from_wire(e: client::Error) -> ServiceError {
+        ServiceError::Remote(e)
+    }
+}
+
+impl From<QueryError> for ServiceError {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::Invalid(e) => ServiceError::Command(e),
+            QueryError::Store(e) => ServiceError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<FrameError> for ServiceError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::TooLarge { size, limit } => ServiceError::FrameTooLarge { size, limit },
+            FrameError::Decode(e) => ServiceError::Malformed(e.to_string()),
+            FrameError::Truncated => ServiceError::Malformed("the stream ended inside a frame".into()),
+            FrameError::Io(e) => ServiceError::Malformed(format!("reading the request: {e}")),
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! Executing a request on the right node: the shard leader for writes and linearizable reads,
+//! any replica for local reads. A node that cannot serve a request itself forwards it over
+//! gRPC, follows leader changes, and retries until the request deadline.
+//!
+//! The error a client finally gets says whether the write may have happened:
+//! - `unavailable`: no attempt could have appended it (no leader found, the leader had lost its
+//!   quorum, connections refused) — nothing was written;
+//! - `timeout` (indeterminate): an attempt reached a leader and its outcome is unknown — retry
+//!   with the same (client_id, client_seq) to learn it.
+
+use std::time::{Duration, Instant};
+
+use chorus_proto::client;
+use chorus_proto::peer::{self as pb};
+use chorus_proto::storage::{Command, Op, op};
+use chorus_raft::{HistoryPage, HistoryQuery, NodeId, OpOutcome, ShardId};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+
+use crate::error::ServiceError;
+use crate::node::Node;
+
+/// The outcome of one operation of a proposal.
+pub type OpResult = Result<OpOutcome, ServiceError>;
+
+/// One attempt at a target node.
+enum Attempt<T> {
+    Done(T),
+    /// Not the leader; here is who is, if known. Nothing was proposed.
+    Redirect(Option<NodeId>),
+    /// Try elsewhere or later. `maybe_applied`: the write may have been appended.
+    Retry {
+        maybe_applied: bool,
+        reason: String,
+    },
+    /// Final: do not retry.
+    Failed(ServiceError),
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A transport error where the request certainly never left this node.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((20u64 << attempt.min(4)).min(300))
+}
+
+/// Drives attempts across the shard's replicas until one succeeds or the deadline passes.
+/// `attempt` returns, for a target node, what happened there.
+async fn with_leader<T, F, Fut>(
+    node: &Node,
+    shard: ShardId,
+    leader_only: bool,
+    mut attempt: F,
+) -> Result<T, ServiceError>
+where
+    F: FnMut(NodeId, Duration) -> Fut,
+    Fut: std::future::Future<Output = Attempt<T>>,
+{
+    let deadline = Instant::now() + node.config.request_timeout;
+    let replicas = node.layout.replicas(shard);
+    let mut maybe_applied = false;
+    let mut last_reason = String::from("no replica answered");
+    let mut rotation = 0usize;
+    let mut failures = 0u32;
+    let mut hint = if leader_only { node.leader_hint(shard) } else { None };
+    if !leader_only && node.shards.contains_key(&shard) {
+        hint = Some(node.id);
+    }
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            break;
+        }
+        if node.clients_shutdown.is_cancelled() && node.peers_shutdown.is_cancelled() {
+            return Err(ServiceError::ShuttingDown);
+        }
+        let target = hint.take().unwrap_or_else(|| {
+            rotation += 1;
+            replicas[rotation % replicas.len()]
+        });
+        match attempt(target, remaining).await {
+            Attempt::Done(value) => return Ok(value),
+            Attempt::Failed(e) => return Err(e),
+            Attempt::Redirect(leader) => {
+                node.remember_leader(shard, leader);
+                last_reason = match leader {
+                    Some(l) => format!("node {target} says node {l} leads shard {shard}"),
+                    None => format!("node {target} knows no leader for shard {shard}"),
+                };
+                if let Some(l) = leader.filter(|&l| l != target) {
+                    hint = Some(l);
+                    continue; // a fresh lead: try it at once
+                }
+            }
+            Attempt::Retry { maybe_applied: m, reason } => {
+                maybe_applied |= m;
+                last_reason = reason;
+            }
+        }
+        failures += 1;
+        let pause = backoff(failures).min(deadline.saturating_duration_since(Instant::now()));
+        tokio::time::sleep(pause).await;
+    }
+    if maybe_applied {
+        Err(ServiceError::Timeout { reason: format!("shard {shard}: the outcome is unknown ({last_reason})") })
+    } else {
+        Err(ServiceError::Unavailable { reason: format!("no leader for shard {shard} ({last_reason})") })
+    }
+}
+
+/// Proposes `ops` to `shard` and returns one result per op. Validated here first (cheap
+/// refusals never leave this node), again by the leader, and finally by the state machine.
+pub async fn propose(node: &Node, shard: ShardId, ops: Vec<op::Kind>) -> Result<Vec<OpResult>, ServiceError> {
+    let command = Command { ts_ms: 0, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() };
+    node.config.limits.check_batch(&command)?;
+    with_leader(node, shard, true, |target, remaining| {
+        let command = command.clone();
+        async move {
+            if target == node.id {
+                propose_here(node, shard, command, remaining).await
+            } else {
+                propose_at(node, target, shard, command, remaining).await
+            }
+        }
+    })
+    .await
+}
+
+/// Proposes on this node if it leads `shard`. Used for local requests and for requests that
+/// peers forwarded here (which are never forwarded again).
+async fn propose_here(
+    node: &Node,
+    shard: ShardId,
+    mut command: Command,
+    remaining: Duration,
+) -> Attempt<Vec<OpResult>> {
+    let Some(replica) = node.shards.get(&shard) else {
+        return Attempt::Redirect(None);
+    };
+    let metrics = replica.raft.metrics().borrow().clone();
+    if metrics.current_leader != Some(node.id) {
+        return Attempt::Redirect(metrics.current_leader);
+    }
+    // A leader that has not heard from a quorum for an election timeout has probably been
+    // deposed: do not append to a log that may never commit.
+    let stale_after = node.config.tuning.election_timeout_max_ms;
+    if let Some(ms) = metrics.millis_since_quorum_ack.filter(|&ms| ms > stale_after) {
+        return Attempt::Retry {
+            maybe_applied: false,
+            reason: format!("the leader of shard {shard} has not reached a quorum for {ms} ms"),
+        };
+    }
+    for op in &command.ops {
+        if let Some(kind) = &op.kind
+            && let Err(e) = node.config.limits.check_op(kind)
+        {
+            return Attempt::Failed(e.into());
+        }
+    }
+    command.ts_ms = now_ms();
+    match tokio::time::timeout(remaining, replica.raft.client_write(command)).await {
+        Ok(Ok(response)) => {
+            Attempt::Done(response.data.results.into_iter().map(|r| r.map_err(ServiceError::Command)).collect())
+        }
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Attempt::Redirect(f.leader_id),
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+            Attempt::Failed(ServiceError::Internal(e.to_string()))
+        }
+        Ok(Err(RaftError::Fatal(e))) => {
+            Attempt::Retry { maybe_applied: true, reason: format!("shard {shard} stopped on node {}: {e}", node.id) }
+        }
+        Err(_) => Attempt::Failed(ServiceError::Timeout {
+            reason: format!("shard {shard} did not commit the write in time; it may still be applied"),
+        }),
+    }
+}
+
+async fn propose_at(
+    node: &Node,
+    target: NodeId,
+    shard: ShardId,
+    command: Command,
+    remaining: Duration,
+) -> Attempt<Vec<OpResult>> {
+    let Some(mut client) = node.peers.get(target) else {
+        return Attempt::Retry { maybe_applied: false, reason: format!("node {target} is not a peer") };
+    };
+    let request = pb::ProposeRequest { shard, command: Some(command), timeout_ms: remaining.as_millis() as u64 };
+    let reply = match tokio::time::timeout(remaining, client.propose(request)).await {
+        Err(_) => {
+            return Attempt::Failed(ServiceError::Timeout {
+                reason: format!("node {target} did not answer in time; the write may still be applied"),
+            });
+        }
+        Ok(Err(status)) => {
+            return Attempt::Retry {
+                maybe_applied: !never_sent(&status),
+                reason: format!("node {target}: {}", status.message()),
+            };
+        }
+        Ok(Ok(reply)) => reply.into_inner(),
+    };
+    use pb::propose_reply::Result as R;
+    match reply.result {
+        Some(R::Results(results)) => Attempt::Done(results.results.into_iter().map(op_result_from_pb).collect()),
+        Some(R::NotLeader(n)) => Attempt::Redirect((n.leader_hint != 0).then_some(n.leader_hint)),
+        Some(R::Error(e)) if e.code == "unavailable" || e.code == "shutting_down" => {
+            Attempt::Retry { maybe_applied: e.indeterminate, reason: format!("node {target}: {}", e.message) }
+        }
+        Some(R::Error(e)) => Attempt::Failed(ServiceError::from_wire(e)),
+        None => Attempt::Retry { maybe_applied: true, reason: format!("node {target} sent an empty reply") },
+    }
+}
+
+/// Serves a Propose forwarded by a peer: only if this node leads the shard.
+pub async fn serve_forwarded_propose(node: &Node, request: pb::ProposeRequest) -> pb::ProposeReply {
+    use pb::propose_reply::Result as R;
+    let Some(command) = request.command else {
+        let e = ServiceError::Malformed("Propose without a command".into());
+        return pb::ProposeReply { result: Some(R::Error(e.to_wire())) };
+    };
+    if let Err(e) = node.config.limits.check_batch(&command) {
+        return pb::ProposeReply { result: Some(R::Error(ServiceError::from(e).to_wire())) };
+    }
+    let timeout = Duration::from_millis(request.timeout_ms).min(node.config.request_timeout);
+    let result = match propose_here(node, request.shard, command, timeout).await {
+        Attempt::Done(results) => R::Results(pb::OpResults { results: results.iter().map(op_result_to_pb).collect() }),
+        Attempt::Redirect(leader) => R::NotLeader(pb::NotLeader { leader_hint: leader.unwrap_or(0) }),
+        Attempt::Retry { maybe_applied, reason } => {
+            let e = if maybe_applied { ServiceError::Timeout { reason } } else { ServiceError::Unavailable { reason } };
+            R::Error(e.to_wire())
+        }
+        Attempt::Failed(e) => R::Error(e.to_wire()),
+    };
+    pb::ProposeReply { result: Some(result) }
+}
+
+pub fn op_result_to_pb(result: &OpResult) -> pb::OpResult {
+    use pb::op_result::Result as R;
+    let r = match result {
+        Ok(OpOutcome::RoomCreated { room_id, ts_ms }) => {
+            R::RoomCreated(pb::RoomCreated { room_id: *room_id, ts_ms: *ts_ms })
+        }
+        Ok(OpOutcome::Appended { seq, ts_ms, duplicate }) => {
+            R::Appended(pb::Appended { seq: *seq, ts_ms: *ts_ms, duplicate: *duplicate })
+        }
+        Err(e) => R::Refused(e.to_wire()),
+    };
+    pb::OpResult { result: Some(r) }
+}
+
+fn op_result_from_pb(result: pb::OpResult) -> OpResult {
+    use pb::op_result::Result as R;
+    match result.result {
+        Some(R::RoomCreated(c)) => Ok(OpOutcome::RoomCreated { room_id: c.room_id, ts_ms: c.ts_ms }),
+        Some(R::Appended(a)) => Ok(OpOutcome::Appended { seq: a.seq, ts_ms: a.ts_ms, duplicate: a.duplicate }),
+        Some(R::Refused(e)) => Err(ServiceError::from_wire(e)),
+        None => Err(ServiceError::Internal("a peer sent an empty operation result".into())),
+    }
+}
+
+/// Reads a page of `room`'s history: through the leader (linearizable) or from any replica.
+pub async fn history(
+    node: &Node,
+    shard: ShardId,
+    room: &str,
+    query: HistoryQuery,
+    linearizable: bool,
+) -> Result<HistoryPage, ServiceError> {
+    chorus_raft::limits::validate_room_name(room)?;
+    let request = history_request(room, query, linearizable);
+    with_leader(node, shard, linearizable, |target, remaining| {
+        let request = request.clone();
+        async move {
+            if target == node.id {
+                history_here(node, shard, room, query, linearizable, remaining).await
+            } else {
+                let read =
+                    pb::ReadRequest { shard, linearizable, query: Some(pb::read_request::Query::History(request)) };
+                match read_at(node, target, read, remaining).await {
+                    Attempt::Done(pb::read_reply::Result::History(page)) => Attempt::Done(history_page_from_pb(page)),
+                    Attempt::Done(_) => {
+                        Attempt::Retry { maybe_applied: false, reason: format!("node {target} sent a wrong reply") }
+                    }
+                    Attempt::Redirect(l) => Attempt::Redirect(l),
+                    Attempt::Retry { reason, .. } => Attempt::Retry { maybe_applied: false, reason },
+                    Attempt::Failed(e) => Attempt::Failed(e),
+                }
+            }
+        }
+    })
+    .await
+}
+
+fn history_request(room: &str, query: HistoryQuery, linearizable: bool) -> client::History {
+    let (position, limit) = match query {
+        HistoryQuery::After { after, limit } => (client::history::Position::After(after), limit),
+        HistoryQuery::Before { before, limit } => (client::history::Position::Before(before), limit),
+    };
+    client::History {
+        room: room.to_owned(),
+        position: Some(position),
+        limit: limit as u32,
+        consistency: if linearizable { client::Consistency::Linearizable } else { client::Consistency::Local } as i32,
+    }
+}
+
+/// A history query as the client sent it. The default page is 100 messages; `before` 0 or
+/// absent means "the newest".
+pub fn history_query(h: &client::History) -> HistoryQuery {
+    let limit = match h.limit {
+        0 => 100,
+        n => (n as usize).min(chorus_raft::state_machine::MAX_PAGE),
+    };
+    match h.position {
+        Some(client::history::Position::After(after)) => HistoryQuery::After { after, limit },
+        Some(client::history::Position::Before(0)) | None => HistoryQuery::Before { before: u64::MAX, limit },
+        Some(client::history::Position::Before(before)) => HistoryQuery::Before { before, limit },
+    }
+}
+
+async fn history_here(
+    node: &Node,
+    shard: ShardId,
+    room: &str,
+    query: HistoryQuery,
+    linearizable: bool,
+    remaining: Duration,
+) -> Attempt<HistoryPage> {
+    let Some(replica) = node.shards.get(&shard) else {
+        return Attempt::Redirect(None);
+    };
+    if linearizable {
+        match tokio::time::timeout(remaining, replica.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                return Attempt::Redirect(f.leader_id);
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
+                return Attempt::Retry { maybe_applied: false, reason: format!("shard {shard}: {e}") };
+            }
+            Ok(Err(RaftError::Fatal(e))) => {
+                return Attempt::Retry { maybe_applied: false, reason: format!("shard {shard} stopped: {e}") };
+            }
+            Err(_) => {
+                return Attempt::Retry {
+                    maybe_applied: false,
+                    reason: format!("shard {shard} could not confirm its leadership in time"),
+                };
+            }
+        }
+    }
+    match replica.reader.history(room, query) {
+        Ok(page) => Attempt::Done(cap_page_bytes(page)),
+        Err(e) => Attempt::Failed(e.into()),
+    }
+}
+
+/// Pages stay under about 4 MiB whatever the message sizes: a client reads on from the last
+/// message it got.
+const MAX_PAGE_BYTES: usize = 4 << 20;
+
+fn cap_page_bytes(mut page: HistoryPage) -> HistoryPage {
+    let mut total = 0;
+    let keep = page
+        .messages
+        .iter()
+        .take_while(|m| {
+            total += m.body.len() + m.sender.len() + 64;
+            total <= MAX_PAGE_BYTES
+        })
+        .count()
+        .max(1)
+        .min(page.messages.len());
+    page.messages.truncate(keep);
+    page
+}
+
+async fn read_at(
+    node: &Node,
+    target: NodeId,
+    request: pb::ReadRequest,
+    remaining: Duration,
+) -> Attempt<pb::read_reply::Result> {
+    let Some(mut client) = node.peers.get(target) else {
+        return Attempt::Retry { maybe_applied: false, reason: format!("node {target} is not a peer") };
+    };
+    let reply = match tokio::time::timeout(remaining, client.read(request)).await {
+        Err(_) => {
+            return Attempt::Retry { maybe_applied: false, reason: format!("node {target} did not answer in time") };
+        }
+        Ok(Err(status)) => {
+            return Attempt::Retry { maybe_applied: false, reason: format!("node {target}: {}", status.message()) };
+        }
+        Ok(Ok(reply)) => reply.into_inner(),
+    };
+    use pb::read_reply::Result as R;
+    match reply.result {
+        Some(R::NotLeader(n)) => Attempt::Redirect((n.leader_hint != 0).then_some(n.leader_hint)),
+        Some(R::Error(e)) if e.code == "unavailable" || e.code == "shutting_down" => {
+            Attempt::Retry { maybe_applied: false, reason: format!("node {target}: {}", e.message) }
+        }
+        Some(R::Error(e)) => Attempt::Failed(ServiceError::from_wire(e)),
+        Some(other) => Attempt::Done(other),
+        None => Attempt::Retry { maybe_applied: false, reason: format!("node {target} sent an empty reply") },
+    }
+}
+
+/// Serves a Read forwarded by a peer from this node's replica (never forwarded again).
+pub async fn serve_forwarded_read(node: &Node, request: pb::ReadRequest) -> pb::ReadReply {
+    use pb::read_reply::Result as R;
+    let remaining = node.config.request_timeout;
+    let result = match request.query {
+        Some(pb::read_request::Query::History(h)) => {
+            let query = history_query(&h);
+            match history_here(node, request.shard, &h.room, query, request.linearizable, remaining).await {
+                Attempt::Done(page) => R::History(history_page_to_pb(&h.room, page)),
+                Attempt::Redirect(l) => R::NotLeader(pb::NotLeader { leader_hint: l.unwrap_or(0) }),
+                Attempt::Retry { reason, .. } => R::Error(ServiceError::Unavailable { reason }.to_wire()),
+                Attempt::Failed(e) => R::Error(e.to_wire()),
+            }
+        }
+        Some(pb::read_request::Query::ListRooms(l)) => match node.shards.get(&request.shard) {
+            None => R::NotLeader(pb::NotLeader { leader_hint: 0 }),
+            Some(replica) => {
+                let after = (!l.after.is_empty()).then_some(l.after.as_str());
+                match replica.reader.list_rooms(after, l.limit as usize) {
+                    Ok(rooms) => R::Rooms(client::RoomList {
+                        more: false,
+                        rooms: rooms.into_iter().map(|r| room_info(request.shard, r)).collect(),
+                    }),
+                    Err(e) => R::Error(ServiceError::from(e).to_wire()),
+                }
+            }
+        },
+        None => R::Error(ServiceError::Malformed("Read without a query".into()).to_wire()),
+    };
+    pb::ReadReply { result: Some(result) }
+}
+
+/// The rooms of one shard after `after`, from any replica.
+pub async fn list_rooms_of_shard(
+    node: &Node,
+    shard: ShardId,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<client::RoomInfo>, ServiceError> {
+    let request = client::ListRooms { after: after.unwrap_or_default().to_owned(), limit: limit as u32 };
+    with_leader(node, shard, false, |target, remaining| {
+        let request = request.clone();
+        async move {
+            if target == node.id {
+                let Some(replica) = node.shards.get(&shard) else { return Attempt::Redirect(None) };
+                return match replica.reader.list_rooms(after, limit) {
+                    Ok(rooms) => Attempt::Done(rooms.into_iter().map(|r| room_info(shard, r)).collect()),
+                    Err(e) => Attempt::Failed(e.into()),
+                };
+            }
+            let read = pb::ReadRequest {
+                shard,
+                linearizable: false,
+                query: Some(pb::read_request::Query::ListRooms(request)),
+            };
+            match read_at(node, target, read, remaining).await {
+                Attempt::Done(pb::read_reply::Result::Rooms(list)) => Attempt::Done(list.rooms),
+                Attempt::Done(_) => {
+                    Attempt::Retry { maybe_applied: false, reason: format!("node {target} sent a wrong reply") }
+                }
+                // A non-replica answering NotLeader: try the next replica.
+                Attempt::Redirect(_) => Attempt::Retry {
+                    maybe_applied: false,
+                    reason: format!("node {target} does not host shard {shard}"),
+                },
+                Attempt::Retry { reason, .. } => Attempt::Retry { maybe_applied: false, reason },
+                Attempt::Failed(e) => Attempt::Failed(e),
+            }
+        }
+    })
+    .await
+}
+
+pub fn room_info(shard: ShardId, r: chorus_proto::storage::RoomRecord) -> client::RoomInfo {
+    client::RoomInfo {
+        first_seq: chorus_raft::state_machine::first_retained(&r),
+        name: r.name,
+        shard,
+        last_seq: r.last_seq,
+        last_ts_ms: r.last_ts_ms,
+        creator: r.creator,
+        created_ts_ms: r.created_ts_ms,
+        metadata: r.metadata,
+        retention_max_messages: r.retention_max_messages,
+    }
+}
+
+pub fn message_to_pb(room: &str, m: chorus_proto::storage::MessageRecord) -> client::Message {
+    client::Message {
+        room: room.to_owned(),
+        seq: m.seq,
+        ts_ms: m.ts_ms,
+        sender: m.sender,
+        body: m.body,
+        client_id: m.client_id,
+        client_seq: m.client_seq,
+    }
+}
+
+pub fn history_page_to_pb(room: &str, page: HistoryPage) -> client::HistoryPage {
+    client::HistoryPage {
+        room: room.to_owned(),
+        last_seq: page.last_seq,
+        first_seq: page.first_seq,
+        messages: page.messages.into_iter().map(|m| message_to_pb(room, m)).collect(),
+    }
+}
+
+fn history_page_from_pb(page: client::HistoryPage) -> HistoryPage {
+    HistoryPage {
+        last_seq: page.last_seq,
+        first_seq: page.first_seq,
+        messages: page
+            .messages
+            .into_iter()
+            .map(|m| chorus_proto::storage::MessageRecord {
+                seq: m.seq,
+                ts_ms: m.ts_ms,
+                sender: m.sender,
+                client_id: m.client_id,
+                client_seq: m.client_seq,
+                body: m.body,
+            })
+            .collect(),
+    }
+}

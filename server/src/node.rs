@@ -1,0 +1,205 @@
+//! A running node: its database, its shard replicas, its peers, and the tasks that serve
+//! clients and peers. Owns every task it starts and stops them in order on shutdown.
+//!
+//! Shutdown order (SIGTERM / ctrl-c): stop accepting clients and close subscriptions with a
+//! reason; let in-flight requests finish (up to the grace period); close QUIC; stop the peer
+//! server; shut down every shard's Raft; sync the WAL. kill -9 at any point loses nothing that
+//! was acknowledged, because acknowledgements wait for the WAL sync on a majority.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use chorus_raft::network::{GrpcNetworkFactory, PeerClients};
+use chorus_raft::{DbOptions, NodeDb, NodeId, ShardId, ShardReplica, start_shard};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::cluster::ClusterLayout;
+use crate::config::NodeConfig;
+use crate::{bootstrap, front_door, peer, tls};
+
+/// Most unary client requests in flight on one node; beyond it, requests are refused as
+/// `unavailable` rather than queued without bound.
+pub const MAX_INFLIGHT_REQUESTS: usize = 8192;
+/// Most live subscriptions (client streams and relays) on one node.
+pub const MAX_SUBSCRIPTIONS: usize = 16384;
+
+/// Everything the request handlers share.
+pub struct Node {
+    pub id: NodeId,
+    pub config: NodeConfig,
+    pub layout: ClusterLayout,
+    pub db: Arc<NodeDb>,
+    /// The replicas this node hosts (fixed for the life of the process).
+    pub shards: BTreeMap<ShardId, ShardReplica>,
+    pub peers: Arc<PeerClients>,
+    /// Client addresses of the nodes, learned from their Hello.
+    client_addrs: Mutex<BTreeMap<NodeId, String>>,
+    /// Leaders of shards this node does not host, as last learned from their replicas.
+    leader_hints: Mutex<HashMap<ShardId, NodeId>>,
+    /// Cancelled first on shutdown: client connections, subscriptions.
+    pub clients_shutdown: CancellationToken,
+    /// Cancelled after client requests drained: the peer server and background tasks.
+    pub peers_shutdown: CancellationToken,
+    /// Client connection, stream and subscription tasks.
+    pub client_tasks: TaskTracker,
+    /// Bootstrap and directory tasks.
+    pub background_tasks: TaskTracker,
+    pub inflight: Arc<Semaphore>,
+    pub subscriptions: Arc<Semaphore>,
+    pub fingerprint: String,
+}
+
+impl Node {
+    pub fn client_addr_of(&self, node: NodeId) -> Option<String> {
+        self.client_addrs.lock().unwrap_or_else(|p| p.into_inner()).get(&node).cloned()
+    }
+
+    pub fn client_addrs(&self) -> BTreeMap<NodeId, String> {
+        self.client_addrs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn learn_client_addr(&self, node: NodeId, addr: String) {
+        if !addr.is_empty() {
+            self.client_addrs.lock().unwrap_or_else(|p| p.into_inner()).insert(node, addr);
+        }
+    }
+
+    /// The leader of `shard` as this node knows it.
+    pub fn leader_hint(&self, shard: ShardId) -> Option<NodeId> {
+        if let Some(replica) = self.shards.get(&shard) {
+            return replica.raft.metrics().borrow().current_leader;
+        }
+        self.leader_hints.lock().unwrap_or_else(|p| p.into_inner()).get(&shard).copied()
+    }
+
+    pub fn remember_leader(&self, shard: ShardId, leader: Option<NodeId>) {
+        if self.shards.contains_key(&shard) {
+            return; // Raft keeps track for hosted shards.
+        }
+        let mut hints = self.leader_hints.lock().unwrap_or_else(|p| p.into_inner());
+        match leader {
+            Some(l) => hints.insert(shard, l),
+            None => hints.remove(&shard),
+        };
+    }
+
+    /// Largest request frame: a message body at the limit plus room for the other fields.
+    pub fn max_request_frame(&self) -> usize {
+        self.config.limits.max_body_bytes + 64 * 1024
+    }
+}
+
+/// A started node, until it is shut down.
+pub struct RunningNode {
+    pub node: Arc<Node>,
+    quic: quinn::Endpoint,
+    peer_server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// Opens the data dir, starts every hosted shard, the peer server and the client endpoint.
+pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
+    let layout = ClusterLayout::from_config(&config);
+    let node_id = config.node_id;
+    tracing::info!(
+        cluster_id = %layout.cluster_id,
+        nodes = layout.nodes.len(),
+        shards = layout.shard_count,
+        replication_factor = layout.replication_factor,
+        data_dir = %config.data_dir.display(),
+        "starting node"
+    );
+    let db = NodeDb::open(&config.data_dir, layout.identity(node_id), &DbOptions::default())
+        .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
+
+    let advertised_host = config.advertise_client_addr.rsplit_once(':').map(|(h, _)| h).unwrap_or("localhost");
+    let identity = tls::load_or_generate(config.tls.as_ref(), &config.data_dir, advertised_host)
+        .context("setting up TLS for the client endpoint")?;
+    let fingerprint = identity.fingerprint.clone();
+    tracing::info!(%fingerprint, "client endpoint TLS certificate (SHA-256)");
+    let crypto = tls::server_crypto(identity)?;
+
+    let peers = Arc::new(
+        PeerClients::new(node_id, &layout.cluster_id, &layout.nodes, Duration::from_millis(500))
+            .context("setting up peer connections")?,
+    );
+    let mut shards = BTreeMap::new();
+    for shard in layout.shards_of(node_id) {
+        let network = GrpcNetworkFactory::new(shard, peers.clone());
+        let replica = start_shard(node_id, shard, &db, &config.tuning, network)
+            .instrument(tracing::info_span!("shard", shard))
+            .await
+            .with_context(|| format!("starting shard {shard}"))?;
+        shards.insert(shard, replica);
+    }
+    tracing::info!(hosted = shards.len(), "shard replicas started");
+
+    let mut client_addrs = BTreeMap::new();
+    client_addrs.insert(node_id, config.advertise_client_addr.clone());
+    let node = Arc::new(Node {
+        id: node_id,
+        layout,
+        db,
+        shards,
+        peers,
+        client_addrs: Mutex::new(client_addrs),
+        leader_hints: Mutex::new(HashMap::new()),
+        clients_shutdown: CancellationToken::new(),
+        peers_shutdown: CancellationToken::new(),
+        client_tasks: TaskTracker::new(),
+        background_tasks: TaskTracker::new(),
+        inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS)),
+        subscriptions: Arc::new(Semaphore::new(MAX_SUBSCRIPTIONS)),
+        fingerprint,
+        config,
+    });
+
+    let peer_server = peer::serve(node.clone()).await.context("starting the peer server")?;
+    let quic = front_door::bind(&node, crypto).context("starting the QUIC client endpoint")?;
+    node.client_tasks.spawn(front_door::serve(node.clone(), quic.clone()));
+    bootstrap::spawn(&node);
+    tracing::info!(
+        client_addr = %node.config.client_addr,
+        peer_addr = %node.config.peer_addr,
+        "node is serving"
+    );
+    Ok(RunningNode { node, quic, peer_server })
+}
+
+impl RunningNode {
+    /// Stops the node in order (see the module docs).
+    pub async fn shutdown(self) {
+        let node = self.node;
+        let grace = node.config.shutdown_grace;
+        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining client requests");
+        node.clients_shutdown.cancel();
+        node.client_tasks.close();
+        if tokio::time::timeout(grace, node.client_tasks.wait()).await.is_err() {
+            tracing::warn!("client requests still running after the grace period; closing anyway");
+        }
+        self.quic.close(0u32.into(), b"node shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.quic.wait_idle()).await;
+
+        node.peers_shutdown.cancel();
+        node.background_tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), node.background_tasks.wait()).await;
+        match tokio::time::timeout(Duration::from_secs(2), self.peer_server).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "peer server stopped with an error"),
+            Err(_) => tracing::warn!("peer server did not stop in time"),
+            _ => {}
+        }
+        for (shard, replica) in &node.shards {
+            if let Err(e) = replica.raft.shutdown().await {
+                tracing::warn!(shard, error = %e, "shard did not shut down cleanly");
+            }
+        }
+        if let Err(e) = node.db.sync_wal() {
+            tracing::error!(error = %e, "final WAL sync failed");
+        }
+        tracing::info!("node stopped");
+    }
+}

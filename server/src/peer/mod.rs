@@ -1,0 +1,198 @@
+//! The gRPC service other nodes call: Raft RPCs for the shards this node hosts, forwarded
+//! client requests, relayed subscriptions, status and bootstrap probes.
+//!
+//! Requests from another cluster (a different `chorus-cluster-id` header) are refused before
+//! they reach any handler.
+
+use std::sync::Arc;
+
+use chorus_proto::client;
+use chorus_proto::peer::peer_server::{Peer, PeerServer};
+use chorus_proto::peer::{self as pb};
+use chorus_raft::network::{CLUSTER_ID_HEADER, MAX_PEER_MESSAGE_BYTES, service as raft_rpc};
+use chorus_raft::{ChorusRaft, ShardId};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::ServiceError;
+use crate::node::Node;
+use crate::{forward, status, subscription};
+
+pub struct PeerService {
+    node: Arc<Node>,
+}
+
+impl PeerService {
+    fn raft(&self, shard: ShardId) -> Result<&ChorusRaft, String> {
+        self.node
+            .shards
+            .get(&shard)
+            .map(|r| &r.raft)
+            .ok_or_else(|| format!("shard {shard} is not hosted on node {}", self.node.id))
+    }
+}
+
+fn failure(message: String) -> pb::RemoteFailure {
+    pb::RemoteFailure { message }
+}
+
+type SubscribeStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SubscribeEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn hello(&self, _request: Request<pb::HelloRequest>) -> Result<Response<pb::HelloReply>, Status> {
+        Ok(Response::new(pb::HelloReply {
+            node_id: self.node.id,
+            cluster_id: self.node.layout.cluster_id.clone(),
+            client_addr: self.node.config.advertise_client_addr.clone(),
+        }))
+    }
+
+    async fn append_entries(
+        &self,
+        request: Request<pb::AppendEntriesRequest>,
+    ) -> Result<Response<pb::AppendEntriesReply>, Status> {
+        let request = request.into_inner();
+        let reply = match self.raft(request.shard) {
+            Ok(raft) => raft_rpc::append_entries(raft, request).await,
+            Err(e) => pb::AppendEntriesReply { result: Some(pb::append_entries_reply::Result::Failure(failure(e))) },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteReply>, Status> {
+        let request = request.into_inner();
+        let reply = match self.raft(request.shard) {
+            Ok(raft) => raft_rpc::vote(raft, request).await,
+            Err(e) => pb::VoteReply { result: Some(pb::vote_reply::Result::Failure(failure(e))) },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<pb::InstallSnapshotRequest>,
+    ) -> Result<Response<pb::InstallSnapshotReply>, Status> {
+        let request = request.into_inner();
+        let reply = match self.raft(request.shard) {
+            Ok(raft) => raft_rpc::install_snapshot(raft, request).await,
+            Err(e) => {
+                pb::InstallSnapshotReply { result: Some(pb::install_snapshot_reply::Result::Failure(failure(e))) }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
+        Ok(Response::new(forward::serve_forwarded_propose(&self.node, request.into_inner()).await))
+    }
+
+    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
+        Ok(Response::new(forward::serve_forwarded_read(&self.node, request.into_inner()).await))
+    }
+
+    type SubscribeStream = SubscribeStream;
+
+    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<SubscribeStream>, Status> {
+        let request = request.into_inner();
+        let cursor = request.cursor.ok_or_else(|| Status::invalid_argument("Subscribe without a cursor"))?;
+        let replica = self
+            .node
+            .shards
+            .get(&request.shard)
+            .ok_or_else(|| Status::failed_precondition(format!("shard {} is not hosted here", request.shard)))?;
+        let permit = self
+            .node
+            .subscriptions
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("too many subscriptions on this node"))?;
+        let (tx, rx) = mpsc::channel(subscription::OUTGOING_BUFFER);
+        let reader = replica.reader.clone();
+        let cancel = self.node.clients_shutdown.child_token();
+        let subscribed = client::Event {
+            kind: Some(client::event::Kind::Subscribed(client::Subscribed { rooms: vec![cursor.clone()] })),
+        };
+        // The channel is empty: this cannot block.
+        let _ = tx.try_send(subscribed);
+        self.node.client_tasks.spawn(async move {
+            let _permit = permit;
+            let out = tx.clone();
+            let result = subscription::follow_local(reader, cursor.room, cursor.after_seq, tx, cancel.clone()).await;
+            let last = match result {
+                Err(e) => Some(e.to_event(None)),
+                Ok(()) if cancel.is_cancelled() => Some(ServiceError::ShuttingDown.to_event(None)),
+                Ok(()) => None,
+            };
+            if let Some(event) = last {
+                let _ = out.send(event).await;
+            }
+        });
+        let stream = ReceiverStream::new(rx).map(|event| Ok(pb::SubscribeEvent { event: Some(event) }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn node_status(
+        &self,
+        _request: Request<pb::NodeStatusRequest>,
+    ) -> Result<Response<pb::NodeStatusReply>, Status> {
+        Ok(Response::new(status::local_status(&self.node)))
+    }
+
+    async fn shard_probe(
+        &self,
+        request: Request<pb::ShardProbeRequest>,
+    ) -> Result<Response<pb::ShardProbeReply>, Status> {
+        let shard = request.into_inner().shard;
+        let reply = match self.node.shards.get(&shard) {
+            None => pb::ShardProbeReply { hosted: false, has_state: false },
+            Some(replica) => {
+                pb::ShardProbeReply { hosted: true, has_state: crate::bootstrap::has_raft_state(&replica.raft) }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+}
+
+/// Refuses requests from nodes of another cluster.
+#[derive(Clone)]
+struct SameCluster {
+    cluster_id: String,
+}
+
+impl tonic::service::Interceptor for SameCluster {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let theirs = request.metadata().get(CLUSTER_ID_HEADER).and_then(|v| v.to_str().ok());
+        if theirs == Some(self.cluster_id.as_str()) {
+            return Ok(request);
+        }
+        Err(Status::permission_denied(format!(
+            "request from cluster {:?}, but this node belongs to cluster {:?}: check --initial-cluster, \
+             --cluster-token, --shard-count and --replication-factor on every node",
+            theirs.unwrap_or("<none>"),
+            self.cluster_id
+        )))
+    }
+}
+
+/// Binds the peer address and serves until the node's peer shutdown.
+pub async fn serve(node: Arc<Node>) -> std::io::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
+    let listener = tokio::net::TcpListener::bind(node.config.peer_addr).await?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let interceptor = SameCluster { cluster_id: node.layout.cluster_id.clone() };
+    let service = PeerServer::new(PeerService { node: node.clone() })
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES + (1 << 20))
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES + (1 << 20));
+    let service = tonic::service::interceptor::InterceptedService::new(service, interceptor);
+    let shutdown = node.peers_shutdown.clone();
+    Ok(tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+            .await
+    }))
+}

@@ -1,0 +1,42 @@
+//! One module per client request kind: validate, execute (locally or through the shard's
+//! leader), answer.
+
+pub mod create_room;
+pub mod hello;
+pub mod history;
+pub mod list_rooms;
+pub mod send;
+pub mod status;
+pub mod subscribe;
+
+use chorus_proto::client::{request, response};
+
+use crate::error::ServiceError;
+use crate::front_door::Session;
+use crate::node::Node;
+
+/// Runs a unary request (every kind but Subscribe).
+pub async fn dispatch(node: &Node, session: &Session, kind: request::Kind) -> Result<response::Kind, ServiceError> {
+    if !matches!(kind, request::Kind::Hello(_)) {
+        session.user()?;
+    }
+    match kind {
+        request::Kind::Hello(hello) => hello::handle(node, session, hello).map(response::Kind::Hello),
+        request::Kind::CreateRoom(create) => {
+            create_room::handle(node, session, create).await.map(response::Kind::RoomCreated)
+        }
+        request::Kind::Send(send) => send::handle(node, session, send).await.map(response::Kind::Sent),
+        request::Kind::History(history) => history::handle(node, history).await.map(response::Kind::History),
+        request::Kind::ListRooms(list) => list_rooms::handle(node, list).await.map(response::Kind::Rooms),
+        request::Kind::ClusterStatus(_) => Ok(response::Kind::ClusterStatus(status::handle(node).await)),
+        request::Kind::Subscribe(_) => Err(ServiceError::Internal("subscriptions are not unary".into())),
+    }
+}
+
+/// The single result of a one-operation proposal.
+fn single(mut results: Vec<crate::forward::OpResult>) -> Result<chorus_raft::OpOutcome, ServiceError> {
+    match results.pop() {
+        Some(result) if results.is_empty() => result,
+        _ => Err(ServiceError::Internal("a one-operation proposal returned a different number of results".into())),
+    }
+}

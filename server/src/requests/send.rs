@@ -1,0 +1,29 @@
+//! Send: appends one message to a room, exactly once per (client_id, client_seq).
+
+use chorus_proto::client::{Send, SendReply};
+use chorus_proto::storage::{AppendMessage, op};
+use chorus_raft::OpOutcome;
+
+use crate::error::ServiceError;
+use crate::forward;
+use crate::front_door::Session;
+use crate::node::Node;
+
+pub async fn handle(node: &Node, session: &Session, send: Send) -> Result<SendReply, ServiceError> {
+    let append = AppendMessage {
+        room: send.room,
+        sender: session.user()?.to_owned(),
+        client_id: send.client_id,
+        client_seq: send.client_seq,
+        body: send.body,
+    };
+    node.config.limits.check_append(&append)?;
+    let shard = node.layout.router.shard_for_room(&append.room);
+    let span = tracing::debug_span!("send", shard, room = %append.room, client_seq = append.client_seq);
+    let results =
+        tracing::Instrument::instrument(forward::propose(node, shard, vec![op::Kind::Append(append)]), span).await?;
+    match super::single(results)? {
+        OpOutcome::Appended { seq, ts_ms, duplicate } => Ok(SendReply { seq, ts_ms, duplicate }),
+        other => Err(ServiceError::Internal(format!("Send answered with {other:?}"))),
+    }
+}

@@ -1,0 +1,99 @@
+//! Subscribe: live messages of one or more rooms, each from a cursor, on one stream.
+//!
+//! Each room is followed by its own feed task (see `subscription.rs`); a bounded channel joins
+//! them to the stream writer. On shutdown the stream ends with a `Closing` event; a room whose
+//! feed fails gets an `Error` event naming it, and the other rooms go on.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use chorus_proto::client::{self, Subscribe, event};
+use chorus_proto::framing;
+use tokio::sync::mpsc;
+
+use crate::error::ServiceError;
+use crate::node::Node;
+use crate::subscription;
+
+/// Most rooms in one subscription.
+pub const MAX_ROOMS_PER_SUBSCRIPTION: usize = 256;
+
+fn validate(subscribe: &Subscribe) -> Result<(), ServiceError> {
+    if subscribe.rooms.is_empty() {
+        return Err(ServiceError::InvalidArgument("subscribe to at least one room".into()));
+    }
+    if subscribe.rooms.len() > MAX_ROOMS_PER_SUBSCRIPTION {
+        return Err(ServiceError::InvalidArgument(format!(
+            "{} rooms in one subscription, over the limit of {MAX_ROOMS_PER_SUBSCRIPTION}",
+            subscribe.rooms.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    for cursor in &subscribe.rooms {
+        chorus_raft::limits::validate_room_name(&cursor.room)?;
+        if !seen.insert(cursor.room.as_str()) {
+            return Err(ServiceError::InvalidArgument(format!("room {:?} appears twice", cursor.room)));
+        }
+    }
+    Ok(())
+}
+
+pub async fn handle(node: Arc<Node>, subscribe: Subscribe, mut send: quinn::SendStream) {
+    if let Err(e) = validate(&subscribe) {
+        refuse(&mut send, &e).await;
+        return;
+    }
+    let Ok(_permit) = node.subscriptions.clone().try_acquire_owned() else {
+        refuse(&mut send, &ServiceError::Unavailable { reason: "this node has too many subscriptions".into() }).await;
+        return;
+    };
+    let subscribed =
+        client::Event { kind: Some(event::Kind::Subscribed(client::Subscribed { rooms: subscribe.rooms.clone() })) };
+    if framing::write_message(&mut send, &subscribed).await.is_err() {
+        return;
+    }
+    let cancel = node.clients_shutdown.child_token();
+    let (tx, mut rx) = mpsc::channel(subscription::OUTGOING_BUFFER);
+    let mut feeds = tokio::task::JoinSet::new();
+    for cursor in subscribe.rooms {
+        let (tx, cancel, node) = (tx.clone(), cancel.clone(), node.clone());
+        feeds.spawn(async move {
+            let room = cursor.room.clone();
+            if let Err(e) = subscription::follow(&node, cursor.room, cursor.after_seq, tx.clone(), cancel).await {
+                let _ = tx.send(e.to_event(Some(&room))).await;
+            }
+        });
+    }
+    drop(tx);
+    let closing_reason = loop {
+        tokio::select! {
+            _ = node.clients_shutdown.cancelled() => break Some("node shutting down"),
+            stopped = send.stopped() => {
+                tracing::debug!(?stopped, "subscriber stopped the stream");
+                break None;
+            }
+            event = rx.recv() => match event {
+                Some(event) => {
+                    if framing::write_message(&mut send, &event).await.is_err() {
+                        break None;
+                    }
+                }
+                None => break Some("every room of the subscription ended"),
+            },
+        }
+    };
+    cancel.cancel();
+    feeds.abort_all();
+    while feeds.join_next().await.is_some() {}
+    if let Some(reason) = closing_reason {
+        let closing = client::Event { kind: Some(event::Kind::Closing(client::Closing { reason: reason.into() })) };
+        let _ = framing::write_message(&mut send, &closing).await;
+        let _ = send.finish();
+    }
+}
+
+/// Ends a subscription stream before it started, with an `Error` event.
+pub async fn refuse(send: &mut quinn::SendStream, e: &ServiceError) {
+    let _ = framing::write_message(send, &e.to_event(None)).await;
+    let _ = send.finish();
+}

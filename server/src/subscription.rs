@@ -1,0 +1,215 @@
+//! Live room feeds: every message after a cursor, in order, with no gap and no duplicate.
+//!
+//! A feed reads history pages until it has caught up, then follows the shard's apply events.
+//! It subscribes to the events *before* reading history, and skips what it has already sent,
+//! so nothing committed between the two steps is missed. Memory per feed is bounded: the event
+//! channel is shared and bounded (a feed that falls behind gets `Lagged` and goes back to
+//! history pages), and the outgoing channel to the client is bounded (a slow client blocks only
+//! its own feed, never the shard).
+//!
+//! A node that does not host the room's shard relays the feed of a replica over gRPC and
+//! resumes from its cursor on another replica if that one fails.
+
+use std::time::Duration;
+
+use chorus_proto::client::{self, event};
+use chorus_proto::peer as pb;
+use chorus_raft::{HistoryQuery, ShardEvent, ShardId, ShardReader};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ServiceError;
+use crate::forward::message_to_pb;
+use crate::node::Node;
+
+/// Messages read per history page while catching up.
+const CATCH_UP_PAGE: usize = 256;
+/// Events buffered between a subscription's feeds and its network writer.
+pub const OUTGOING_BUFFER: usize = 512;
+
+pub fn message_event(message: client::Message) -> client::Event {
+    client::Event { kind: Some(event::Kind::Message(message)) }
+}
+
+/// Sends one event unless the feed is cancelled or its consumer gone; false means stop.
+async fn send(out: &mpsc::Sender<client::Event>, cancel: &CancellationToken, event: client::Event) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        sent = out.send(event) => sent.is_ok(),
+    }
+}
+
+/// Follows `room` on this node's replica from `after` until cancelled or the consumer leaves.
+/// Returns an error only for a terminal failure (e.g. the room does not exist).
+pub async fn follow_local(
+    reader: ShardReader,
+    room: String,
+    mut cursor: u64,
+    out: mpsc::Sender<client::Event>,
+    cancel: CancellationToken,
+) -> Result<(), ServiceError> {
+    let mut events = reader.subscribe();
+    loop {
+        // Catch up from history.
+        loop {
+            let page = reader.history(&room, HistoryQuery::After { after: cursor, limit: CATCH_UP_PAGE })?;
+            if page.first_seq > cursor + 1 {
+                let gap = client::Gap {
+                    room: room.clone(),
+                    from_seq: cursor + 1,
+                    to_seq: page.first_seq - 1,
+                    reason: "older messages are no longer retained (room retention)".into(),
+                };
+                cursor = page.first_seq - 1;
+                if !send(&out, &cancel, client::Event { kind: Some(event::Kind::Gap(gap)) }).await {
+                    return Ok(());
+                }
+            }
+            let read = page.messages.len();
+            for message in page.messages {
+                if message.seq != cursor + 1 {
+                    return Err(ServiceError::Internal(format!(
+                        "room {room:?}: expected message {}, read {}",
+                        cursor + 1,
+                        message.seq
+                    )));
+                }
+                cursor = message.seq;
+                if !send(&out, &cancel, message_event(message_to_pb(&room, message))).await {
+                    return Ok(());
+                }
+            }
+            if read < CATCH_UP_PAGE {
+                break;
+            }
+        }
+        // Live, until something is missed.
+        'live: loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                event = events.recv() => event,
+            };
+            match event {
+                Ok(ShardEvent::Appended(batch)) => {
+                    for applied in batch.iter().filter(|m| m.room == room) {
+                        let seq = applied.message.seq;
+                        if seq <= cursor {
+                            continue;
+                        }
+                        if seq != cursor + 1 {
+                            break 'live; // a gap in what we saw: read it from history
+                        }
+                        cursor = seq;
+                        let message = message_to_pb(&room, applied.message.clone());
+                        if !send(&out, &cancel, message_event(message)).await {
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(ShardEvent::SnapshotInstalled) | Err(broadcast::error::RecvError::Lagged(_)) => break 'live,
+                Err(broadcast::error::RecvError::Closed) => return Err(ServiceError::ShuttingDown),
+            }
+        }
+    }
+}
+
+/// Follows `room` through a replica of `shard` on another node, resuming from the cursor on
+/// another replica whenever one fails.
+pub async fn follow_remote(
+    node: &Node,
+    shard: ShardId,
+    room: String,
+    mut cursor: u64,
+    out: mpsc::Sender<client::Event>,
+    cancel: CancellationToken,
+) -> Result<(), ServiceError> {
+    let replicas = node.layout.replicas(shard);
+    let mut attempt = 0usize;
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        let target = replicas[attempt % replicas.len()];
+        attempt += 1;
+        let Some(mut client) = node.peers.get(target) else { continue };
+        let request =
+            pb::SubscribeRequest { shard, cursor: Some(client::RoomCursor { room: room.clone(), after_seq: cursor }) };
+        let opened = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            opened = tokio::time::timeout(node.config.request_timeout, client.subscribe(request)) => opened,
+        };
+        let mut stream = match opened {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => {
+                tracing::debug!(target, shard, %room, error = %status, "relay: replica refused the feed");
+                pause(&cancel, attempt).await;
+                continue;
+            }
+            Err(_) => {
+                pause(&cancel, attempt).await;
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                next = stream.message() => next,
+            };
+            let kind = match next {
+                Ok(Some(pb::SubscribeEvent { event: Some(client::Event { kind: Some(kind) }) })) => kind,
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => break, // the replica went away: resume elsewhere
+            };
+            match kind {
+                event::Kind::Subscribed(_) => attempt = 0,
+                event::Kind::Message(m) => {
+                    if m.seq <= cursor {
+                        continue;
+                    }
+                    if m.seq != cursor + 1 {
+                        break; // should not happen; resume from the cursor elsewhere
+                    }
+                    cursor = m.seq;
+                    if !send(&out, &cancel, message_event(m)).await {
+                        return Ok(());
+                    }
+                }
+                event::Kind::Gap(g) => {
+                    if g.to_seq > cursor {
+                        cursor = g.to_seq;
+                        if !send(&out, &cancel, client::Event { kind: Some(event::Kind::Gap(g)) }).await {
+                            return Ok(());
+                        }
+                    }
+                }
+                event::Kind::Error(e) if e.code == "shutting_down" || e.code == "unavailable" => break,
+                event::Kind::Error(e) => return Err(ServiceError::from_wire(e)),
+                event::Kind::Closing(_) => break,
+            }
+        }
+        pause(&cancel, attempt).await;
+    }
+}
+
+async fn pause(cancel: &CancellationToken, attempt: usize) {
+    let delay = Duration::from_millis((50 * attempt as u64).min(1000));
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+}
+
+/// Follows `room` wherever its shard lives.
+pub async fn follow(
+    node: &Node,
+    room: String,
+    after: u64,
+    out: mpsc::Sender<client::Event>,
+    cancel: CancellationToken,
+) -> Result<(), ServiceError> {
+    let shard = node.layout.router.shard_for_room(&room);
+    match node.shards.get(&shard) {
+        Some(replica) => follow_local(replica.reader.clone(), room, after, out, cancel).await,
+        None => follow_remote(node, shard, room, after, out, cancel).await,
+    }
+}

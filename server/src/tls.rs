@@ -1,0 +1,151 @@
+//! TLS for the QUIC client endpoint: the operator's certificate, or a self-signed one generated
+//! once into the data dir. Its SHA-256 fingerprint is logged and written next to it, so that
+//! clients can pin it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("generating a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> TlsError {
+    let context = context.into();
+    move |source| TlsError::Io { context, source }
+}
+
+/// A certificate chain and its key, ready for rustls.
+pub struct ServerIdentity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    /// SHA-256 of the leaf certificate, lowercase hex.
+    pub fingerprint: String,
+}
+
+/// SHA-256 of a DER certificate, as lowercase hex: what clients pin.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a new self-signed certificate valid for `sans` into `dir` (cert.pem, key.pem,
+/// fingerprint) and returns the fingerprint.
+pub fn generate_self_signed(dir: &Path, sans: &[String]) -> Result<String, TlsError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let certified = rcgen::generate_simple_self_signed(sans.to_vec())?;
+    let fp = fingerprint(certified.cert.der());
+    write_private(&dir.join("key.pem"), certified.signing_key.serialize_pem().as_bytes())?;
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).map_err(io("writing cert.pem"))?;
+    std::fs::write(dir.join("fingerprint"), format!("{fp}\n")).map_err(io("writing fingerprint"))?;
+    Ok(fp)
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(format!("writing {}", path.display())))?;
+    file.write_all(contents).map_err(io(format!("writing {}", path.display())))
+}
+
+/// Loads the configured certificate, or the node's own self-signed one (generating it on first
+/// start, valid for localhost, 127.0.0.1 and the advertised host).
+pub fn load_or_generate(
+    configured: Option<&(PathBuf, PathBuf)>,
+    data_dir: &Path,
+    advertised_host: &str,
+) -> Result<ServerIdentity, TlsError> {
+    let (cert_path, key_path) = match configured {
+        Some((c, k)) => (c.clone(), k.clone()),
+        None => {
+            let dir = data_dir.join("tls");
+            let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+            if !c.exists() || !k.exists() {
+                let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+                if !sans.iter().any(|s| s == advertised_host) {
+                    sans.push(advertised_host.to_string());
+                }
+                generate_self_signed(&dir, &sans)?;
+                tracing::info!(dir = %dir.display(), "generated a self-signed TLS certificate");
+            }
+            (c, k)
+        }
+    };
+    let pem_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: rustls::pki_types::pem::Error| TlsError::Pem { path, message: e.to_string() }
+    };
+    let chain = CertificateDer::pem_file_iter(&cert_path)
+        .map_err(pem_err(&cert_path))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_err(&cert_path))?;
+    let Some(leaf) = chain.first() else {
+        return Err(TlsError::Pem { path: cert_path, message: "no certificate in the file".into() });
+    };
+    let fingerprint = fingerprint(leaf);
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(pem_err(&key_path))?;
+    if configured.is_none() {
+        // Keep the fingerprint file true even if someone replaced the generated cert.
+        let fp_path = data_dir.join("tls").join("fingerprint");
+        std::fs::write(&fp_path, format!("{fingerprint}\n")).map_err(io(format!("writing {}", fp_path.display())))?;
+    }
+    Ok(ServerIdentity { chain, key, fingerprint })
+}
+
+/// rustls's server configuration for the client endpoint: TLS 1.3 only, ALPN `chorus/1`.
+pub fn server_crypto(identity: ServerIdentity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)?;
+    config.alpn_protocols = vec![chorus_proto::ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_certificate_is_reused_and_its_fingerprint_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_generate(None, dir.path(), "10.1.2.3").unwrap();
+        let second = load_or_generate(None, dir.path(), "10.1.2.3").unwrap();
+        assert_eq!(first.fingerprint, second.fingerprint);
+        assert_eq!(first.fingerprint.len(), 64);
+        let written = std::fs::read_to_string(dir.path().join("tls/fingerprint")).unwrap();
+        assert_eq!(written.trim(), first.fingerprint);
+        server_crypto(second).unwrap();
+    }
+
+    #[test]
+    fn a_bad_pem_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("c.pem");
+        std::fs::write(&cert, "not pem").unwrap();
+        let err = load_or_generate(Some(&(cert.clone(), cert.clone())), dir.path(), "x").err().unwrap();
+        assert!(err.to_string().contains("c.pem"), "{err}");
+    }
+}
