@@ -1,1 +1,507 @@
+//! The Chorus client library.
+//!
+//! A [`Client`] connects to any node of a list, says hello, and fails over to another node
+//! when its connection breaks. Sends carry this client's id and a fresh `client_seq`; a send
+//! whose outcome is unknown is retried with the same pair, so each message is appended exactly
+//! once. A [`Subscription`] resumes after the last message it delivered, on whatever node it
+//! reconnects to: no gap, no duplicate.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), chorus_client::ClientError> {
+//! use chorus_client::{Client, ClientOptions, Trust};
+//! let options = ClientOptions::new(vec!["127.0.0.1:7401".into()], Trust::Insecure, "ann");
+//! let client = Client::connect(options).await?;
+//! let receipt = client.send("general", "hello").await?;
+//! println!("appended as #{}", receipt.seq);
+//! # Ok(()) }
+//! ```
 
+pub mod settings;
+mod subscription;
+pub mod tls;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chorus_proto::client::{self as pb, request, response};
+use chorus_proto::framing::{self, FrameError};
+use quinn::crypto::rustls::QuicClientConfig;
+use tokio::sync::Mutex;
+
+pub use chorus_proto::client::{ClusterStatusReply, HistoryPage, Message, RoomInfo, RoomList};
+pub use subscription::{Subscription, SubscriptionEvent};
+pub use tls::Trust;
+
+/// Largest response frame the client accepts (history pages are capped at about 4 MiB).
+pub const MAX_RESPONSE_FRAME: usize = 16 << 20;
+
+/// Server error codes after which the same request may simply be retried (elsewhere).
+const RETRYABLE_CODES: &[&str] = &["unavailable", "timeout", "shutting_down"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{message} ({code})")]
+    Server { code: String, message: String, indeterminate: bool },
+    #[error("connection lost: {0}")]
+    Connection(String),
+    #[error("no node could be reached: {0}")]
+    NoNode(String),
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// The server's error code, if the server answered with an error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// True when the operation may have taken effect despite the error.
+    pub fn indeterminate(&self) -> bool {
+        match self {
+            ClientError::Server { indeterminate, .. } => *indeterminate,
+            ClientError::Connection(_) | ClientError::TimedOut(_) => true,
+            _ => false,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        match self {
+            ClientError::Server { code, .. } => RETRYABLE_CODES.contains(&code.as_str()),
+            ClientError::Connection(_) | ClientError::NoNode(_) | ClientError::TimedOut(_) => true,
+            ClientError::Protocol(_) | ClientError::Config(_) => false,
+        }
+    }
+
+    fn from_wire(e: pb::Error) -> ClientError {
+        ClientError::Server { code: e.code, message: e.message, indeterminate: e.indeterminate }
+    }
+}
+
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Io(e) => ClientError::Connection(e.to_string()),
+            FrameError::Truncated => ClientError::Connection("the stream ended inside a frame".into()),
+            other => ClientError::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// How to reach and trust the cluster, and who we are.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Client addresses (`host:port`) of one or more nodes.
+    pub nodes: Vec<String>,
+    pub trust: Trust,
+    /// TLS server name to ask for (default: the host part of each node's address).
+    pub server_name: Option<String>,
+    pub user: String,
+    /// Identifies the client software in the server's logs.
+    pub client_name: String,
+    pub connect_timeout: Duration,
+    /// A connection silent for this long is dead (keep-alives go out four times as often), and
+    /// the client fails over: this bounds how long a killed or cut-off node holds requests.
+    pub idle_timeout: Duration,
+    /// How long to wait for one answer (longer than the server's request timeout).
+    pub request_timeout: Duration,
+    /// How long an operation keeps retrying across failovers before giving up.
+    pub retry_deadline: Duration,
+}
+
+impl ClientOptions {
+    pub fn new(nodes: Vec<String>, trust: Trust, user: impl Into<String>) -> ClientOptions {
+        ClientOptions {
+            nodes,
+            trust,
+            server_name: None,
+            user: user.into(),
+            client_name: format!("chorus-client/{}", env!("CARGO_PKG_VERSION")),
+            connect_timeout: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            retry_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a send returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendReceipt {
+    pub seq: u64,
+    pub ts_ms: u64,
+    /// The server had already appended this (client_id, client_seq): this is the original.
+    pub duplicate: bool,
+    pub client_seq: u64,
+}
+
+/// Where a history page starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryFrom {
+    /// The oldest messages after this sequence number.
+    After(u64),
+    /// The newest messages before this sequence number (`u64::MAX`: the newest of all).
+    Before(u64),
+}
+
+struct Live {
+    connection: quinn::Connection,
+    node: String,
+    hello: pb::HelloReply,
+}
+
+struct Inner {
+    options: ClientOptions,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    live: Mutex<Option<Live>>,
+    /// Nodes to try, configured ones first, then those the cluster told us about.
+    nodes: std::sync::Mutex<Vec<String>>,
+    next_node: AtomicUsize,
+    client_id: Bytes,
+    next_client_seq: AtomicU64,
+}
+
+/// A connection to a Chorus cluster. Cheap to clone; clones share the connection and the
+/// client id.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+fn random_client_id() -> Bytes {
+    Bytes::copy_from_slice(&rand::random::<[u8; 16]>())
+}
+
+impl Client {
+    /// Connects to the first reachable node and says hello.
+    pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
+        if options.nodes.is_empty() {
+            return Err(ClientError::Config("no node addresses given".into()));
+        }
+        let crypto = tls::client_crypto(&options.trust)?;
+        let quic = QuicClientConfig::try_from(crypto).map_err(|e| ClientError::Config(format!("TLS: {e}")))?;
+        let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(options.idle_timeout / 4));
+        let idle = options.idle_timeout.try_into().map_err(|e| ClientError::Config(format!("idle timeout: {e}")))?;
+        transport.max_idle_timeout(Some(idle));
+        client_config.transport_config(Arc::new(transport));
+        let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Config(format!("UDP socket: {e}")))?;
+        let client = Client {
+            inner: Arc::new(Inner {
+                nodes: std::sync::Mutex::new(options.nodes.clone()),
+                options,
+                endpoint,
+                client_config,
+                live: Mutex::new(None),
+                next_node: AtomicUsize::new(0),
+                client_id: random_client_id(),
+                next_client_seq: AtomicU64::new(1),
+            }),
+        };
+        client.connection().await?;
+        Ok(client)
+    }
+
+    /// This client's id: every send carries it with its `client_seq`.
+    pub fn client_id(&self) -> &Bytes {
+        &self.inner.client_id
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.options
+    }
+
+    /// The node this client is connected to now, if any.
+    pub async fn current_node(&self) -> Option<String> {
+        self.inner.live.lock().await.as_ref().map(|l| l.node.clone())
+    }
+
+    /// What the current node said in reply to hello.
+    pub async fn server_info(&self) -> Option<pb::HelloReply> {
+        self.inner.live.lock().await.as_ref().map(|l| l.hello.clone())
+    }
+
+    /// The live connection, connecting (and saying hello) if there is none.
+    async fn connection(&self) -> Result<quinn::Connection, ClientError> {
+        let mut live = self.inner.live.lock().await;
+        if let Some(l) = live.as_ref()
+            && l.connection.close_reason().is_none()
+        {
+            return Ok(l.connection.clone());
+        }
+        *live = None;
+        let candidates = self.inner.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut errors = Vec::new();
+        for _ in 0..candidates.len() {
+            let i = self.inner.next_node.fetch_add(1, Ordering::Relaxed) % candidates.len();
+            let node = &candidates[i];
+            match self.connect_to(node).await {
+                Ok(new) => {
+                    let connection = new.connection.clone();
+                    self.learn_nodes(&new.hello.node_addrs);
+                    *live = Some(new);
+                    // Start the next failover at the node after this one.
+                    self.inner.next_node.store(i, Ordering::Relaxed);
+                    return Ok(connection);
+                }
+                Err(e) => errors.push(format!("{node}: {e}")),
+            }
+        }
+        Err(ClientError::NoNode(errors.join("; ")))
+    }
+
+    fn learn_nodes(&self, addrs: &[String]) {
+        let mut nodes = self.inner.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        for addr in addrs {
+            if !addr.is_empty() && !nodes.contains(addr) {
+                nodes.push(addr.clone());
+            }
+        }
+    }
+
+    async fn connect_to(&self, node: &str) -> Result<Live, ClientError> {
+        let options = &self.inner.options;
+        let addr = tokio::net::lookup_host(node)
+            .await
+            .map_err(|e| ClientError::Connection(format!("resolving: {e}")))?
+            .next()
+            .ok_or_else(|| ClientError::Connection("no address".into()))?;
+        let host = node.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(node);
+        let server_name = options.server_name.as_deref().unwrap_or(host);
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(self.inner.client_config.clone(), addr, server_name)
+            .map_err(|e| ClientError::Connection(e.to_string()))?;
+        let connection = tokio::time::timeout(options.connect_timeout, connecting)
+            .await
+            .map_err(|_| ClientError::TimedOut(options.connect_timeout))?
+            .map_err(|e| ClientError::Connection(e.to_string()))?;
+        let hello =
+            request::Kind::Hello(pb::Hello { user: options.user.clone(), client_name: options.client_name.clone() });
+        match call_on(&connection, hello, options.request_timeout).await? {
+            response::Kind::Hello(hello) => Ok(Live { connection, node: node.to_owned(), hello }),
+            other => Err(ClientError::Protocol(format!("unexpected reply to hello: {other:?}"))),
+        }
+    }
+
+    /// Forgets the current connection (if it is still `connection`), so the next call fails
+    /// over to another node.
+    async fn drop_connection(&self, connection: &quinn::Connection) {
+        let mut live = self.inner.live.lock().await;
+        if live.as_ref().is_some_and(|l| l.connection.stable_id() == connection.stable_id())
+            && let Some(l) = live.take()
+        {
+            l.connection.close(0u32.into(), b"failing over");
+        }
+    }
+
+    /// One request on the current connection: no retry.
+    pub async fn call_once(&self, kind: request::Kind) -> Result<response::Kind, ClientError> {
+        let connection = self.connection().await?;
+        let result = call_on(&connection, kind, self.inner.options.request_timeout).await;
+        if let Err(ClientError::Connection(_) | ClientError::TimedOut(_)) = &result {
+            self.drop_connection(&connection).await;
+        }
+        result
+    }
+
+    /// A request, retried (on other nodes if need be) while the error says retrying may help,
+    /// until the retry deadline. Only for requests that are safe to repeat.
+    async fn call(&self, kind: request::Kind) -> Result<response::Kind, ClientError> {
+        let deadline = Instant::now() + self.inner.options.retry_deadline;
+        let mut attempt = 0u32;
+        let mut indeterminate = false;
+        loop {
+            match self.call_once(kind.clone()).await {
+                Ok(reply) => return Ok(reply),
+                Err(e) if e.retryable() && Instant::now() < deadline => {
+                    indeterminate |= e.indeterminate();
+                    attempt += 1;
+                    if matches!(e.code(), Some("unavailable" | "shutting_down")) {
+                        // This node cannot help now; another may.
+                        if let Some(l) = self.inner.live.lock().await.take() {
+                            l.connection.close(0u32.into(), b"failing over");
+                        }
+                    }
+                    let pause = Duration::from_millis((50u64 << attempt.min(4)).min(1000));
+                    tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+                }
+                Err(ClientError::Server { code, message, indeterminate: i }) => {
+                    return Err(ClientError::Server { code, message, indeterminate: i || indeterminate });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Appends `body` to `room`, exactly once (see the crate docs).
+    pub async fn send(&self, room: &str, body: impl Into<Bytes>) -> Result<SendReceipt, ClientError> {
+        let client_seq = self.inner.next_client_seq.fetch_add(1, Ordering::Relaxed);
+        self.send_with_seq(room, body, client_seq).await
+    }
+
+    /// Appends with a `client_seq` the caller manages (it must be new for this client, or a
+    /// deliberate retry of an earlier one).
+    pub async fn send_with_seq(
+        &self,
+        room: &str,
+        body: impl Into<Bytes>,
+        client_seq: u64,
+    ) -> Result<SendReceipt, ClientError> {
+        let kind = request::Kind::Send(pb::Send {
+            room: room.to_owned(),
+            client_id: self.inner.client_id.clone(),
+            client_seq,
+            body: body.into(),
+        });
+        match self.call(kind).await? {
+            response::Kind::Sent(r) => {
+                Ok(SendReceipt { seq: r.seq, ts_ms: r.ts_ms, duplicate: r.duplicate, client_seq })
+            }
+            other => Err(unexpected("send", other)),
+        }
+    }
+
+    /// Reserves the next `client_seq` (for callers that record it before sending).
+    pub fn next_client_seq(&self) -> u64 {
+        self.inner.next_client_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Creates a room. `retention_max_messages` 0 keeps every message.
+    pub async fn create_room(
+        &self,
+        room: &str,
+        metadata: BTreeMap<String, String>,
+        retention_max_messages: u64,
+    ) -> Result<pb::RoomCreated, ClientError> {
+        let kind =
+            request::Kind::CreateRoom(pb::CreateRoom { room: room.to_owned(), metadata, retention_max_messages });
+        match self.call(kind).await? {
+            response::Kind::RoomCreated(r) => Ok(r),
+            other => Err(unexpected("create room", other)),
+        }
+    }
+
+    /// A page of history, oldest message first.
+    pub async fn history(
+        &self,
+        room: &str,
+        from: HistoryFrom,
+        limit: u32,
+        linearizable: bool,
+    ) -> Result<HistoryPage, ClientError> {
+        let position = match from {
+            HistoryFrom::After(n) => pb::history::Position::After(n),
+            HistoryFrom::Before(n) => pb::history::Position::Before(n),
+        };
+        let consistency = if linearizable { pb::Consistency::Linearizable } else { pb::Consistency::Local };
+        let kind = request::Kind::History(pb::History {
+            room: room.to_owned(),
+            position: Some(position),
+            limit,
+            consistency: consistency as i32,
+        });
+        match self.call(kind).await? {
+            response::Kind::History(page) => Ok(page),
+            other => Err(unexpected("history", other)),
+        }
+    }
+
+    /// Every message of a room after `after`, reading page by page.
+    pub async fn history_all(&self, room: &str, after: u64, linearizable: bool) -> Result<Vec<Message>, ClientError> {
+        let mut out = Vec::new();
+        let mut cursor = after;
+        loop {
+            let page = self.history(room, HistoryFrom::After(cursor), 1000, linearizable).await?;
+            let Some(last) = page.messages.last() else { break };
+            cursor = last.seq;
+            out.extend(page.messages);
+        }
+        Ok(out)
+    }
+
+    pub async fn list_rooms(&self, after: &str, limit: u32) -> Result<RoomList, ClientError> {
+        let kind = request::Kind::ListRooms(pb::ListRooms { after: after.to_owned(), limit });
+        match self.call(kind).await? {
+            response::Kind::Rooms(list) => Ok(list),
+            other => Err(unexpected("list rooms", other)),
+        }
+    }
+
+    pub async fn cluster_status(&self) -> Result<ClusterStatusReply, ClientError> {
+        match self.call(request::Kind::ClusterStatus(pb::ClusterStatus {})).await? {
+            response::Kind::ClusterStatus(s) => Ok(s),
+            other => Err(unexpected("status", other)),
+        }
+    }
+
+    /// Live messages of `rooms`, each after its cursor.
+    pub fn subscribe(&self, rooms: impl IntoIterator<Item = (String, u64)>) -> Subscription {
+        Subscription::new(self.clone(), rooms.into_iter().collect())
+    }
+
+    /// Opens a raw subscription stream on the current connection (used by [`Subscription`]).
+    async fn open_subscription(
+        &self,
+        cursors: &BTreeMap<String, u64>,
+    ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), ClientError> {
+        let connection = self.connection().await?;
+        let opened = async {
+            let (mut send, recv) = connection.open_bi().await.map_err(|e| ClientError::Connection(e.to_string()))?;
+            let rooms =
+                cursors.iter().map(|(room, after)| pb::RoomCursor { room: room.clone(), after_seq: *after }).collect();
+            let request = pb::Request { kind: Some(request::Kind::Subscribe(pb::Subscribe { rooms })) };
+            framing::write_message(&mut send, &request).await.map_err(|e| ClientError::Connection(e.to_string()))?;
+            Ok::<_, ClientError>((send, recv))
+        }
+        .await;
+        match opened {
+            Ok((send, recv)) => Ok((connection, send, recv)),
+            Err(e) => {
+                self.drop_connection(&connection).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn unexpected(what: &str, reply: response::Kind) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply to {what}: {reply:?}"))
+}
+
+/// Sends one request on its own stream and reads the one response.
+async fn call_on(
+    connection: &quinn::Connection,
+    kind: request::Kind,
+    timeout: Duration,
+) -> Result<response::Kind, ClientError> {
+    let exchange = async {
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| ClientError::Connection(e.to_string()))?;
+        let request = pb::Request { kind: Some(kind) };
+        framing::write_message(&mut send, &request).await.map_err(|e| ClientError::Connection(e.to_string()))?;
+        let _ = send.finish();
+        let response: Option<pb::Response> = framing::read_message(&mut recv, MAX_RESPONSE_FRAME).await?;
+        response.ok_or_else(|| ClientError::Connection("the server closed the stream without answering".into()))
+    };
+    let response = tokio::time::timeout(timeout, exchange).await.map_err(|_| ClientError::TimedOut(timeout))??;
+    match response.kind {
+        Some(response::Kind::Error(e)) => Err(ClientError::from_wire(e)),
+        Some(kind) => Ok(kind),
+        None => Err(ClientError::Protocol("empty response".into())),
+    }
+}
