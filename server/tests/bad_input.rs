@@ -1,0 +1,137 @@
+//! Bad input over raw QUIC streams gets a specific error on that stream, and the node stays up
+//! for everyone else.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chorus_proto::client::{self as pb, request, response};
+use chorus_proto::framing;
+use common::TestCluster;
+use quinn::crypto::rustls::QuicClientConfig;
+
+async fn raw_connection(cluster: &TestCluster) -> quinn::Connection {
+    let pin = chorus_client::tls::parse_fingerprint(&cluster.fingerprint).unwrap();
+    let crypto = chorus_client::tls::client_crypto(&chorus_client::Trust::Fingerprints(vec![pin])).unwrap();
+    let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(crypto).unwrap()));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = cluster.nodes[&1].client_addr.parse().unwrap();
+    endpoint.connect_with(config, addr, "localhost").unwrap().await.unwrap()
+}
+
+/// Writes raw bytes on a new stream and returns the error code of the response.
+async fn error_code_for(connection: &quinn::Connection, bytes: &[u8]) -> String {
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    // The server may stop reading an oversized request early; that is fine.
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    let read = framing::read_message::<pb::Response, _>(&mut recv, 1 << 20);
+    let response = tokio::time::timeout(Duration::from_secs(15), read).await.unwrap().unwrap().unwrap();
+    match response.kind {
+        Some(response::Kind::Error(e)) => {
+            assert!(!e.message.is_empty(), "every error has a message");
+            e.code
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn frame(request: &pb::Request) -> Vec<u8> {
+    framing::encode_frame(request).to_vec()
+}
+
+fn request(kind: request::Kind) -> pb::Request {
+    pb::Request { kind: Some(kind) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_specific_errors_and_the_node_stays_up() {
+    let cluster = TestCluster::start(1, 1, 1, &[]);
+    cluster.wait_ready(1).await;
+    let connection = raw_connection(&cluster).await;
+
+    // Before hello.
+    let send = request(request::Kind::Send(pb::Send {
+        room: "r".into(),
+        client_id: Bytes::from_static(b"c"),
+        client_seq: 1,
+        body: Bytes::from_static(b"x"),
+    }));
+    assert_eq!(error_code_for(&connection, &frame(&send)).await, "hello_required");
+    let hello = request(request::Kind::Hello(pb::Hello { user: "mallory".into(), client_name: "raw".into() }));
+    let (mut s, mut r) = connection.open_bi().await.unwrap();
+    framing::write_message(&mut s, &hello).await.unwrap();
+    s.finish().unwrap();
+    let reply: pb::Response = framing::read_message(&mut r, 1 << 20).await.unwrap().unwrap();
+    assert!(matches!(reply.kind, Some(response::Kind::Hello(_))));
+
+    // Garbage: its first bytes read as an absurd length.
+    assert_eq!(error_code_for(&connection, b"GET / HTTP/1.1\r\n\r\n").await, "frame_too_large");
+    // A sane length, then bytes that are not protobuf.
+    assert_eq!(error_code_for(&connection, &[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff]).await, "malformed_request");
+    // A declared 10 MiB frame, with (part of) its body.
+    let mut oversized = (10u32 << 20).to_be_bytes().to_vec();
+    oversized.extend(vec![0u8; 256 * 1024]);
+    assert_eq!(error_code_for(&connection, &oversized).await, "frame_too_large");
+    // A valid frame holding a request of no known kind (a field this server does not know).
+    // Field 99, varint 1: tag (99 << 3 | 0) = 792 = [0x98, 0x06].
+    assert_eq!(error_code_for(&connection, &[0, 0, 0, 3, 0x98, 0x06, 0x01]).await, "unknown_request");
+    assert_eq!(error_code_for(&connection, &frame(&pb::Request { kind: None })).await, "unknown_request");
+    // A stream that ends mid-frame.
+    assert_eq!(error_code_for(&connection, &[0, 0, 0, 10, 1, 2]).await, "malformed_request");
+    // Requests with invalid content.
+    let bad_room = request(request::Kind::Send(pb::Send {
+        room: "no spaces allowed".into(),
+        client_id: Bytes::from_static(b"c"),
+        client_seq: 1,
+        body: Bytes::from_static(b"x"),
+    }));
+    assert_eq!(error_code_for(&connection, &frame(&bad_room)).await, "invalid_room_name");
+    let create = request(request::Kind::CreateRoom(pb::CreateRoom { room: "r".into(), ..Default::default() }));
+    let (mut s, mut r) = connection.open_bi().await.unwrap();
+    framing::write_message(&mut s, &create).await.unwrap();
+    s.finish().unwrap();
+    let _: Option<pb::Response> = framing::read_message(&mut r, 1 << 20).await.unwrap();
+    let too_big = request(request::Kind::Send(pb::Send {
+        room: "r".into(),
+        client_id: Bytes::from_static(b"c"),
+        client_seq: 1,
+        body: Bytes::from(vec![b'x'; 64 * 1024 + 1]),
+    }));
+    assert_eq!(error_code_for(&connection, &frame(&too_big)).await, "body_too_large");
+    let zero_seq = request(request::Kind::Send(pb::Send {
+        room: "r".into(),
+        client_id: Bytes::from_static(b"c"),
+        client_seq: 0,
+        body: Bytes::new(),
+    }));
+    assert_eq!(error_code_for(&connection, &frame(&zero_seq)).await, "invalid_client_seq");
+    let missing = request(request::Kind::Send(pb::Send {
+        room: "missing".into(),
+        client_id: Bytes::from_static(b"c"),
+        client_seq: 1,
+        body: Bytes::new(),
+    }));
+    assert_eq!(error_code_for(&connection, &frame(&missing)).await, "room_not_found");
+    let empty_sub = request(request::Kind::Subscribe(pb::Subscribe { rooms: vec![] }));
+    let (mut s, mut r) = connection.open_bi().await.unwrap();
+    s.write_all(&frame(&empty_sub)).await.unwrap();
+    s.finish().unwrap();
+    let event: pb::Event = framing::read_message(&mut r, 1 << 20).await.unwrap().unwrap();
+    match event.kind {
+        Some(pb::event::Kind::Error(e)) => assert_eq!(e.code, "invalid_argument"),
+        other => panic!("expected an error event, got {other:?}"),
+    }
+
+    // The connection and the node still work, for this client and for others.
+    let ok = pb::Request { kind: Some(request::Kind::ClusterStatus(pb::ClusterStatus {})) };
+    let (mut s, mut r) = connection.open_bi().await.unwrap();
+    framing::write_message(&mut s, &ok).await.unwrap();
+    s.finish().unwrap();
+    let reply: pb::Response = framing::read_message(&mut r, 1 << 20).await.unwrap().unwrap();
+    assert!(matches!(reply.kind, Some(response::Kind::ClusterStatus(_))), "{reply:?}");
+    let client = cluster.client(&[1], "alice").await;
+    assert_eq!(client.send("r", "still here").await.unwrap().seq, 1);
+}

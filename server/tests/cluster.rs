@@ -1,0 +1,312 @@
+//! End to end: real chorusd processes on loopback, driven through the client library.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use chorus_client::{Client, HistoryFrom, Message, SubscriptionEvent};
+use common::{TestCluster, shard_of};
+
+/// Collects `count` messages (or until `timeout`) from a subscription.
+async fn collect(sub: &mut chorus_client::Subscription, count: usize, timeout: Duration) -> Vec<Message> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while out.len() < count {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, sub.next()).await {
+            Ok(Ok(SubscriptionEvent::Message(m))) => out.push(m),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("subscription failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+fn seqs(messages: &[Message]) -> Vec<u64> {
+    messages.iter().map(|m| m.seq).collect()
+}
+
+fn assert_gap_free(messages: &[Message], first: u64, what: &str) {
+    for (i, m) in messages.iter().enumerate() {
+        assert_eq!(m.seq, first + i as u64, "{what}: gap or duplicate at position {i}: {:?}", seqs(messages));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_through_one_node_reach_subscribers_on_the_others() {
+    let cluster = TestCluster::start(3, 3, 4, &[]);
+    cluster.wait_ready(1).await;
+    let a = cluster.client(&[1], "ann").await;
+    a.create_room("general", BTreeMap::new(), 0).await.unwrap();
+    let b = cluster.client(&[2], "bob").await;
+    let c = cluster.client(&[3], "cat").await;
+    let mut sub_b = b.subscribe([("general".to_string(), 0)]);
+    let mut sub_c = c.subscribe([("general".to_string(), 0)]);
+    for i in 1..=50 {
+        let receipt = a.send("general", format!("message {i}")).await.unwrap();
+        assert_eq!((receipt.seq, receipt.duplicate), (i, false));
+    }
+    let got_b = collect(&mut sub_b, 50, Duration::from_secs(20)).await;
+    let got_c = collect(&mut sub_c, 50, Duration::from_secs(20)).await;
+    assert_gap_free(&got_b, 1, "subscriber on node 2");
+    assert_gap_free(&got_c, 1, "subscriber on node 3");
+    assert_eq!(got_b.len(), 50);
+    assert_eq!(got_b, got_c);
+    assert_eq!(String::from_utf8_lossy(&got_b[9].body), "message 10");
+    assert_eq!(got_b[9].sender, "ann");
+
+    // History is identical from every node, linearizable or local (once applied).
+    let reference = a.history_all("general", 0, true).await.unwrap();
+    assert_eq!(reference, got_b);
+    for node in [1, 2, 3] {
+        let client = cluster.client(&[node], "reader").await;
+        assert_eq!(client.history_all("general", 0, true).await.unwrap(), reference, "linearizable via node {node}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let local = client.history_all("general", 0, false).await.unwrap();
+            if local == reference {
+                break;
+            }
+            assert!(Instant::now() < deadline, "local history of node {node} never caught up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Paging backwards.
+    let page = a.history("general", HistoryFrom::Before(11), 5, true).await.unwrap();
+    assert_eq!(seqs(&page.messages), vec![6, 7, 8, 9, 10]);
+    assert_eq!(page.last_seq, 50);
+    let rooms = a.list_rooms("", 10).await.unwrap();
+    assert_eq!(rooms.rooms.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["general"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_sends_survive_a_leader_kill_and_the_killed_node_catches_up_by_snapshot() {
+    // Small snapshot settings so that the killed node misses more than the retained log.
+    let mut cluster =
+        TestCluster::start(3, 3, 2, &["--snapshot-every-entries", "100", "--log-kept-after-snapshot", "20"]);
+    cluster.wait_ready(1).await;
+    let room = "busy";
+    let shard = shard_of(room, 2);
+    let admin = cluster.client(&[1, 2, 3], "admin").await;
+    admin.create_room(room, BTreeMap::new(), 0).await.unwrap();
+    let leader = cluster.leader_of(1, shard).await;
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|&n| n != leader).collect();
+
+    // A subscriber and a sender on the followers, so that the kill tests failover, not luck.
+    let watcher = cluster.client(&[others[0], others[1]], "watcher").await;
+    let mut subscription = watcher.subscribe([(room.to_string(), 0)]);
+    let sender = cluster.client(&[others[1], others[0]], "sender").await;
+    const SENDS: u64 = 1000;
+    let send_task = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut failed = Vec::new();
+        for i in 1..=SENDS {
+            match sender.send(room, format!("m{i}")).await {
+                Ok(receipt) => acked.push((i, receipt.seq)),
+                Err(e) => failed.push((i, e.to_string())),
+            }
+        }
+        (acked, failed)
+    });
+    let subscriber_task = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(240);
+        while got.len() < SENDS as usize && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(30), subscription.next()).await {
+                Ok(Ok(SubscriptionEvent::Message(m))) => got.push(m),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("subscription failed: {e}"),
+                Err(_) => break,
+            }
+        }
+        got
+    });
+
+    // Kill the leader once some messages are in.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while admin.history(room, HistoryFrom::Before(u64::MAX), 1, false).await.map(|p| p.last_seq).unwrap_or(0) < 150 {
+        assert!(Instant::now() < deadline, "sends are not progressing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.kill(leader);
+    let killed_at = Instant::now();
+
+    let (acked, failed) = send_task.await.unwrap();
+    assert!(failed.is_empty(), "sends failed despite retries: {failed:?}");
+    assert_eq!(acked.len() as u64, SENDS);
+    let failover = killed_at.elapsed();
+
+    // Every acknowledged send is present exactly once, in one order.
+    let survivor = cluster.client(&[others[0]], "checker").await;
+    let history = survivor.history_all(room, 0, true).await.unwrap();
+    assert_gap_free(&history, 1, "history");
+    let mut seen = BTreeSet::new();
+    for m in &history {
+        assert!(seen.insert(m.body.clone()), "message {:?} appears twice", String::from_utf8_lossy(&m.body));
+    }
+    assert_eq!(history.len() as u64, SENDS, "exactly the acknowledged sends");
+    for (i, seq) in &acked {
+        assert_eq!(String::from_utf8_lossy(&history[(*seq - 1) as usize].body), format!("m{i}"));
+    }
+    // Sequential sends from one client: real-time order is the room's order.
+    assert!(acked.windows(2).all(|w| w[0].1 < w[1].1));
+
+    let streamed = subscriber_task.await.unwrap();
+    assert_gap_free(&streamed, 1, "subscriber");
+    assert_eq!(streamed, history, "the subscriber saw exactly the history");
+
+    // The killed node restarts and catches up, through a snapshot: the leader purged its log.
+    cluster.spawn(leader);
+    let rejoined = cluster.client(&[leader], "rejoined").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(local) = rejoined.history_all(room, 0, false).await
+            && local == history
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node {leader} did not catch up in 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = cluster.wait_ready(leader).await;
+    let replica = status.shards[shard as usize].replica_status.iter().find(|r| r.node == leader).unwrap();
+    assert!(replica.snapshot_index > 150, "node {leader} should hold a snapshot past the kill point: {replica:?}");
+    eprintln!("leader kill: all {SENDS} sends acknowledged {failover:?} after the kill");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_replica_of_the_shard_forwards_everything() {
+    let cluster = TestCluster::start(5, 3, 5, &[]);
+    cluster.wait_ready(1).await;
+    // A room whose shard node 5 does not host (replicas of shard s: nodes s+1, s+2, s+3 mod 5).
+    let room = (0..100)
+        .map(|i| format!("room-{i}"))
+        .find(|r| {
+            let s = shard_of(r, 5) as u64;
+            ![s % 5 + 1, (s + 1) % 5 + 1, (s + 2) % 5 + 1].contains(&5)
+        })
+        .unwrap();
+    let outsider = cluster.client(&[5], "eve").await;
+    outsider.create_room(&room, BTreeMap::new(), 0).await.unwrap();
+    let mut subscription = outsider.subscribe([(room.clone(), 0)]);
+    for i in 1..=20 {
+        assert_eq!(outsider.send(&room, format!("hi {i}")).await.unwrap().seq, i);
+    }
+    let streamed = collect(&mut subscription, 20, Duration::from_secs(20)).await;
+    assert_gap_free(&streamed, 1, "relayed subscription");
+    assert_eq!(streamed.len(), 20);
+    assert_eq!(outsider.history_all(&room, 0, true).await.unwrap(), streamed);
+    assert_eq!(outsider.history_all(&room, 0, false).await.unwrap(), streamed);
+    let status = outsider.cluster_status().await.unwrap();
+    assert_eq!(status.nodes.len(), 5);
+    assert!(status.shards.iter().all(|s| s.replicas.len() == 3 && s.leader != 0), "{:?}", status.shards);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_quorum_fails_sends_with_unavailable_until_it_returns() {
+    let mut cluster = TestCluster::start(3, 3, 1, &["--request-timeout-ms", "2000"]);
+    cluster.wait_ready(1).await;
+    let admin = cluster.client(&[1], "admin").await;
+    admin.create_room("r", BTreeMap::new(), 0).await.unwrap();
+    admin.send("r", "before").await.unwrap();
+    cluster.kill(2);
+    cluster.kill(3);
+    // Let the survivor notice it has lost its quorum.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut options = cluster.options(&[1], "ann");
+    options.retry_deadline = Duration::ZERO;
+    let client = Client::connect(options).await.unwrap();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let err = client.send("r", "during").await.unwrap_err();
+        assert_eq!(err.code(), Some("unavailable"), "{err}");
+        assert!(!err.indeterminate(), "{err}");
+        assert!(err.to_string().contains("no leader for shard 0"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "failed after {:?}", started.elapsed());
+    }
+    cluster.spawn(2);
+    cluster.spawn(3);
+    cluster.wait_ready(1).await;
+    let after = cluster.client(&[1, 2, 3], "ann").await;
+    let receipt = after.send("r", "after").await.unwrap();
+    assert_eq!(receipt.seq, 2, "the failed sends appended nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_subscriptions_with_a_reason_and_subscribers_resume_elsewhere() {
+    let mut cluster = TestCluster::start(3, 3, 1, &[]);
+    cluster.wait_ready(1).await;
+    let admin = cluster.client(&[1], "admin").await;
+    admin.create_room("r", BTreeMap::new(), 0).await.unwrap();
+    for i in 1..=5 {
+        admin.send("r", format!("{i}")).await.unwrap();
+    }
+    let watcher = cluster.client(&[2, 3], "watcher").await;
+    let mut subscription = watcher.subscribe([("r".to_string(), 0)]);
+    assert_eq!(seqs(&collect(&mut subscription, 5, Duration::from_secs(10)).await), vec![1, 2, 3, 4, 5]);
+    let status = cluster.terminate(2);
+    assert!(status.success(), "chorusd exits cleanly on SIGTERM: {status}");
+    for i in 6..=10 {
+        admin.send("r", format!("{i}")).await.unwrap();
+    }
+    // The subscription resumes on node 3 from where it was.
+    let mut resumed = false;
+    let mut rest = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rest.len() < 5 && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(10), subscription.next()).await {
+            Ok(Ok(SubscriptionEvent::Message(m))) => rest.push(m),
+            Ok(Ok(SubscriptionEvent::Resumed { .. })) => resumed = true,
+            Ok(Ok(other)) => panic!("unexpected {other:?}"),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => break,
+        }
+    }
+    assert!(resumed, "the subscriber should report resuming on another node");
+    assert_eq!(seqs(&rest), vec![6, 7, 8, 9, 10]);
+    // Restarted with the same data dir, the node rejoins and serves the same history.
+    cluster.spawn(2);
+    let rejoined = cluster.client(&[2], "r2").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rejoined.history_all("r", 0, false).await.map(|h| h.len()).unwrap_or(0) < 10 {
+        assert!(Instant::now() < deadline, "node 2 did not catch up after restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&cluster.nodes[&2].log).unwrap();
+    assert!(log.contains("node stopped"), "node 2 should log an orderly stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_gaps_are_announced_to_subscribers() {
+    let cluster = TestCluster::start(1, 1, 1, &[]);
+    cluster.wait_ready(1).await;
+    let client = cluster.client(&[1], "ann").await;
+    client.create_room("short", BTreeMap::new(), 10).await.unwrap();
+    for i in 1..=30 {
+        client.send("short", format!("{i}")).await.unwrap();
+    }
+    let mut subscription = client.subscribe([("short".to_string(), 0)]);
+    match subscription.next().await.unwrap() {
+        SubscriptionEvent::Gap(gap) => assert_eq!((gap.from_seq, gap.to_seq), (1, 20)),
+        other => panic!("expected a gap first, got {other:?}"),
+    }
+    assert_eq!(seqs(&collect(&mut subscription, 10, Duration::from_secs(10)).await), (21..=30).collect::<Vec<_>>());
+    let page = client.history("short", HistoryFrom::After(0), 100, true).await.unwrap();
+    assert_eq!((page.first_seq, page.messages.len()), (21, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_of_another_cluster_is_refused() {
+    let mut cluster = TestCluster::start(1, 1, 1, &[]);
+    cluster.wait_ready(1).await;
+    cluster.kill(1);
+    let mut args = cluster.args_of(1);
+    args.extend(["--cluster-token".to_string(), "someone-else".to_string()]);
+    let out = std::process::Command::new(common::CHORUSD).args(&args).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("belongs to cluster"), "{stderr}");
+    assert!(stderr.contains("someone-else"), "{stderr}");
+}
