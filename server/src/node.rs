@@ -123,8 +123,10 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     tracing::info!(%fingerprint, "client endpoint TLS certificate (SHA-256)");
     let crypto = tls::server_crypto(identity)?;
 
+    let peer_ip = config.peer_addr.ip();
+    let local_ip = (!peer_ip.is_unspecified()).then_some(peer_ip);
     let peers = Arc::new(
-        PeerClients::new(node_id, &layout.cluster_id, &layout.nodes, Duration::from_millis(500))
+        PeerClients::new(node_id, &layout.cluster_id, &layout.nodes, local_ip, Duration::from_millis(500))
             .context("setting up peer connections")?,
     );
     let mut shards = BTreeMap::new();

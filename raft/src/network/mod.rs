@@ -81,11 +81,14 @@ pub struct PeerClients {
 
 impl PeerClients {
     /// `peers` maps node ids to their peer addresses (`host:port`); our own entry is skipped.
-    /// Must be called inside a tokio runtime.
+    /// Connections leave from `local_ip` when given (the address this node's peer endpoint
+    /// listens on), so that peers, and packet filters, see where they come from. Must be
+    /// called inside a tokio runtime.
     pub fn new(
         self_id: NodeId,
         cluster_id: &str,
         peers: &BTreeMap<NodeId, String>,
+        local_ip: Option<std::net::IpAddr>,
         connect_timeout: Duration,
     ) -> Result<PeerClients, PeerSetupError> {
         let cluster_id: AsciiMetadataValue =
@@ -101,6 +104,7 @@ impl PeerClients {
             let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| bad(e.to_string()))?
                 .connect_timeout(connect_timeout)
+                .local_address(local_ip)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5))
