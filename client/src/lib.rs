@@ -46,8 +46,12 @@ const RETRYABLE_CODES: &[&str] = &["unavailable", "timeout", "shutting_down"];
 pub enum ClientError {
     #[error("{message} ({code})")]
     Server { code: String, message: String, indeterminate: bool },
-    #[error("connection lost: {0}")]
-    Connection(String),
+    /// The connection failed. `maybe_sent`: the request may have reached the server first.
+    #[error("connection lost: {message}")]
+    Connection { message: String, maybe_sent: bool },
+    /// The last attempt failed definitely, but an earlier one may have succeeded.
+    #[error("{last} (an earlier attempt's outcome is unknown: it may have succeeded)")]
+    MaybeApplied { last: Box<ClientError> },
     #[error("no node could be reached: {0}")]
     NoNode(String),
     #[error("no answer within {0:?}")]
@@ -63,6 +67,7 @@ impl ClientError {
     pub fn code(&self) -> Option<&str> {
         match self {
             ClientError::Server { code, .. } => Some(code),
+            ClientError::MaybeApplied { last } => last.code(),
             _ => None,
         }
     }
@@ -71,16 +76,21 @@ impl ClientError {
     pub fn indeterminate(&self) -> bool {
         match self {
             ClientError::Server { indeterminate, .. } => *indeterminate,
-            ClientError::Connection(_) | ClientError::TimedOut(_) => true,
+            ClientError::Connection { maybe_sent, .. } => *maybe_sent,
+            ClientError::TimedOut(_) | ClientError::MaybeApplied { .. } => true,
             _ => false,
         }
+    }
+
+    fn lost(message: impl std::fmt::Display, maybe_sent: bool) -> ClientError {
+        ClientError::Connection { message: message.to_string(), maybe_sent }
     }
 
     fn retryable(&self) -> bool {
         match self {
             ClientError::Server { code, .. } => RETRYABLE_CODES.contains(&code.as_str()),
-            ClientError::Connection(_) | ClientError::NoNode(_) | ClientError::TimedOut(_) => true,
-            ClientError::Protocol(_) | ClientError::Config(_) => false,
+            ClientError::Connection { .. } | ClientError::NoNode(_) | ClientError::TimedOut(_) => true,
+            ClientError::Protocol(_) | ClientError::Config(_) | ClientError::MaybeApplied { .. } => false,
         }
     }
 
@@ -92,8 +102,8 @@ impl ClientError {
 impl From<FrameError> for ClientError {
     fn from(e: FrameError) -> Self {
         match e {
-            FrameError::Io(e) => ClientError::Connection(e.to_string()),
-            FrameError::Truncated => ClientError::Connection("the stream ended inside a frame".into()),
+            FrameError::Io(e) => ClientError::lost(e, true),
+            FrameError::Truncated => ClientError::lost("the stream ended inside a frame", true),
             other => ClientError::Protocol(other.to_string()),
         }
     }
@@ -277,20 +287,20 @@ impl Client {
         let options = &self.inner.options;
         let addr = tokio::net::lookup_host(node)
             .await
-            .map_err(|e| ClientError::Connection(format!("resolving: {e}")))?
+            .map_err(|e| ClientError::lost(format!("resolving: {e}"), false))?
             .next()
-            .ok_or_else(|| ClientError::Connection("no address".into()))?;
+            .ok_or_else(|| ClientError::lost("no address", false))?;
         let host = node.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(node);
         let server_name = options.server_name.as_deref().unwrap_or(host);
         let connecting = self
             .inner
             .endpoint
             .connect_with(self.inner.client_config.clone(), addr, server_name)
-            .map_err(|e| ClientError::Connection(e.to_string()))?;
+            .map_err(|e| ClientError::lost(e, false))?;
         let connection = tokio::time::timeout(options.connect_timeout, connecting)
             .await
-            .map_err(|_| ClientError::TimedOut(options.connect_timeout))?
-            .map_err(|e| ClientError::Connection(e.to_string()))?;
+            .map_err(|_| ClientError::lost("connecting timed out", false))?
+            .map_err(|e| ClientError::lost(e, false))?;
         let hello =
             request::Kind::Hello(pb::Hello { user: options.user.clone(), client_name: options.client_name.clone() });
         match call_on(&connection, hello, options.request_timeout).await? {
@@ -314,7 +324,7 @@ impl Client {
     pub async fn call_once(&self, kind: request::Kind) -> Result<response::Kind, ClientError> {
         let connection = self.connection().await?;
         let result = call_on(&connection, kind, self.inner.options.request_timeout).await;
-        if let Err(ClientError::Connection(_) | ClientError::TimedOut(_)) = &result {
+        if let Err(ClientError::Connection { .. } | ClientError::TimedOut(_)) = &result {
             self.drop_connection(&connection).await;
         }
         result
@@ -341,8 +351,8 @@ impl Client {
                     let pause = Duration::from_millis((50u64 << attempt.min(4)).min(1000));
                     tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
                 }
-                Err(ClientError::Server { code, message, indeterminate: i }) => {
-                    return Err(ClientError::Server { code, message, indeterminate: i || indeterminate });
+                Err(e) if indeterminate && !e.indeterminate() => {
+                    return Err(ClientError::MaybeApplied { last: Box::new(e) });
                 }
                 Err(e) => return Err(e),
             }
@@ -462,11 +472,11 @@ impl Client {
     ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), ClientError> {
         let connection = self.connection().await?;
         let opened = async {
-            let (mut send, recv) = connection.open_bi().await.map_err(|e| ClientError::Connection(e.to_string()))?;
+            let (mut send, recv) = connection.open_bi().await.map_err(|e| ClientError::lost(e, false))?;
             let rooms =
                 cursors.iter().map(|(room, after)| pb::RoomCursor { room: room.clone(), after_seq: *after }).collect();
             let request = pb::Request { kind: Some(request::Kind::Subscribe(pb::Subscribe { rooms })) };
-            framing::write_message(&mut send, &request).await.map_err(|e| ClientError::Connection(e.to_string()))?;
+            framing::write_message(&mut send, &request).await.map_err(|e| ClientError::lost(e, true))?;
             Ok::<_, ClientError>((send, recv))
         }
         .await;
@@ -491,12 +501,13 @@ async fn call_on(
     timeout: Duration,
 ) -> Result<response::Kind, ClientError> {
     let exchange = async {
-        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| ClientError::Connection(e.to_string()))?;
+        // Nothing has left before the stream is open; anything may have after the first write.
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| ClientError::lost(e, false))?;
         let request = pb::Request { kind: Some(kind) };
-        framing::write_message(&mut send, &request).await.map_err(|e| ClientError::Connection(e.to_string()))?;
+        framing::write_message(&mut send, &request).await.map_err(|e| ClientError::lost(e, true))?;
         let _ = send.finish();
         let response: Option<pb::Response> = framing::read_message(&mut recv, MAX_RESPONSE_FRAME).await?;
-        response.ok_or_else(|| ClientError::Connection("the server closed the stream without answering".into()))
+        response.ok_or_else(|| ClientError::lost("the server closed the stream without answering", true))
     };
     let response = tokio::time::timeout(timeout, exchange).await.map_err(|_| ClientError::TimedOut(timeout))??;
     match response.kind {
