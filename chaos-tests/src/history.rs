@@ -1,0 +1,115 @@
+//! The history of a chaos run: one JSON object per line, written as operations complete.
+//!
+//! Times are nanoseconds on one monotonic clock since the run started. Message bodies are
+//! unique per run (`w<process>-<client_seq>`), so a body identifies its send.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// The outcome of a send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum SendOutcome {
+    /// Acknowledged: committed with this sequence number.
+    Ok { seq: u64, duplicate: bool },
+    /// Definitely not appended.
+    Fail { code: String, message: String },
+    /// Unknown (timeout, connection lost): it may or may not have been appended.
+    Info { code: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ReadOutcome {
+    /// The newest messages of the room (oldest first), and the room's last seq.
+    Ok {
+        last_seq: u64,
+        messages: Vec<(u64, String)>,
+    },
+    Fail {
+        code: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Record {
+    /// One send: invoked, then completed with an outcome.
+    Send {
+        process: u64,
+        room: String,
+        client_id: String,
+        client_seq: u64,
+        body: String,
+        invoke_ns: u64,
+        complete_ns: u64,
+        outcome: SendOutcome,
+    },
+    /// A linearizable read of a room's newest messages.
+    Read { process: u64, room: String, invoke_ns: u64, complete_ns: u64, outcome: ReadOutcome },
+    /// Everything one subscriber received for one room, in order, from after `after`.
+    Subscription {
+        process: u64,
+        room: String,
+        after: u64,
+        started_ns: u64,
+        ended_ns: u64,
+        received: Vec<(u64, String)>,
+        resumes: u64,
+        error: Option<String>,
+    },
+    /// A fault injected (or healed) by the nemesis.
+    Nemesis { at_ns: u64, action: String, nodes: Vec<u64>, detail: String },
+    /// A room's full history read at the end from one node (`linearizable`: through the
+    /// leader; otherwise that node's own replica).
+    FinalRead {
+        node: u64,
+        room: String,
+        linearizable: bool,
+        messages: Option<Vec<(u64, String)>>,
+        error: Option<String>,
+    },
+}
+
+/// Appends records to a JSON-lines file; shared by every task of a run.
+pub struct HistoryWriter {
+    out: Mutex<std::io::BufWriter<std::fs::File>>,
+}
+
+impl HistoryWriter {
+    pub fn create(path: &Path) -> std::io::Result<HistoryWriter> {
+        Ok(HistoryWriter { out: Mutex::new(std::io::BufWriter::new(std::fs::File::create(path)?)) })
+    }
+
+    pub fn record(&self, record: &Record) {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        // A record that cannot be written makes the run unverifiable: fail loudly.
+        serde_json::to_writer(&mut *out, record).expect("history records serialize");
+        out.write_all(b"\n").expect("writing the history file");
+    }
+
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.out.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+/// Reads a history file.
+pub fn read(path: &Path) -> std::io::Result<Vec<Record>> {
+    let file = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut records = Vec::new();
+    for (i, line) in file.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record = serde_json::from_str(&line).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}:{}: {e}", path.display(), i + 1))
+        })?;
+        records.push(record);
+    }
+    Ok(records)
+}

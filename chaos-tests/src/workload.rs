@@ -1,0 +1,191 @@
+//! The workload: concurrent writers appending unique messages to hot and cold rooms,
+//! linearizable readers, and subscribers tailing rooms through failures. Every operation is
+//! recorded to the history with its invocation and completion times and its outcome.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chorus_client::{Client, ClientError, HistoryFrom, SubscriptionEvent};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+use crate::history::{HistoryWriter, ReadOutcome, Record, SendOutcome};
+
+/// Nanoseconds since the run started, on one monotonic clock.
+#[derive(Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock { start: Instant::now() }
+    }
+
+    pub fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// The rooms: a few hot ones take most of the traffic.
+#[derive(Clone)]
+pub struct Rooms {
+    pub hot: Vec<String>,
+    pub cold: Vec<String>,
+}
+
+impl Rooms {
+    pub fn new(hot: usize, cold: usize) -> Rooms {
+        Rooms {
+            hot: (0..hot).map(|i| format!("hot-{i}")).collect(),
+            cold: (0..cold).map(|i| format!("cold-{i}")).collect(),
+        }
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &String> {
+        self.hot.iter().chain(self.cold.iter())
+    }
+
+    pub fn pick(&self, rng: &mut StdRng) -> &str {
+        if self.cold.is_empty() || (!self.hot.is_empty() && rng.random_bool(0.8)) {
+            &self.hot[rng.random_range(0..self.hot.len())]
+        } else {
+            &self.cold[rng.random_range(0..self.cold.len())]
+        }
+    }
+}
+
+pub struct Context {
+    pub history: Arc<HistoryWriter>,
+    pub clock: Clock,
+    pub stop: CancellationToken,
+    pub rooms: Rooms,
+}
+
+fn error_parts(e: &ClientError) -> (String, String) {
+    (e.code().unwrap_or("client").to_owned(), e.to_string())
+}
+
+/// Sends unique messages until stopped; each send completes (or gives up) on its own deadline.
+pub async fn writer(process: u64, client: Client, seed: u64, ctx: Arc<Context>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let client_id: String = client.client_id().iter().map(|b| format!("{b:02x}")).collect();
+    while !ctx.stop.is_cancelled() {
+        let room = ctx.rooms.pick(&mut rng).to_owned();
+        let client_seq = client.next_client_seq();
+        let body = format!("w{process}-{client_seq}");
+        let invoke_ns = ctx.clock.now();
+        let result = client.send_with_seq(&room, body.clone(), client_seq).await;
+        let complete_ns = ctx.clock.now();
+        let outcome = match result {
+            Ok(r) => SendOutcome::Ok { seq: r.seq, duplicate: r.duplicate },
+            Err(e) if e.indeterminate() => {
+                let (code, message) = error_parts(&e);
+                SendOutcome::Info { code, message }
+            }
+            Err(e) => {
+                let (code, message) = error_parts(&e);
+                SendOutcome::Fail { code, message }
+            }
+        };
+        ctx.history.record(&Record::Send {
+            process,
+            room,
+            client_id: client_id.clone(),
+            client_seq,
+            body,
+            invoke_ns,
+            complete_ns,
+            outcome,
+        });
+    }
+}
+
+/// Reads the newest messages of random rooms, linearizably, until stopped.
+pub async fn reader(process: u64, client: Client, seed: u64, ctx: Arc<Context>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    while !ctx.stop.is_cancelled() {
+        let pause = Duration::from_millis(rng.random_range(50..250));
+        tokio::select! {
+            _ = ctx.stop.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        let room = ctx.rooms.pick(&mut rng).to_owned();
+        let invoke_ns = ctx.clock.now();
+        let result = client.history(&room, HistoryFrom::Before(u64::MAX), 50, true).await;
+        let complete_ns = ctx.clock.now();
+        let outcome = match result {
+            Ok(page) => ReadOutcome::Ok {
+                last_seq: page.last_seq,
+                messages: page
+                    .messages
+                    .into_iter()
+                    .map(|m| (m.seq, String::from_utf8_lossy(&m.body).into_owned()))
+                    .collect(),
+            },
+            Err(e) => {
+                let (code, message) = error_parts(&e);
+                ReadOutcome::Fail { code, message }
+            }
+        };
+        ctx.history.record(&Record::Read { process, room, invoke_ns, complete_ns, outcome });
+    }
+}
+
+/// Tails `rooms` (each from its cursor) until stopped, through every failure, then records
+/// what it received per room.
+pub async fn subscriber(process: u64, client: Client, rooms: Vec<(String, u64)>, ctx: Arc<Context>) {
+    let started_ns = ctx.clock.now();
+    let mut received: BTreeMap<String, Vec<(u64, String)>> =
+        rooms.iter().map(|(r, _)| (r.clone(), Vec::new())).collect();
+    let mut errors: BTreeMap<String, String> = BTreeMap::new();
+    let mut resumes = 0u64;
+    let mut subscription = client.subscribe(rooms.clone());
+    loop {
+        let event = tokio::select! {
+            _ = ctx.stop.cancelled() => break,
+            event = subscription.next() => event,
+        };
+        match event {
+            Ok(SubscriptionEvent::Message(m)) => {
+                if let Some(list) = received.get_mut(&m.room) {
+                    list.push((m.seq, String::from_utf8_lossy(&m.body).into_owned()));
+                }
+            }
+            Ok(SubscriptionEvent::Resumed { .. }) => resumes += 1,
+            Ok(SubscriptionEvent::Gap(g)) => {
+                errors.insert(g.room.clone(), format!("unexpected gap {}..={}: {}", g.from_seq, g.to_seq, g.reason));
+            }
+            Ok(SubscriptionEvent::RoomError { room, error }) => {
+                errors.insert(room, error.to_string());
+            }
+            Err(e) => {
+                for (room, _) in &rooms {
+                    errors.entry(room.clone()).or_insert_with(|| e.to_string());
+                }
+                break;
+            }
+        }
+    }
+    let ended_ns = ctx.clock.now();
+    for (room, after) in rooms {
+        ctx.history.record(&Record::Subscription {
+            process,
+            received: received.remove(&room).unwrap_or_default(),
+            error: errors.remove(&room),
+            room,
+            after,
+            started_ns,
+            ended_ns,
+            resumes,
+        });
+    }
+}
