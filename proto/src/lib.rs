@@ -4,10 +4,12 @@
 //! - [`client`]: the client protocol over QUIC (see docs/PROTOCOL.md).
 //! - [`peer`]: the gRPC protocol between nodes.
 //! - [`framing`]: length-prefixed frames on a byte stream.
+//! - [`routing`]: room → shard.
 //!
 //! Fields are only ever added: the encodings are Chorus's on-disk and on-wire formats.
 
 pub mod framing;
+pub mod routing;
 
 /// The generated code, nested like the protobuf packages (cross-package references rely on it).
 pub mod chorus {
