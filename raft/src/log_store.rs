@@ -9,9 +9,10 @@
 //! - All writes of a shard are issued in the order openraft calls them, and each is in RocksDB
 //!   before the call returns, so the WAL keeps them in that order.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError};
@@ -24,16 +25,89 @@ use crate::error::StoreError;
 use crate::keys::{self, StateKey};
 use crate::types::{Entry, LogId, LogState, ShardId, StorageError, TypeConfig, Vote};
 
-/// The Raft log and vote of one shard. Cheap to clone: clones share the database.
+/// Newest entries kept in memory per shard, so that replication (which reads every entry
+/// once per follower, right after it was appended) does not go back to RocksDB.
+const CACHE_MAX_ENTRIES: usize = 1024;
+const CACHE_MAX_BYTES: usize = 1 << 20;
+
+/// A contiguous run of the newest log entries. Invariant: `entries[i].log_id.index ==
+/// entries[0].log_id.index + i`, and each entry equals the one in RocksDB.
+#[derive(Default)]
+struct EntryCache {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl EntryCache {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn push(&mut self, entry: Entry, size: usize) {
+        let expected = self.entries.back().map(|(e, _)| e.log_id.index + 1);
+        if expected.is_some_and(|next| next != entry.log_id.index) {
+            self.clear();
+        }
+        self.bytes += size;
+        self.entries.push_back((entry, size));
+        while self.entries.len() > CACHE_MAX_ENTRIES || (self.bytes > CACHE_MAX_BYTES && self.entries.len() > 1) {
+            if let Some((_, size)) = self.entries.pop_front() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Drops entries with index >= `index` (truncation).
+    fn truncate(&mut self, index: u64) {
+        while self.entries.back().is_some_and(|(e, _)| e.log_id.index >= index) {
+            if let Some((_, size)) = self.entries.pop_back() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Drops entries with index <= `index` (purge).
+    fn purge(&mut self, index: u64) {
+        while self.entries.front().is_some_and(|(e, _)| e.log_id.index <= index) {
+            if let Some((_, size)) = self.entries.pop_front() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// The entries `[start, end)` if the cache holds all of those that exist.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        let first = self.first_index()?;
+        if start < first {
+            return None;
+        }
+        let skip = (start - first) as usize;
+        let take = end.saturating_sub(start).min(usize::MAX as u64) as usize;
+        Some(self.entries.iter().skip(skip).take(take).map(|(e, _)| e.clone()).collect())
+    }
+}
+
+/// The Raft log and vote of one shard. Cheap to clone: clones share the database and the
+/// entry cache.
 #[derive(Clone)]
 pub struct ShardLogStore {
     shard: ShardId,
     db: Arc<NodeDb>,
+    cache: Arc<Mutex<EntryCache>>,
 }
 
 impl ShardLogStore {
     pub fn new(db: Arc<NodeDb>, shard: ShardId) -> Self {
-        ShardLogStore { shard, db }
+        ShardLogStore { shard, db, cache: Arc::default() }
+    }
+
+    fn cache(&self) -> MutexGuard<'_, EntryCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn shard(&self) -> ShardId {
@@ -92,6 +166,9 @@ impl ShardLogStore {
     pub fn read_range(&self, start: u64, end: u64) -> Result<Vec<Entry>, StoreError> {
         if start >= end {
             return Ok(Vec::new());
+        }
+        if let Some(entries) = self.cache().get(start, end) {
+            return Ok(entries);
         }
         let cf = self.db.cf_log()?;
         let mut opts = ReadOptions::default();
@@ -183,11 +260,22 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
     {
         let cf = self.db.cf_log().map_err(write_err)?;
         let mut batch = WriteBatch::default();
+        let mut written = Vec::new();
         for entry in entries {
-            batch.put_cf(cf, keys::log_key(self.shard, entry.log_id.index), codec::encode_entry(&entry));
+            let bytes = codec::encode_entry(&entry);
+            batch.put_cf(cf, keys::log_key(self.shard, entry.log_id.index), &bytes);
+            written.push((entry, bytes.len()));
         }
         // Written (and so readable) now; reported flushed only after the group-commit sync.
-        self.db.write(batch).map_err(write_err)?;
+        if let Err(e) = self.db.write(batch) {
+            self.cache().clear();
+            return Err(write_err(e));
+        }
+        let mut cache = self.cache();
+        for (entry, size) in written {
+            cache.push(entry, size);
+        }
+        drop(cache);
         self.db.syncer().complete_after_sync(callback);
         Ok(())
     }
@@ -198,6 +286,7 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
             let cf = self.db.cf_log()?;
             let mut batch = WriteBatch::default();
             batch.delete_range_cf(cf, &keys::log_key(self.shard, log_id.index)[..], &keys::shard_end(self.shard)[..]);
+            self.cache().truncate(log_id.index);
             self.db.write_durable(batch).await
         }
         .await;
@@ -220,10 +309,49 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
             batch.delete_range_cf(self.db.cf_log()?, keys::log_key(self.shard, 0).to_vec(), end);
             // Not synced: losing a purge in a power failure brings back the purged entries
             // together with the older `last_purged`, which is an equally valid state.
+            self.cache().purge(log_id.index);
             self.db.write(batch)
         })();
         result.map_err(|e| StorageError::IO {
             source: StorageIOError::new(ErrorSubject::Log(log_id), ErrorVerb::Delete, &e),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64) -> Entry {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Blank }
+    }
+
+    fn indexes(entries: Option<Vec<Entry>>) -> Option<Vec<u64>> {
+        entries.map(|v| v.iter().map(|e| e.log_id.index).collect())
+    }
+
+    #[test]
+    fn the_entry_cache_stays_contiguous_and_bounded() {
+        let mut cache = EntryCache::default();
+        for i in 1..=10 {
+            cache.push(entry(i), 100);
+        }
+        assert_eq!(indexes(cache.get(3, 6)), Some(vec![3, 4, 5]));
+        assert_eq!(indexes(cache.get(9, 100)), Some(vec![9, 10]));
+        cache.truncate(8);
+        assert_eq!(indexes(cache.get(5, 100)), Some(vec![5, 6, 7]));
+        cache.purge(5);
+        assert_eq!(cache.get(5, 6).map(|v| v.len()), None, "purged entries come from RocksDB (or nowhere)");
+        // A gap restarts the cache rather than leaving a hole in it.
+        cache.push(entry(20), 100);
+        assert_eq!(indexes(cache.get(20, 21)), Some(vec![20]));
+        assert_eq!(cache.get(6, 7).map(|v| v.len()), None);
+        for i in 21..=(20 + CACHE_MAX_ENTRIES as u64 + 10) {
+            cache.push(entry(i), 10);
+        }
+        assert_eq!(cache.entries.len(), CACHE_MAX_ENTRIES);
+        cache.push(entry(20 + CACHE_MAX_ENTRIES as u64 + 11), CACHE_MAX_BYTES);
+        assert_eq!(cache.entries.len(), 1, "one oversized entry is kept alone");
     }
 }

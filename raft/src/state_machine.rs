@@ -282,10 +282,41 @@ fn limit_is_zero(query: HistoryQuery) -> bool {
     matches!(query, HistoryQuery::After { limit: 0, .. } | HistoryQuery::Before { limit: 0, .. })
 }
 
+/// Records the applier reads on every append, kept in memory so that apply does not look them
+/// up in RocksDB each time. Only the applier writes them, so the cache is exact; it is bounded
+/// (cleared when over its bounds) and cleared when a snapshot replaces the state.
+#[derive(Default)]
+struct ApplyCache {
+    rooms: HashMap<String, RoomRecord>,
+    dedup_high: HashMap<Vec<u8>, u64>,
+}
+
+const MAX_CACHED_ROOMS: usize = 16 * 1024;
+const MAX_CACHED_CLIENTS: usize = 64 * 1024;
+
+impl ApplyCache {
+    fn remember(&mut self, rooms: HashMap<String, RoomRecord>, dedup_high: HashMap<Vec<u8>, u64>) {
+        if self.rooms.len() + rooms.len() > MAX_CACHED_ROOMS {
+            self.rooms.clear();
+        }
+        self.rooms.extend(rooms);
+        if self.dedup_high.len() + dedup_high.len() > MAX_CACHED_CLIENTS {
+            self.dedup_high.clear();
+        }
+        self.dedup_high.extend(dedup_high);
+    }
+
+    fn clear(&mut self) {
+        self.rooms.clear();
+        self.dedup_high.clear();
+    }
+}
+
 /// openraft's state machine for one shard.
 pub struct ShardStateMachine {
     view: Arc<ShardView>,
     snapshots: Arc<SnapshotStore>,
+    cache: ApplyCache,
 }
 
 impl ShardStateMachine {
@@ -307,7 +338,7 @@ impl ShardStateMachine {
         let snapshots = Arc::new(SnapshotStore::open(db.snapshot_dir(shard), shard)?);
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         let view = Arc::new(ShardView { shard, db, generation: RwLock::new(generation), events });
-        Ok(ShardStateMachine { view, snapshots })
+        Ok(ShardStateMachine { view, snapshots, cache: ApplyCache::default() })
     }
 
     pub fn reader(&self) -> ShardReader {
@@ -321,7 +352,7 @@ impl ShardStateMachine {
     /// Applies entries in one atomic write; see the module invariants.
     fn apply_entries(&mut self, entries: impl IntoIterator<Item = Entry>) -> Result<Vec<CommandResponse>, StoreError> {
         let generation = *self.view.read_generation();
-        let mut batch = ApplyBatch::new(&self.view, SmKeys::new(self.view.shard, generation));
+        let mut batch = ApplyBatch::new(&self.view, SmKeys::new(self.view.shard, generation), &self.cache);
         let mut responses = Vec::new();
         let mut last_applied = None;
         let mut membership = None;
@@ -340,7 +371,7 @@ impl ShardStateMachine {
         let Some(last_applied) = last_applied else {
             return Ok(responses);
         };
-        let (mut write, appended) = batch.finish()?;
+        let (mut write, appended, rooms, dedup_high) = batch.finish()?;
         let state = self.view.db.cf_state()?;
         write.put_cf(
             state,
@@ -354,6 +385,7 @@ impl ShardStateMachine {
         // Not synced: the entries are durable in the log, and last-applied moves with the data,
         // so after a crash openraft re-applies exactly what is missing.
         self.view.db.write(write)?;
+        self.cache.remember(rooms, dedup_high);
         if !appended.is_empty() {
             // No receiver is not an error: nobody is subscribed to this shard right now.
             let _ = self.view.events.send(ShardEvent::Appended(Arc::new(appended)));
@@ -366,6 +398,7 @@ impl ShardStateMachine {
 /// that later operations of the same batch see earlier ones.
 struct ApplyBatch<'a> {
     view: &'a ShardView,
+    cache: &'a ApplyCache,
     keys: SmKeys,
     write: WriteBatch,
     rooms: HashMap<String, RoomRecord>,
@@ -377,9 +410,10 @@ struct ApplyBatch<'a> {
 }
 
 impl<'a> ApplyBatch<'a> {
-    fn new(view: &'a ShardView, keys: SmKeys) -> Self {
+    fn new(view: &'a ShardView, keys: SmKeys, cache: &'a ApplyCache) -> Self {
         ApplyBatch {
             view,
+            cache,
             keys,
             write: WriteBatch::default(),
             rooms: HashMap::new(),
@@ -412,7 +446,11 @@ impl<'a> ApplyBatch<'a> {
     /// Outer error: the store failed (fatal). Inner error: the operation was refused.
     fn room(&mut self, name: &str) -> Result<Option<&mut RoomRecord>, StoreError> {
         if !self.rooms.contains_key(name) {
-            match self.view.get_room(&self.keys, name)? {
+            let known = match self.cache.rooms.get(name) {
+                Some(room) => Some(room.clone()),
+                None => self.view.get_room(&self.keys, name)?,
+            };
+            match known {
                 Some(room) => {
                     self.rooms.insert(name.to_owned(), room);
                 }
@@ -469,7 +507,7 @@ impl<'a> ApplyBatch<'a> {
 
         // Idempotency: has this (client_id, client_seq) been appended to this room?
         let high_key = self.keys.dedup_high(room_id, &a.client_id);
-        let high = match self.dedup_high.get(&high_key) {
+        let high = match self.dedup_high.get(&high_key).or_else(|| self.cache.dedup_high.get(&high_key)) {
             Some(h) => *h,
             None => self.view.get_u64(&high_key, "dedup high-water mark")?.unwrap_or(0),
         };
@@ -547,8 +585,12 @@ impl<'a> ApplyBatch<'a> {
         Ok(Ok(OpOutcome::Appended { seq, ts_ms, duplicate: false }))
     }
 
-    /// The write batch with every changed record, and the messages it appends.
-    fn finish(mut self) -> Result<(WriteBatch, Vec<AppliedMessage>), StoreError> {
+    /// The write batch with every changed record, the messages it appends, and the room
+    /// records and high-water marks as of this batch (for the cache, once the batch is written).
+    #[allow(clippy::type_complexity)]
+    fn finish(
+        mut self,
+    ) -> Result<(WriteBatch, Vec<AppliedMessage>, HashMap<String, RoomRecord>, HashMap<Vec<u8>, u64>), StoreError> {
         let sm = self.view.db.cf_sm()?;
         for name in &self.dirty_rooms {
             if let Some(room) = self.rooms.get(name) {
@@ -561,7 +603,8 @@ impl<'a> ApplyBatch<'a> {
         if let Some(next) = self.next_room_id {
             self.write.put_cf(sm, self.keys.next_room_id(), keys::encode_u64(next));
         }
-        Ok((self.write, self.appended))
+        // Every room read or changed here is in its state as of this batch: all are cacheable.
+        Ok((self.write, self.appended, self.rooms, self.dedup_high))
     }
 }
 
@@ -598,6 +641,8 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         meta: &SnapshotMeta,
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
+        // The state is about to be replaced: forget what the applier remembered of it.
+        self.cache.clear();
         let result = snapshot::install(&self.view, &self.snapshots, meta, *snapshot).await;
         result.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let _ = self.view.events.send(ShardEvent::SnapshotInstalled);
