@@ -5,11 +5,13 @@
 //! - [`cluster`]: cluster id and shard placement.
 //! - [`node`]: start-up, the shared node state, ordered shutdown.
 //! - [`front_door`]: the QUIC endpoint; [`requests`]: one module per request kind.
-//! - [`forward`]: reaching the shard leader from any node.
+//! - [`forward`]: reaching the shard leader from any node; [`batcher`]: many writes per Raft
+//!   entry.
 //! - [`subscription`]: gap-free live feeds.
 //! - [`peer`]: the gRPC service between nodes; [`bootstrap`]: creating shards once.
 //! - [`status`]: the cluster status table; [`tls`]: certificates.
 
+pub mod batcher;
 pub mod bootstrap;
 pub mod cluster;
 pub mod config;

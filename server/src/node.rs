@@ -52,6 +52,7 @@ pub struct Node {
     pub inflight: Arc<Semaphore>,
     pub subscriptions: Arc<Semaphore>,
     pub fingerprint: String,
+    pub batcher: crate::batcher::Batcher,
 }
 
 impl Node {
@@ -157,6 +158,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS)),
         subscriptions: Arc::new(Semaphore::new(MAX_SUBSCRIPTIONS)),
         fingerprint,
+        batcher: Default::default(),
         config,
     });
 

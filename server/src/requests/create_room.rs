@@ -2,14 +2,15 @@
 
 use chorus_proto::client::{CreateRoom, RoomCreated};
 use chorus_proto::storage::{self, op};
+use std::sync::Arc;
+
 use chorus_raft::OpOutcome;
 
 use crate::error::ServiceError;
-use crate::forward;
 use crate::front_door::Session;
 use crate::node::Node;
 
-pub async fn handle(node: &Node, session: &Session, create: CreateRoom) -> Result<RoomCreated, ServiceError> {
+pub async fn handle(node: &Arc<Node>, session: &Session, create: CreateRoom) -> Result<RoomCreated, ServiceError> {
     chorus_raft::limits::validate_room_name(&create.room)?;
     let shard = node.layout.router.shard_for_room(&create.room);
     let op = op::Kind::CreateRoom(storage::CreateRoom {
@@ -19,8 +20,7 @@ pub async fn handle(node: &Node, session: &Session, create: CreateRoom) -> Resul
         retention_max_messages: create.retention_max_messages,
     });
     let span = tracing::debug_span!("create_room", shard, room = %create.room);
-    let results = tracing::Instrument::instrument(forward::propose(node, shard, vec![op]), span).await?;
-    match super::single(results)? {
+    match tracing::Instrument::instrument(node.batcher.submit(node, shard, op), span).await? {
         OpOutcome::RoomCreated { ts_ms, .. } => Ok(RoomCreated { room: create.room, created_ts_ms: ts_ms }),
         other => Err(ServiceError::Internal(format!("CreateRoom answered with {other:?}"))),
     }

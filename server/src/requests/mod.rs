@@ -9,6 +9,8 @@ pub mod send;
 pub mod status;
 pub mod subscribe;
 
+use std::sync::Arc;
+
 use chorus_proto::client::{request, response};
 
 use crate::error::ServiceError;
@@ -16,7 +18,11 @@ use crate::front_door::Session;
 use crate::node::Node;
 
 /// Runs a unary request (every kind but Subscribe).
-pub async fn dispatch(node: &Node, session: &Session, kind: request::Kind) -> Result<response::Kind, ServiceError> {
+pub async fn dispatch(
+    node: &Arc<Node>,
+    session: &Session,
+    kind: request::Kind,
+) -> Result<response::Kind, ServiceError> {
     if !matches!(kind, request::Kind::Hello(_)) {
         session.user()?;
     }
@@ -30,13 +36,5 @@ pub async fn dispatch(node: &Node, session: &Session, kind: request::Kind) -> Re
         request::Kind::ListRooms(list) => list_rooms::handle(node, list).await.map(response::Kind::Rooms),
         request::Kind::ClusterStatus(_) => Ok(response::Kind::ClusterStatus(status::handle(node).await)),
         request::Kind::Subscribe(_) => Err(ServiceError::Internal("subscriptions are not unary".into())),
-    }
-}
-
-/// The single result of a one-operation proposal.
-fn single(mut results: Vec<crate::forward::OpResult>) -> Result<chorus_raft::OpOutcome, ServiceError> {
-    match results.pop() {
-        Some(result) if results.is_empty() => result,
-        _ => Err(ServiceError::Internal("a one-operation proposal returned a different number of results".into())),
     }
 }

@@ -2,14 +2,15 @@
 
 use chorus_proto::client::{Send, SendReply};
 use chorus_proto::storage::{AppendMessage, op};
+use std::sync::Arc;
+
 use chorus_raft::OpOutcome;
 
 use crate::error::ServiceError;
-use crate::forward;
 use crate::front_door::Session;
 use crate::node::Node;
 
-pub async fn handle(node: &Node, session: &Session, send: Send) -> Result<SendReply, ServiceError> {
+pub async fn handle(node: &Arc<Node>, session: &Session, send: Send) -> Result<SendReply, ServiceError> {
     let append = AppendMessage {
         room: send.room,
         sender: session.user()?.to_owned(),
@@ -20,9 +21,8 @@ pub async fn handle(node: &Node, session: &Session, send: Send) -> Result<SendRe
     node.config.limits.check_append(&append)?;
     let shard = node.layout.router.shard_for_room(&append.room);
     let span = tracing::debug_span!("send", shard, room = %append.room, client_seq = append.client_seq);
-    let results =
-        tracing::Instrument::instrument(forward::propose(node, shard, vec![op::Kind::Append(append)]), span).await?;
-    match super::single(results)? {
+    let outcome = node.batcher.submit(node, shard, op::Kind::Append(append));
+    match tracing::Instrument::instrument(outcome, span).await? {
         OpOutcome::Appended { seq, ts_ms, duplicate } => Ok(SendReply { seq, ts_ms, duplicate }),
         other => Err(ServiceError::Internal(format!("Send answered with {other:?}"))),
     }
