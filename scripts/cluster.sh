@@ -12,6 +12,7 @@
 #   scripts/cluster.sh logs N       follow node N's log
 #
 # Node N listens for clients on 127.0.0.1:740N (QUIC) and for peers on 127.0.0.1:730N (gRPC).
+# CHORUS_NODE_ARGS adds chorusd flags to every node (e.g. "--shard-count 256" before 'up').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/system-deps.sh
@@ -59,6 +60,7 @@ start_node() {
     --peer-addr "127.0.0.1:$((7300 + i))" \
     --initial-cluster "$(initial_cluster "$n")" \
     --tls-cert "$DIR/tls/cert.pem" --tls-key "$DIR/tls/key.pem" \
+    $(cat "$DIR/node-args" 2>/dev/null) \
     >>"$DIR/logs/node-$i.log" 2>&1 </dev/null &
   echo $! >"$(pidfile "$i")"
   echo "started node $i (pid $!, log $DIR/logs/node-$i.log)"
@@ -79,9 +81,15 @@ stop_node() {
 }
 
 wait_ready() {
-  local deadline=$((SECONDS + 90))
+  local deadline=$((SECONDS + 90)) i
   until "$BIN/chorus" status --json 2>/dev/null | grep -q '"shards"' &&
     ! "$BIN/chorus" status --json 2>/dev/null | grep -q '"leader":0'; do
+    for i in $(seq 1 "$(size)"); do
+      if [ -f "$(pidfile "$i")" ] && ! running "$i"; then
+        tail -n 5 "$DIR/logs/node-$i.log" >&2
+        die "node $i exited (log above; is another cluster using port $((7400 + i)) or $((7300 + i))?)"
+      fi
+    done
     [ $SECONDS -lt $deadline ] || die "the cluster has no leader for every shard after 90 s; see $DIR/logs/"
     sleep 0.5
   done
@@ -97,6 +105,8 @@ up() {
   build
   mkdir -p "$DIR/logs" "$DIR/run"
   echo "$n" >"$DIR/size"
+  # Settings every node of this cluster keeps across restarts.
+  [ -f "$DIR/node-args" ] || echo "${CHORUS_NODE_ARGS:-}" >"$DIR/node-args"
   if [ ! -f "$DIR/tls/cert.pem" ]; then
     "$BIN/chorusd" gen-cert --out "$DIR/tls" --san localhost --san 127.0.0.1 >/dev/null
   fi

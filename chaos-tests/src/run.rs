@@ -113,8 +113,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
             Err(e) => bail!("creating room {room}: {e}"),
         }
     }
-    let router = chorus_raft::ShardRouter::new(config.shards).context("shard count")?;
-    let busy_shard = router.shard_for_room(&rooms.hot[0]);
+    let busy_shard = chorus_proto::routing::shard_for_room(&rooms.hot[0], config.shards);
 
     let clock = Clock::new();
     let stop = CancellationToken::new();

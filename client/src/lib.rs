@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bench;
 pub mod settings;
 mod subscription;
 pub mod tls;

@@ -78,6 +78,70 @@ enum Command {
     Status,
     /// Chat in a room: messages arrive as they are sent; type a line to send it (/quit to leave).
     Chat { room: String },
+    /// Measure a running cluster: throughput, latency, fan-out (see docs/BENCHMARKS.md).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchArgs {
+    #[command(subcommand)]
+    mode: Option<BenchMode>,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchMode {
+    /// Kill the leader of a shard repeatedly and measure how long until writes succeed again.
+    Failover {
+        /// How many kills.
+        #[arg(long, default_value_t = 5)]
+        kills: usize,
+        /// Command that kills node {node}, e.g. "scripts/cluster.sh kill {node}".
+        #[arg(long)]
+        kill_cmd: String,
+        /// Command that restarts node {node}, e.g. "scripts/cluster.sh restart {node}".
+        #[arg(long)]
+        restart_cmd: String,
+        /// Prefix of the probe room.
+        #[arg(long, default_value = "failover-")]
+        room: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// Client connections, spread over the nodes.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Sends in flight per connection.
+    #[arg(long, default_value_t = 16)]
+    inflight: usize,
+    /// Message size in bytes (at least 8: the send time is carried in the body).
+    #[arg(long, default_value_t = 200)]
+    size: usize,
+    /// Number of rooms.
+    #[arg(long, default_value_t = 64)]
+    rooms: usize,
+    #[arg(long, value_enum, default_value_t = chorus_client::bench::Skew::Uniform)]
+    skew: chorus_client::bench::Skew,
+    /// How long to send (e.g. 30s). [default: 10s unless --count is given]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<std::time::Duration>,
+    /// How many messages to send.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Fixed total rate in messages per second (latency then counts from each send's intended
+    /// start, correcting for coordinated omission). [default: as fast as acknowledgements allow]
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Subscribers on other nodes than the senders, measuring send → delivery latency.
+    #[arg(long, default_value_t = 0)]
+    subscribers: usize,
+    /// Prefix of the bench rooms.
+    #[arg(long, default_value = "bench-")]
+    room_prefix: String,
 }
 
 fn main() -> ExitCode {
@@ -184,6 +248,54 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Chat { room } => chat(&client, &room).await?,
+        Command::Bench(args) => bench(client.options(), args, json).await?,
+    }
+    Ok(())
+}
+
+async fn bench(options: &chorus_client::ClientOptions, args: BenchArgs, json: bool) -> anyhow::Result<()> {
+    use chorus_client::bench;
+    match args.mode {
+        Some(BenchMode::Failover { kills, kill_cmd, restart_cmd, room }) => {
+            let report = bench::run_failover(options, &room, kills, &kill_cmd, &restart_cmd).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "failover over {} kills: p50 {} ms, max {} ms ({:?})",
+                    report.kills, report.p50_ms, report.max_ms, report.failover_ms
+                );
+            }
+        }
+        None => {
+            let l = args.load;
+            if l.size < 8 {
+                bail!("--size must be at least 8 bytes (the send time travels in the body)");
+            }
+            let config = bench::LoadConfig {
+                connections: l.connections,
+                inflight: l.inflight,
+                size: l.size,
+                rooms: l.rooms,
+                skew: l.skew,
+                duration: l.duration.or(if l.count.is_none() {
+                    Some(std::time::Duration::from_secs(10))
+                } else {
+                    None
+                }),
+                count: l.count,
+                rate: l.rate,
+                subscribers: l.subscribers,
+                room_prefix: l.room_prefix,
+                progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let report = bench::run_load(options, &config).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.human());
+            }
+        }
     }
     Ok(())
 }

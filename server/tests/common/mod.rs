@@ -219,5 +219,5 @@ impl Drop for TestCluster {
 
 /// The shard a room lands on (same function as the server's).
 pub fn shard_of(room: &str, shards: u32) -> u32 {
-    chorus_raft::ShardRouter::new(shards).unwrap().shard_for_room(room)
+    chorus_proto::routing::shard_for_room(room, shards)
 }

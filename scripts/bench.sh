@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# The standard benchmark suite: builds in release mode, starts fresh local 3-node clusters,
+# measures, and writes the results (medians of BENCH_RUNS runs, default 3) with the machine
+# description and the exact commands into docs/BENCHMARKS.md, between the bench markers.
+#
+#   sequential   1 connection, 1 in flight: the latency floor
+#   throughput   200-byte messages, 64 rooms, enough connections x in-flight to saturate;
+#                peak RSS of each node during it
+#   fan-out      1,000 msgs/s with 50 subscribers on other nodes than the sender
+#   failover     kill -9 of a shard leader until writes to that shard succeed again (5 kills)
+#   idle         CPU of each node with 256 shards and no traffic, over 30 s
+#   catch-up     a node down while 100k messages are written: time until it serves the same history
+#
+# Usage: scripts/bench.sh [--no-write]   (--no-write: print the results, leave the docs alone)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/system-deps.sh
+ensure_build_deps
+ensure_packages python3
+
+WRITE=1
+[ "${1:-}" = "--no-write" ] && WRITE=0
+RUNS=${BENCH_RUNS:-3}
+TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
+BIN="$TARGET/release"
+export CHORUS_CLUSTER_DIR="${BENCH_CLUSTER_DIR:-$TARGET/bench/cluster}"
+OUT="$TARGET/bench"
+mkdir -p "$OUT"
+
+cargo build --release --locked -p chorus-server -p chorus-client --bins
+chorus() { "$BIN/chorus" "$@"; }
+fresh() { # fresh cluster with the given extra node flags
+  scripts/cluster.sh reset >/dev/null 2>&1 || true
+  CHORUS_NODE_ARGS="$*" scripts/cluster.sh up >/dev/null
+}
+median() { python3 -c 'import sys,statistics; v=[float(x) for x in sys.argv[1:]]; print(statistics.median(v))' "$@"; }
+field() { python3 -c 'import sys,json; d=json.load(sys.stdin); print(eval("d"+sys.argv[1]))' "$1"; }
+pid_of() { cat "$CHORUS_CLUSTER_DIR/run/node-$1.pid"; }
+results=()
+say() { echo "bench: $*" >&2; }
+
+# --- sequential -------------------------------------------------------------------------------
+fresh
+SEQ_CMD="chorus bench --connections 1 --inflight 1 --rooms 1 --duration 10s"
+p50=(); p99=(); rate=()
+for _ in $(seq "$RUNS"); do
+  j=$(chorus --json bench --connections 1 --inflight 1 --rooms 1 --duration 10s)
+  p50+=("$(field '["ack"]["p50_us"]' <<<"$j")"); p99+=("$(field '["ack"]["p99_us"]' <<<"$j")")
+  rate+=("$(field '["msgs_per_s"]' <<<"$j")")
+done
+SEQ_P50=$(median "${p50[@]}"); SEQ_P99=$(median "${p99[@]}"); SEQ_RATE=$(median "${rate[@]}")
+say "sequential: p50 ${SEQ_P50} µs, p99 ${SEQ_P99} µs, ${SEQ_RATE} msgs/s"
+
+# --- throughput and memory --------------------------------------------------------------------
+TP_CMD="chorus bench --connections 8 --inflight 64 --size 200 --rooms 64 --duration 20s"
+rate=(); mbs=(); p50=(); p99=()
+for _ in $(seq "$RUNS"); do
+  j=$(chorus --json bench --connections 8 --inflight 64 --size 200 --rooms 64 --duration 20s)
+  rate+=("$(field '["msgs_per_s"]' <<<"$j")"); mbs+=("$(field '["mb_per_s"]' <<<"$j")")
+  p50+=("$(field '["ack"]["p50_us"]' <<<"$j")"); p99+=("$(field '["ack"]["p99_us"]' <<<"$j")")
+done
+TP_RATE=$(median "${rate[@]}"); TP_MBS=$(median "${mbs[@]}"); TP_P50=$(median "${p50[@]}"); TP_P99=$(median "${p99[@]}")
+RSS=""
+for i in 1 2 3; do
+  RSS+="$(awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$(pid_of "$i")/status") "
+done
+RSS_MAX=$(tr ' ' '\n' <<<"$RSS" | sort -n | tail -1)
+say "throughput: ${TP_RATE} msgs/s (${TP_MBS} MB/s), p50 ${TP_P50} µs, p99 ${TP_P99} µs; peak RSS per node (MiB): $RSS"
+
+# --- fan-out ----------------------------------------------------------------------------------
+FO_CMD="chorus bench --rate 1000 --subscribers 50 --connections 4 --inflight 8 --rooms 8 --duration 15s"
+p50=(); p99=()
+for _ in $(seq "$RUNS"); do
+  j=$(chorus --json bench --rate 1000 --subscribers 50 --connections 4 --inflight 8 --rooms 8 --duration 15s)
+  p50+=("$(field '["fanout"]["p50_us"]' <<<"$j")"); p99+=("$(field '["fanout"]["p99_us"]' <<<"$j")")
+done
+FO_P50=$(median "${p50[@]}"); FO_P99=$(median "${p99[@]}")
+say "fan-out: p50 ${FO_P50} µs, p99 ${FO_P99} µs"
+
+# --- failover ---------------------------------------------------------------------------------
+FAIL_CMD="chorus bench failover --kills 5 --kill-cmd 'scripts/cluster.sh kill {node}' --restart-cmd 'scripts/cluster.sh restart {node}'"
+j=$(chorus --json bench failover --kills 5 --kill-cmd "scripts/cluster.sh kill {node}" \
+      --restart-cmd "scripts/cluster.sh restart {node}")
+FAIL_P50=$(field '["p50_ms"]' <<<"$j"); FAIL_ALL=$(field '["failover_ms"]' <<<"$j")
+say "failover: p50 ${FAIL_P50} ms ($FAIL_ALL)"
+
+# --- catch-up ---------------------------------------------------------------------------------
+fresh
+CU_CMD="kill node 3; chorus bench --count 100000 --connections 8 --inflight 64 --rooms 64; restart node 3"
+scripts/cluster.sh kill 3 >/dev/null
+chorus --nodes 127.0.0.1:7401,127.0.0.1:7402 bench --count 100000 --connections 8 --inflight 64 --rooms 64 >/dev/null
+start=$(date +%s.%N)
+scripts/cluster.sh restart 3 >/dev/null
+until chorus --json status 2>/dev/null | python3 -c '
+import sys, json
+s = json.load(sys.stdin)
+ok = all(n["reachable"] for n in s["nodes"]) and all(
+    sh["leader"] and all(r["applied"] >= sh["committed"] for r in sh["replica_status"] if r["node"] == 3)
+    for sh in s["shards"])
+sys.exit(0 if ok else 1)'; do sleep 0.2; done
+end=$(date +%s.%N)
+CU_S=$(python3 -c "print(round($end - $start, 1))")
+same=$(diff <(chorus --nodes 127.0.0.1:7403 --json rooms --limit 1000 | python3 -c 'import sys,json; [print(json.loads(l)["room"], json.loads(l)["last_seq"]) for l in sys.stdin]') \
+            <(chorus --nodes 127.0.0.1:7401 --json rooms --limit 1000 | python3 -c 'import sys,json; [print(json.loads(l)["room"], json.loads(l)["last_seq"]) for l in sys.stdin]') \
+       >/dev/null && echo identical || echo DIFFERENT)
+say "catch-up: ${CU_S} s after restart; node 3's rooms vs node 1's: $same"
+
+# --- idle cost with 256 shards ----------------------------------------------------------------
+fresh --shard-count 256
+sleep 10
+ticks=$(getconf CLK_TCK)
+cpu() { awk '{print $14 + $15}' "/proc/$(pid_of "$1")/stat"; }
+before=(); for i in 1 2 3; do before+=("$(cpu "$i")"); done
+sleep 30
+IDLE=""
+for i in 1 2 3; do
+  after=$(cpu "$i")
+  IDLE+="$(python3 -c "print(round(100.0 * ($after - ${before[$((i - 1))]}) / $ticks / 30, 2))") "
+done
+IDLE_MAX=$(tr ' ' '\n' <<<"$IDLE" | sort -n | tail -1)
+say "idle, 256 shards: CPU % of one core per node: $IDLE"
+scripts/cluster.sh reset >/dev/null
+
+# --- report -----------------------------------------------------------------------------------
+MACHINE="$(nproc) vCPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, Linux $(uname -r)"
+verdict() { python3 -c "print('met' if $1 else 'not met')"; }
+REPORT=$(cat <<EOF
+Measured $(date -u +%Y-%m-%d) by \`scripts/bench.sh\` on $MACHINE: three nodes and the load
+generator on this one machine, release build, every acknowledgement fsync'd on a majority.
+Medians of $RUNS runs where several were made.
+
+| benchmark | result | target | | command |
+|---|---|---|---|---|
+| sequential | p50 $(printf %.2f "$(python3 -c "print($SEQ_P50/1000)")") ms, p99 $(printf %.2f "$(python3 -c "print($SEQ_P99/1000)")") ms ($(printf %.0f "$SEQ_RATE") msgs/s) | p50 ≤ 1.5 ms | $(verdict "$SEQ_P50 <= 1500") | \`$SEQ_CMD\` |
+| throughput | $(printf %.0f "$TP_RATE") msgs/s, $(printf %.1f "$TP_MBS") MB/s; ack p50 $(printf %.1f "$(python3 -c "print($TP_P50/1000)")") ms, p99 $(printf %.1f "$(python3 -c "print($TP_P99/1000)")") ms | ≥ 50,000 msgs/s | $(verdict "$TP_RATE >= 50000") | \`$TP_CMD\` |
+| peak RSS per node (throughput run) | ${RSS% } MiB | ≤ 500 MiB | $(verdict "$RSS_MAX <= 500") | VmHWM of each chorusd |
+| fan-out, 1,000 msgs/s, 50 subscribers | p50 $(printf %.2f "$(python3 -c "print($FO_P50/1000)")") ms, p99 $(printf %.2f "$(python3 -c "print($FO_P99/1000)")") ms | p99 ≤ 10 ms | $(verdict "$FO_P99 <= 10000") | \`$FO_CMD\` |
+| leader failover (5 kills) | p50 ${FAIL_P50} ms (all: ${FAIL_ALL}) | p50 ≤ 1 s | $(verdict "$FAIL_P50 <= 1000") | \`$FAIL_CMD\` |
+| idle, 256 shards, 30 s | ${IDLE% } % of one core per node | ≤ 3 % | $(verdict "$IDLE_MAX <= 3") | \`CHORUS_NODE_ARGS="--shard-count 256" scripts/cluster.sh up\`, CPU from /proc |
+| catch-up, 100k messages | ${CU_S} s after restart; history $same | | | \`$CU_CMD\` |
+EOF
+)
+echo "$REPORT"
+if [ "$WRITE" = 1 ]; then
+  python3 - "$REPORT" <<'PY'
+import re, sys
+path = "docs/BENCHMARKS.md"
+text = open(path).read()
+block = "<!-- bench:begin -->\n" + sys.argv[1] + "\n<!-- bench:end -->"
+if "<!-- bench:begin -->" in text:
+    text = re.sub(r"<!-- bench:begin -->.*?<!-- bench:end -->", lambda _: block, text, flags=re.S)
+else:
+    text += "\n## The standard suite (scripts/bench.sh)\n\n" + block + "\n"
+open(path, "w").write(text)
+PY
+  say "wrote docs/BENCHMARKS.md"
+fi
