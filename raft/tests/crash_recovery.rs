@@ -80,11 +80,24 @@ async fn shard_workload(db: Arc<NodeDb>, shard: ShardId, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut log, mut sm) = open_shard_storage(&db, shard).unwrap();
     let state = log.get_log_state().await.unwrap();
-    let mut next = state.last_log_id.map(|id| id.index + 1).unwrap_or(1);
-    let mut applied = sm.applied_state().await.unwrap().0.map(|id| id.index).unwrap_or(0);
     let mut term = log.read_vote().await.unwrap().map(|v| v.leader_id.term).unwrap_or(0) + 1;
     log.save_vote(&Vote::new(term, 1)).await.unwrap();
     println!("V {shard} {term}");
+    if state.last_log_id.is_none() {
+        // Like `Raft::initialize`: a log starts with a membership entry at index 0 (openraft reads
+        // it at start-up when nothing was purged), which is applied at once.
+        let first = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), 0),
+            payload: EntryPayload::Membership(Membership::new(vec![[1, 2, 3].into()], ())),
+        };
+        log.blocking_append(vec![first.clone()]).await.unwrap();
+        println!("F {shard} 0 {term}");
+        sm.apply(vec![first]).await.unwrap();
+        println!("A {shard} 0");
+    }
+    let state = log.get_log_state().await.unwrap();
+    let mut next = state.last_log_id.map(|id| id.index + 1).unwrap_or(0);
+    let mut applied = sm.applied_state().await.unwrap().0.map(|id| id.index).unwrap_or(0);
     loop {
         let n = rng.random_range(1..=8);
         let entries: Vec<Entry> = (next..next + n).map(|i| entry(shard, term, i, &mut rng)).collect();
