@@ -31,6 +31,12 @@ pub struct RaftTuning {
     pub snapshot_chunk_bytes: u64,
     /// Timeout for one snapshot chunk (and its install on the last one).
     pub install_snapshot_timeout_ms: u64,
+    /// The node sends heartbeats for all of its shards at once, every `leader_heartbeat_ms`
+    /// (see `Node`'s heartbeat task), instead of each shard on its own timer, so that they
+    /// share one RPC per peer. `heartbeat_interval_ms` then only sets openraft's tick and its
+    /// AppendEntries timeout.
+    pub external_heartbeats: bool,
+    pub leader_heartbeat_ms: u64,
 }
 
 impl Default for RaftTuning {
@@ -44,6 +50,8 @@ impl Default for RaftTuning {
             max_entries_per_append: 256,
             snapshot_chunk_bytes: 1 << 20,
             install_snapshot_timeout_ms: 10_000,
+            external_heartbeats: false,
+            leader_heartbeat_ms: 100,
         }
     }
 }
@@ -62,6 +70,7 @@ impl RaftTuning {
             snapshot_max_chunk_size: self.snapshot_chunk_bytes,
             max_in_snapshot_log_to_keep: self.log_entries_kept_after_snapshot,
             purge_batch_size: 256,
+            enable_heartbeat: !self.external_heartbeats,
             ..Default::default()
         };
         let config = config.validate().map_err(|e| StoreError::Config(format!("raft settings: {e}")))?;

@@ -22,7 +22,7 @@ pub mod defaults {
     pub const REPLICATION_FACTOR: usize = 3;
     pub const MAX_BODY_BYTES: usize = 64 * 1024;
     pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
-    pub const HEARTBEAT_MS: u64 = 100;
+    pub const HEARTBEAT_MS: u64 = 250;
     pub const ELECTION_TIMEOUT_MS: u64 = 500;
     pub const SNAPSHOT_EVERY_ENTRIES: u64 = 20_000;
     pub const LOG_KEPT_AFTER_SNAPSHOT: u64 = 5_000;
@@ -137,7 +137,9 @@ pub struct RunArgs {
     #[arg(long, env = "CHORUS_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
 
-    /// Raft heartbeat interval, in ms. [default: 100]
+    /// How often shard leaders send heartbeats, in ms (all shards of a node at once, one RPC
+    /// per peer). Followers call an election after 1.5–2 election timeouts without one.
+    /// [default: 250]
     #[arg(long, env = "CHORUS_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
 
@@ -352,7 +354,9 @@ fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
         )));
     }
     let tuning = RaftTuning {
-        heartbeat_interval_ms: heartbeat,
+        // openraft's tick (election checks every 1.5 of it) and AppendEntries timeout.
+        heartbeat_interval_ms: heartbeat.min(200),
+        leader_heartbeat_ms: heartbeat,
         election_timeout_min_ms: election,
         election_timeout_max_ms: election * 2,
         snapshot_every_entries: args
@@ -360,6 +364,7 @@ fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
             .or(file.snapshot_every_entries)
             .unwrap_or(d::SNAPSHOT_EVERY_ENTRIES)
             .max(1),
+        external_heartbeats: true,
         log_entries_kept_after_snapshot: args
             .log_kept_after_snapshot
             .or(file.log_kept_after_snapshot)

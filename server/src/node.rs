@@ -27,6 +27,11 @@ use crate::{bootstrap, front_door, peer, tls};
 pub const MAX_INFLIGHT_REQUESTS: usize = 8192;
 /// Most live subscriptions (client streams and relays) on one node.
 pub const MAX_SUBSCRIPTIONS: usize = 16384;
+/// Request bytes (frames read, not yet answered) one node holds at once; a request waits for
+/// its share before its body is read.
+pub const MAX_REQUEST_BYTES_IN_FLIGHT: usize = 256 << 20;
+/// The largest `SendBatch` frame, whatever `max_body_bytes` is.
+pub const MAX_BATCH_FRAME_BYTES: usize = 4 << 20;
 
 /// Everything the request handlers share.
 pub struct Node {
@@ -51,6 +56,7 @@ pub struct Node {
     pub background_tasks: TaskTracker,
     pub inflight: Arc<Semaphore>,
     pub subscriptions: Arc<Semaphore>,
+    pub request_bytes: Arc<Semaphore>,
     pub fingerprint: String,
     pub batcher: crate::batcher::Batcher,
 }
@@ -89,9 +95,31 @@ impl Node {
         };
     }
 
-    /// Largest request frame: a message body at the limit plus room for the other fields.
+    /// Largest request frame: a batch of sends, or one message body at the limit, plus room
+    /// for the other fields.
     pub fn max_request_frame(&self) -> usize {
-        self.config.limits.max_body_bytes + 64 * 1024
+        self.config.limits.max_body_bytes.max(MAX_BATCH_FRAME_BYTES) + 64 * 1024
+    }
+}
+
+/// Heartbeats for every shard this node leads, all at once, every heartbeat interval: they
+/// leave together, so the per-peer coalescer sends them as one RPC per peer instead of one per
+/// shard (the idle cost of a node then grows with its peers, not its shards).
+async fn send_heartbeats(node: Arc<Node>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(node.config.tuning.leader_heartbeat_ms));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = node.peers_shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        for replica in node.shards.values() {
+            let leads = replica.raft.metrics().borrow().state == openraft::ServerState::Leader;
+            if leads {
+                // Only fails when the shard is shutting down.
+                let _ = replica.raft.trigger().heartbeat().await;
+            }
+        }
     }
 }
 
@@ -127,8 +155,15 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let peer_ip = config.peer_addr.ip();
     let local_ip = (!peer_ip.is_unspecified()).then_some(peer_ip);
     let peers = Arc::new(
-        PeerClients::new(node_id, &layout.cluster_id, &layout.nodes, local_ip, Duration::from_millis(500))
-            .context("setting up peer connections")?,
+        PeerClients::new(
+            node_id,
+            &layout.cluster_id,
+            &layout.nodes,
+            local_ip,
+            Duration::from_millis(500),
+            Duration::from_millis(config.tuning.heartbeat_interval_ms),
+        )
+        .context("setting up peer connections")?,
     );
     let mut shards = BTreeMap::new();
     for shard in layout.shards_of(node_id) {
@@ -157,6 +192,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         background_tasks: TaskTracker::new(),
         inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS)),
         subscriptions: Arc::new(Semaphore::new(MAX_SUBSCRIPTIONS)),
+        request_bytes: Arc::new(Semaphore::new(MAX_REQUEST_BYTES_IN_FLIGHT)),
         fingerprint,
         batcher: Default::default(),
         config,
@@ -166,6 +202,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let quic = front_door::bind(&node, crypto).context("starting the QUIC client endpoint")?;
     node.client_tasks.spawn(front_door::serve(node.clone(), quic.clone()));
     bootstrap::spawn(&node);
+    if node.config.tuning.external_heartbeats {
+        node.background_tasks.spawn(send_heartbeats(node.clone()));
+    }
     tracing::info!(
         client_addr = %node.config.client_addr,
         peer_addr = %node.config.peer_addr,

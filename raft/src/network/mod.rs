@@ -64,6 +64,65 @@ impl Interceptor for IdentityInterceptor {
 
 pub type PeerClient = RawPeerClient<InterceptedService<Channel, IdentityInterceptor>>;
 
+/// Most AppendEntries carried by one coalesced RPC.
+const MAX_COALESCED: usize = 1024;
+/// Empty AppendEntries waiting for one peer; beyond it, senders wait (backpressure).
+const COALESCE_QUEUE: usize = 4096;
+
+type CoalescedReply = Result<pb::AppendEntriesReply, tonic::Status>;
+
+/// Sends the empty AppendEntries (heartbeats and commit-index updates) of every shard to one
+/// peer, many per RPC: whatever is queued when the previous RPC returns goes in the next one.
+/// There is no waiting to fill a batch, so a lone heartbeat is not delayed; when the node
+/// triggers the heartbeats of all its shards at once, they share one RPC per peer.
+struct Coalescer {
+    queue: tokio::sync::mpsc::Sender<(pb::AppendEntriesRequest, tokio::sync::oneshot::Sender<CoalescedReply>)>,
+}
+
+impl Coalescer {
+    fn start(mut client: PeerClient, timeout: Duration) -> Coalescer {
+        let (queue, mut rx) = tokio::sync::mpsc::channel::<(
+            pb::AppendEntriesRequest,
+            tokio::sync::oneshot::Sender<CoalescedReply>,
+        )>(COALESCE_QUEUE);
+        tokio::spawn(async move {
+            // Ends when the PeerClients (the only senders) are dropped.
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_COALESCED {
+                    match rx.try_recv() {
+                        Ok(item) => batch.push(item),
+                        Err(_) => break,
+                    }
+                }
+                let (requests, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                let call =
+                    client.append_entries_batch(with_timeout(pb::AppendEntriesBatchRequest { requests }, timeout));
+                match tokio::time::timeout(timeout, call).await {
+                    Ok(Ok(reply)) => {
+                        let replies = reply.into_inner().replies;
+                        if replies.len() != waiters.len() {
+                            let status =
+                                tonic::Status::internal("peer answered a batch with the wrong number of replies");
+                            waiters.into_iter().for_each(|w| drop(w.send(Err(status.clone()))));
+                            continue;
+                        }
+                        for (waiter, reply) in waiters.into_iter().zip(replies) {
+                            let _ = waiter.send(Ok(reply));
+                        }
+                    }
+                    Ok(Err(status)) => waiters.into_iter().for_each(|w| drop(w.send(Err(status.clone())))),
+                    Err(_) => {
+                        let status = tonic::Status::deadline_exceeded("coalesced AppendEntries timed out");
+                        waiters.into_iter().for_each(|w| drop(w.send(Err(status.clone()))));
+                    }
+                }
+            }
+        });
+        Coalescer { queue }
+    }
+}
+
 /// Why the peer clients could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerSetupError {
@@ -77,12 +136,14 @@ pub enum PeerSetupError {
 pub struct PeerClients {
     self_id: NodeId,
     clients: BTreeMap<NodeId, (String, PeerClient)>,
+    coalescers: BTreeMap<NodeId, Coalescer>,
 }
 
 impl PeerClients {
     /// `peers` maps node ids to their peer addresses (`host:port`); our own entry is skipped.
     /// Connections leave from `local_ip` when given (the address this node's peer endpoint
-    /// listens on), so that peers, and packet filters, see where they come from. Must be
+    /// listens on), so that peers, and packet filters, see where they come from. Empty
+    /// AppendEntries are coalesced per peer, each RPC bounded by `heartbeat_timeout`. Must be
     /// called inside a tokio runtime.
     pub fn new(
         self_id: NodeId,
@@ -90,6 +151,7 @@ impl PeerClients {
         peers: &BTreeMap<NodeId, String>,
         local_ip: Option<std::net::IpAddr>,
         connect_timeout: Duration,
+        heartbeat_timeout: Duration,
     ) -> Result<PeerClients, PeerSetupError> {
         let cluster_id: AsciiMetadataValue =
             MetadataValue::try_from(cluster_id).map_err(|_| PeerSetupError::BadClusterId(cluster_id.to_owned()))?;
@@ -115,7 +177,19 @@ impl PeerClients {
                 .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES + (1 << 20));
             clients.insert(id, (addr.clone(), client));
         }
-        Ok(PeerClients { self_id, clients })
+        let coalescers = clients
+            .iter()
+            .map(|(id, (_, client))| (*id, Coalescer::start(client.clone(), heartbeat_timeout)))
+            .collect();
+        Ok(PeerClients { self_id, clients, coalescers })
+    }
+
+    /// Sends an empty AppendEntries through `node`'s coalescer.
+    async fn coalesced(&self, node: NodeId, request: pb::AppendEntriesRequest) -> Option<CoalescedReply> {
+        let coalescer = self.coalescers.get(&node)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        coalescer.queue.send((request, tx)).await.ok()?;
+        rx.await.ok()
     }
 
     pub fn self_id(&self) -> NodeId {
@@ -154,7 +228,13 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
     type Network = GrpcConnection;
 
     async fn new_client(&mut self, target: NodeId, _node: &NodeAddr) -> GrpcConnection {
-        GrpcConnection { shard: self.shard, from: self.peers.self_id(), target, client: self.peers.get(target) }
+        GrpcConnection {
+            shard: self.shard,
+            from: self.peers.self_id(),
+            target,
+            client: self.peers.get(target),
+            peers: self.peers.clone(),
+        }
     }
 }
 
@@ -164,6 +244,7 @@ pub struct GrpcConnection {
     from: NodeId,
     target: NodeId,
     client: Option<PeerClient>,
+    peers: Arc<PeerClients>,
 }
 
 type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<NodeId, NodeAddr, RaftError<NodeId, E>>>;
@@ -234,11 +315,20 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(hint)));
         }
         let ttl = option.hard_ttl();
-        let reply = tokio::time::timeout(ttl, client.append_entries(with_timeout(request, ttl)))
-            .await
-            .map_err(|_| self.timeout(RPCTypes::AppendEntries, ttl))?
-            .map_err(|s| self.status_error(RPCTypes::AppendEntries, ttl, s))?
-            .into_inner();
+        let reply = if request.entries.is_empty() {
+            // Heartbeats and commit updates of all shards travel together.
+            match tokio::time::timeout(ttl, self.peers.coalesced(self.target, request)).await {
+                Err(_) => return Err(self.timeout(RPCTypes::AppendEntries, ttl)),
+                Ok(None) => return Err(unreachable(format!("no route to node {}", self.target))),
+                Ok(Some(reply)) => reply.map_err(|s| self.status_error(RPCTypes::AppendEntries, ttl, s))?,
+            }
+        } else {
+            tokio::time::timeout(ttl, client.append_entries(with_timeout(request, ttl)))
+                .await
+                .map_err(|_| self.timeout(RPCTypes::AppendEntries, ttl))?
+                .map_err(|s| self.status_error(RPCTypes::AppendEntries, ttl, s))?
+                .into_inner()
+        };
         use pb::append_entries_reply::Result as R;
         match reply.result {
             Some(R::Success(_)) => Ok(AppendEntriesResponse::Success),

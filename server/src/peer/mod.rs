@@ -62,6 +62,23 @@ impl Peer for PeerService {
         Ok(Response::new(reply))
     }
 
+    async fn append_entries_batch(
+        &self,
+        request: Request<pb::AppendEntriesBatchRequest>,
+    ) -> Result<Response<pb::AppendEntriesBatchReply>, Status> {
+        let requests = request.into_inner().requests;
+        let replies = futures::future::join_all(requests.into_iter().map(|request| async move {
+            match self.raft(request.shard) {
+                Ok(raft) => raft_rpc::append_entries(raft, request).await,
+                Err(e) => {
+                    pb::AppendEntriesReply { result: Some(pb::append_entries_reply::Result::Failure(failure(e))) }
+                }
+            }
+        }))
+        .await;
+        Ok(Response::new(pb::AppendEntriesBatchReply { replies }))
+    }
+
     async fn vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteReply>, Status> {
         let request = request.into_inner();
         let reply = match self.raft(request.shard) {
