@@ -1,5 +1,5 @@
-//! Cluster creation without a manual step: the lowest-id replica of each shard initializes it,
-//! once. Restarts never re-initialize (the replica has Raft state), and a replica whose data
+//! Cluster creation without a manual step: one designated replica of each shard (the first of
+//! its placement) initializes it, once. Restarts never re-initialize (the replica has Raft state), and a replica whose data
 //! dir was wiped does not initialize a second, conflicting group either: it first asks the
 //! other replicas, and initializes only if a majority of the shard's replicas (itself
 //! included) is reachable and has no state at all.

@@ -53,9 +53,11 @@ impl ClusterLayout {
         (0..self.shard_count).filter(|&s| self.hosts(node, s)).collect()
     }
 
-    /// The one node that initializes `shard` when the cluster is created: its lowest-id replica.
+    /// The one node that initializes `shard` when the cluster is created: the first node of its
+    /// placement. It usually wins the first election, and the first node rotates with the shard
+    /// id, so shard leadership starts out evenly spread over the nodes.
     pub fn initializer(&self, shard: ShardId) -> NodeId {
-        self.replicas(shard).into_iter().min().unwrap_or_default()
+        self.replicas(shard).first().copied().unwrap_or_default()
     }
 
     pub fn identity(&self, node_id: NodeId) -> ClusterIdentity {
@@ -122,7 +124,9 @@ mod tests {
         assert!(per_node.values().all(|&c| c == 12), "{per_node:?}");
         assert_eq!(l.replicas(0), vec![1, 2, 3]);
         assert_eq!(l.replicas(4), vec![5, 1, 2]);
-        assert_eq!(l.initializer(4), 1);
+        assert_eq!(l.initializer(4), 5);
+        let initializers: std::collections::BTreeSet<_> = (0..20).map(|s| l.initializer(s)).collect();
+        assert_eq!(initializers.len(), 5, "every node initializes (and first leads) some shards");
     }
 
     #[test]

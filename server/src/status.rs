@@ -126,7 +126,11 @@ pub async fn cluster_status(node: &Node) -> client::ClusterStatusReply {
     let shards = (0..node.layout.shard_count)
         .map(|shard| {
             let views = views.get(&shard).map(Vec::as_slice).unwrap_or_default();
-            let leader_view = views.iter().find(|v| v.replica.as_ref().is_some_and(|r| r.role == "leader"));
+            // A deposed leader may still think it leads for a moment: trust the highest term.
+            let leader_view = views
+                .iter()
+                .filter(|v| v.replica.as_ref().is_some_and(|r| r.role == "leader"))
+                .max_by_key(|v| v.replica.as_ref().map(|r| r.term).unwrap_or(0));
             let replicas = match leader_view.or(views.first()) {
                 Some(v) if !v.voters.is_empty() => v.voters.clone(),
                 _ => node.layout.replicas(shard),
