@@ -95,6 +95,23 @@ impl ClientError {
         }
     }
 
+    /// The same error, for each of several operations it ended.
+    fn duplicate(&self) -> ClientError {
+        match self {
+            ClientError::Server { code, message, indeterminate } => {
+                ClientError::Server { code: code.clone(), message: message.clone(), indeterminate: *indeterminate }
+            }
+            ClientError::Connection { message, maybe_sent } => {
+                ClientError::Connection { message: message.clone(), maybe_sent: *maybe_sent }
+            }
+            ClientError::MaybeApplied { last } => ClientError::MaybeApplied { last: Box::new(last.duplicate()) },
+            ClientError::NoNode(m) => ClientError::NoNode(m.clone()),
+            ClientError::TimedOut(d) => ClientError::TimedOut(*d),
+            ClientError::Protocol(m) => ClientError::Protocol(m.clone()),
+            ClientError::Config(m) => ClientError::Config(m.clone()),
+        }
+    }
+
     fn from_wire(e: pb::Error) -> ClientError {
         ClientError::Server { code: e.code, message: e.message, indeterminate: e.indeterminate }
     }
@@ -172,8 +189,23 @@ struct Live {
     hello: pb::HelloReply,
 }
 
+/// One send waiting to go out in a batch.
+struct PendingSend {
+    send: pb::Send,
+    reply: tokio::sync::oneshot::Sender<Result<pb::SendReply, ClientError>>,
+}
+
+/// Most sends in one SendBatch request, and most batch requests in flight per client. While
+/// the slots are busy, sends queue up and leave together in the next request: a lone send
+/// leaves at once, concurrent ones share requests (fewer QUIC streams, fewer frames).
+const MAX_SENDS_PER_BATCH: usize = 1024;
+const MAX_BATCH_BODY_BYTES: usize = 3 << 20;
+const SEND_BATCHES_IN_FLIGHT: usize = 4;
+const SEND_QUEUE: usize = 16 * 1024;
+
 struct Inner {
     options: ClientOptions,
+    sends: tokio::sync::mpsc::Sender<PendingSend>,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     live: Mutex<Option<Live>>,
@@ -211,8 +243,10 @@ impl Client {
         client_config.transport_config(Arc::new(transport));
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
         let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Config(format!("UDP socket: {e}")))?;
+        let (sends, queue) = tokio::sync::mpsc::channel(SEND_QUEUE);
         let client = Client {
             inner: Arc::new(Inner {
+                sends,
                 nodes: std::sync::Mutex::new(options.nodes.clone()),
                 options,
                 endpoint,
@@ -224,6 +258,7 @@ impl Client {
             }),
         };
         client.connection().await?;
+        tokio::spawn(send_batches(Arc::downgrade(&client.inner), queue));
         Ok(client)
     }
 
@@ -374,17 +409,36 @@ impl Client {
         body: impl Into<Bytes>,
         client_seq: u64,
     ) -> Result<SendReceipt, ClientError> {
-        let kind = request::Kind::Send(pb::Send {
-            room: room.to_owned(),
-            client_id: self.inner.client_id.clone(),
-            client_seq,
-            body: body.into(),
-        });
-        match self.call(kind).await? {
-            response::Kind::Sent(r) => {
-                Ok(SendReceipt { seq: r.seq, ts_ms: r.ts_ms, duplicate: r.duplicate, client_seq })
+        let send =
+            pb::Send { room: room.to_owned(), client_id: self.inner.client_id.clone(), client_seq, body: body.into() };
+        let deadline = Instant::now() + self.inner.options.retry_deadline;
+        let mut attempt = 0u32;
+        let mut indeterminate = false;
+        loop {
+            let (reply, result) = tokio::sync::oneshot::channel();
+            let outcome = match self.inner.sends.send(PendingSend { send: send.clone(), reply }).await {
+                Ok(()) => result.await.unwrap_or_else(|_| Err(ClientError::lost("the client is shutting down", false))),
+                Err(_) => Err(ClientError::lost("the client is shutting down", false)),
+            };
+            match outcome {
+                Ok(r) => return Ok(SendReceipt { seq: r.seq, ts_ms: r.ts_ms, duplicate: r.duplicate, client_seq }),
+                Err(e) if e.retryable() && Instant::now() < deadline => {
+                    indeterminate |= e.indeterminate();
+                    attempt += 1;
+                    if matches!(e.code(), Some("unavailable" | "shutting_down")) {
+                        // This node cannot help now; another may.
+                        if let Some(l) = self.inner.live.lock().await.take() {
+                            l.connection.close(0u32.into(), b"failing over");
+                        }
+                    }
+                    let pause = Duration::from_millis((50u64 << attempt.min(4)).min(1000));
+                    tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+                }
+                Err(e) if indeterminate && !e.indeterminate() => {
+                    return Err(ClientError::MaybeApplied { last: Box::new(e) });
+                }
+                Err(e) => return Err(e),
             }
-            other => Err(unexpected("send", other)),
         }
     }
 
@@ -488,6 +542,55 @@ impl Client {
                 Err(e)
             }
         }
+    }
+}
+
+/// The client's send batcher: takes the first queued send, waits for a free slot, then takes
+/// every other queued send (up to the batch limits) and sends them as one SendBatch. Ends when
+/// the client is dropped.
+async fn send_batches(client: std::sync::Weak<Inner>, mut queue: tokio::sync::mpsc::Receiver<PendingSend>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(SEND_BATCHES_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut bytes = first.send.body.len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_SENDS_PER_BATCH && bytes < MAX_BATCH_BODY_BYTES {
+            match queue.try_recv() {
+                Ok(p) => {
+                    bytes += p.send.body.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = client.upgrade() else { return };
+        let client = Client { inner };
+        tokio::spawn(async move {
+            let _slot = slot;
+            let (sends, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.send, p.reply)).unzip();
+            let count = sends.len();
+            match client.call_once(request::Kind::SendBatch(pb::SendBatch { sends })).await {
+                Ok(response::Kind::SentBatch(reply)) if reply.results.len() == count => {
+                    for (waiter, result) in replies.into_iter().zip(reply.results) {
+                        let outcome = match result.result {
+                            Some(pb::send_result::Result::Sent(r)) => Ok(r),
+                            Some(pb::send_result::Result::Error(e)) => Err(ClientError::from_wire(e)),
+                            None => Err(ClientError::Protocol("empty send result".into())),
+                        };
+                        let _ = waiter.send(outcome);
+                    }
+                }
+                Ok(other) => {
+                    let e = format!("unexpected reply to a batch of {count} sends: {other:?}");
+                    replies.into_iter().for_each(|w| drop(w.send(Err(ClientError::Protocol(e.clone())))));
+                }
+                Err(e) => {
+                    for waiter in replies {
+                        let _ = waiter.send(Err(e.duplicate()));
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -20,8 +20,9 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
-/// Reads one frame. `Ok(None)`: the stream ended cleanly before a new frame began.
-pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, limit: usize) -> Result<Option<Bytes>, FrameError> {
+/// Reads a frame's length prefix. `Ok(None)`: the stream ended cleanly before a new frame.
+/// A length over `limit` is an error: the caller must not read such a frame's body.
+pub async fn read_len<R: AsyncRead + Unpin>(reader: &mut R, limit: usize) -> Result<Option<usize>, FrameError> {
     let mut len = [0u8; 4];
     let mut filled = 0;
     while filled < 4 {
@@ -35,12 +36,25 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, limit: usize) -> R
     if size > limit {
         return Err(FrameError::TooLarge { size, limit });
     }
+    Ok(Some(size))
+}
+
+/// Reads a frame's body of `size` bytes (after [`read_len`]).
+pub async fn read_body<R: AsyncRead + Unpin>(reader: &mut R, size: usize) -> Result<Bytes, FrameError> {
     let mut body = BytesMut::zeroed(size);
     reader.read_exact(&mut body).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
         _ => FrameError::Io(e),
     })?;
-    Ok(Some(body.freeze()))
+    Ok(body.freeze())
+}
+
+/// Reads one frame. `Ok(None)`: the stream ended cleanly before a new frame began.
+pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, limit: usize) -> Result<Option<Bytes>, FrameError> {
+    match read_len(reader, limit).await? {
+        None => Ok(None),
+        Some(size) => Ok(Some(read_body(reader, size).await?)),
+    }
 }
 
 /// Reads one frame and decodes it as `M`.

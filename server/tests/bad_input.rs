@@ -115,6 +115,41 @@ async fn bad_input_gets_specific_errors_and_the_node_stays_up() {
         body: Bytes::new(),
     }));
     assert_eq!(error_code_for(&connection, &frame(&missing)).await, "room_not_found");
+    // A batch over the limit is refused whole; a batch with bad sends answers each one.
+    let send_n = |n: u64, room: &str| pb::Send {
+        room: room.into(),
+        client_id: Bytes::from_static(b"batcher"),
+        client_seq: n,
+        body: Bytes::from_static(b"b"),
+    };
+    let huge = request(request::Kind::SendBatch(pb::SendBatch { sends: (1..=1025).map(|n| send_n(n, "r")).collect() }));
+    assert_eq!(error_code_for(&connection, &frame(&huge)).await, "invalid_argument");
+    let mixed = request(request::Kind::SendBatch(pb::SendBatch {
+        sends: vec![send_n(1, "r"), send_n(2, "bad room"), send_n(3, "missing"), send_n(4, "r"), send_n(4, "r")],
+    }));
+    let (mut s, mut r) = connection.open_bi().await.unwrap();
+    framing::write_message(&mut s, &mixed).await.unwrap();
+    s.finish().unwrap();
+    let reply: pb::Response = framing::read_message(&mut r, 1 << 20).await.unwrap().unwrap();
+    let Some(response::Kind::SentBatch(reply)) = reply.kind else { panic!("expected a batch reply, got {reply:?}") };
+    let outcomes: Vec<Result<u64, String>> = reply
+        .results
+        .into_iter()
+        .map(|r| match r.result {
+            Some(pb::send_result::Result::Sent(sent)) => Ok(sent.seq),
+            Some(pb::send_result::Result::Error(e)) => Err(e.code),
+            None => panic!("a result with neither outcome"),
+        })
+        .collect();
+    // Sends 1 and 4 land once each (the repeated 4 is deduplicated to the same sequence).
+    let mut sent: Vec<u64> = outcomes.iter().filter_map(|o| o.as_ref().ok().copied()).collect();
+    assert_eq!(outcomes.len(), 5, "one result per send");
+    assert_eq!(outcomes[1], Err("invalid_room_name".to_string()));
+    assert_eq!(outcomes[2], Err("room_not_found".to_string()));
+    assert_eq!(outcomes[3], outcomes[4], "a repeated (client_id, client_seq) gets the original result");
+    sent.sort_unstable();
+    assert_eq!(sent, vec![1, 2, 2]);
+
     let empty_sub = request(request::Kind::Subscribe(pb::Subscribe { rooms: vec![] }));
     let (mut s, mut r) = connection.open_bi().await.unwrap();
     s.write_all(&frame(&empty_sub)).await.unwrap();
@@ -133,5 +168,5 @@ async fn bad_input_gets_specific_errors_and_the_node_stays_up() {
     let reply: pb::Response = framing::read_message(&mut r, 1 << 20).await.unwrap().unwrap();
     assert!(matches!(reply.kind, Some(response::Kind::ClusterStatus(_))), "{reply:?}");
     let client = cluster.client(&[1], "alice").await;
-    assert_eq!(client.send("r", "still here").await.unwrap().seq, 1);
+    assert_eq!(client.send("r", "still here").await.unwrap().seq, 3);
 }

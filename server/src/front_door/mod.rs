@@ -105,31 +105,45 @@ async fn handle_connection(node: Arc<Node>, connection: quinn::Connection) {
     // connection once they are done.
 }
 
+/// Reads a stream's request: its length first, then — once the node's request-byte budget
+/// has room for it — its body. The returned permit holds that budget until the request is done.
+async fn read_request(
+    node: &Node,
+    recv: &mut quinn::RecvStream,
+) -> Result<(Request, tokio::sync::OwnedSemaphorePermit), ServiceError> {
+    let limit = node.max_request_frame();
+    let size = match framing::read_len(recv, limit).await {
+        Ok(Some(size)) => size,
+        Ok(None) => return Err(ServiceError::Malformed("the stream ended before a request".into())),
+        Err(e) => {
+            if matches!(e, FrameError::TooLarge { .. }) {
+                // Do not read (or buffer) the rest of an oversized request.
+                let _ = recv.stop(close_codes::REQUEST_TOO_LARGE.into());
+            }
+            return Err(e.into());
+        }
+    };
+    // `size` is below the frame limit, far below u32::MAX.
+    let permit =
+        node.request_bytes.clone().acquire_many_owned(size as u32).await.map_err(|_| ServiceError::ShuttingDown)?;
+    let body = framing::read_body(recv, size).await?;
+    let request = <Request as prost::Message>::decode(body).map_err(FrameError::from)?;
+    Ok((request, permit))
+}
+
 async fn handle_stream(
     node: Arc<Node>,
     session: Arc<Session>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let read = tokio::time::timeout(
-        REQUEST_READ_TIMEOUT,
-        framing::read_message::<Request, _>(&mut recv, node.max_request_frame()),
-    );
-    let request = match read.await {
+    let request = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(&node, &mut recv)).await {
         Err(_) => {
             Err(ServiceError::Malformed(format!("no complete request within {} s", REQUEST_READ_TIMEOUT.as_secs())))
         }
-        Ok(Ok(Some(request))) => Ok(request),
-        Ok(Ok(None)) => Err(ServiceError::Malformed("the stream ended before a request".into())),
-        Ok(Err(e)) => {
-            if matches!(e, FrameError::TooLarge { .. }) {
-                // Do not read (or buffer) the rest of an oversized request.
-                let _ = recv.stop(close_codes::REQUEST_TOO_LARGE.into());
-            }
-            Err(ServiceError::from(e))
-        }
+        Ok(result) => result,
     };
-    let request = match request {
+    let (request, _budget) = match request {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(error = %e, "bad request");

@@ -6,6 +6,7 @@ pub mod hello;
 pub mod history;
 pub mod list_rooms;
 pub mod send;
+pub mod send_batch;
 pub mod status;
 pub mod subscribe;
 
@@ -32,6 +33,9 @@ pub async fn dispatch(
             create_room::handle(node, session, create).await.map(response::Kind::RoomCreated)
         }
         request::Kind::Send(send) => send::handle(node, session, send).await.map(response::Kind::Sent),
+        request::Kind::SendBatch(batch) => {
+            send_batch::handle(node, session, batch).await.map(response::Kind::SentBatch)
+        }
         request::Kind::History(history) => history::handle(node, history).await.map(response::Kind::History),
         request::Kind::ListRooms(list) => list_rooms::handle(node, list).await.map(response::Kind::Rooms),
         request::Kind::ClusterStatus(_) => Ok(response::Kind::ClusterStatus(status::handle(node).await)),

@@ -1,0 +1,35 @@
+//! SendBatch: many sends in one request. Each one is validated, batched into its shard's
+//! next Raft entry, and answered on its own, exactly as if it had come alone.
+
+use std::sync::Arc;
+
+use chorus_proto::client::{SendBatch, SendBatchReply, SendResult, send_result};
+
+use crate::error::ServiceError;
+use crate::front_door::Session;
+use crate::node::Node;
+
+/// Most sends in one batch.
+pub const MAX_SENDS_PER_BATCH: usize = 1024;
+
+pub async fn handle(node: &Arc<Node>, session: &Session, batch: SendBatch) -> Result<SendBatchReply, ServiceError> {
+    if batch.sends.len() > MAX_SENDS_PER_BATCH {
+        return Err(ServiceError::InvalidArgument(format!(
+            "{} sends in one batch, over the limit of {MAX_SENDS_PER_BATCH}",
+            batch.sends.len()
+        )));
+    }
+    session.user()?;
+    let outcomes =
+        futures::future::join_all(batch.sends.into_iter().map(|send| super::send::handle(node, session, send))).await;
+    let results = outcomes
+        .into_iter()
+        .map(|outcome| SendResult {
+            result: Some(match outcome {
+                Ok(reply) => send_result::Result::Sent(reply),
+                Err(e) => send_result::Result::Error(e.to_wire()),
+            }),
+        })
+        .collect();
+    Ok(SendBatchReply { results })
+}
