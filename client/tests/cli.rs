@@ -129,6 +129,21 @@ fn the_cli_sends_reads_lists_tails_and_chats() {
     assert!(status["shards"].as_array().unwrap().iter().all(|s| s["leader"] == 1), "{status}");
     let table = ok(chorus(&node, &["status"], None));
     assert!(table.contains("SHARD") && table.contains("leader"), "{table}");
+    // A reader that goes away (`chorus status | head -1`) ends the command quietly.
+    let mut closed = Command::new(env!("CARGO_BIN_EXE_chorus"));
+    closed
+        .arg("status")
+        .env_clear()
+        .env("HOME", node.home.path())
+        .env("CHORUS_NODES", &node.client_addr)
+        .env("CHORUS_FINGERPRINT", &node.fingerprint)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = closed.spawn().unwrap();
+    drop(child.stdout.take()); // closed before the command has connected, let alone printed
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success() && !stderr.contains("panicked"), "{:?}: {stderr}", output.status);
 
     // Chat: a typed line is sent; /quit leaves.
     let chat = ok(chorus(&node, &["chat", "general"], Some("typed in chat\n/quit\n")));

@@ -11,6 +11,25 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
+/// `println!` that survives a closed stdout: when the reader went away (`chorus status | head`)
+/// the command ends quietly instead of panicking; other write errors are reported.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            stdout_failed(e)
+        }
+    }};
+}
+
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("chorus: writing to stdout: {e}");
+    std::process::exit(1);
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "chorus", version, about = "Chat through a Chorus cluster")]
 struct Cli {
@@ -174,13 +193,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let receipt = client.send(&room, text).await?;
             if json {
-                println!(
+                out!(
                     "{}",
                     json!({"room": room, "seq": receipt.seq, "ts_ms": receipt.ts_ms,
                            "duplicate": receipt.duplicate, "client_seq": receipt.client_seq})
                 );
             } else {
-                println!("sent to {room} as #{} at {}", receipt.seq, format_time(receipt.ts_ms));
+                out!("sent to {room} as #{} at {}", receipt.seq, format_time(receipt.ts_ms));
             }
         }
         Command::Create { room, meta, retention } => {
@@ -191,9 +210,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let created = client.create_room(&room, metadata, retention).await?;
             if json {
-                println!("{}", json!({"room": created.room, "created_ts_ms": created.created_ts_ms}));
+                out!("{}", json!({"room": created.room, "created_ts_ms": created.created_ts_ms}));
             } else {
-                println!("created room {}", created.room);
+                out!("created room {}", created.room);
             }
         }
         Command::Tail { room, from } => {
@@ -211,7 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let page = client.history(&room, from, limit, !local).await?;
             if !json && page.messages.is_empty() {
-                println!("(no messages; {room} has {} in all)", page.last_seq);
+                out!("(no messages; {room} has {} in all)", page.last_seq);
             }
             for m in &page.messages {
                 print_message(m, json);
@@ -221,28 +240,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let list = client.list_rooms(&after, limit).await?;
             if json {
                 for r in &list.rooms {
-                    println!(
+                    out!(
                         "{}",
                         json!({"room": r.name, "shard": r.shard, "last_seq": r.last_seq, "first_seq": r.first_seq,
                                "creator": r.creator, "created_ts_ms": r.created_ts_ms, "metadata": r.metadata})
                     );
                 }
             } else {
-                println!("{:<32} {:>6} {:>10} {:<16} LAST MESSAGE", "ROOM", "SHARD", "MESSAGES", "CREATED BY");
+                out!("{:<32} {:>6} {:>10} {:<16} LAST MESSAGE", "ROOM", "SHARD", "MESSAGES", "CREATED BY");
                 for r in &list.rooms {
                     let last = if r.last_seq == 0 { "-".to_string() } else { format_time(r.last_ts_ms) };
-                    println!("{:<32} {:>6} {:>10} {:<16} {}", r.name, r.shard, r.last_seq, r.creator, last);
+                    out!("{:<32} {:>6} {:>10} {:<16} {}", r.name, r.shard, r.last_seq, r.creator, last);
                 }
                 if list.more {
                     let next = list.rooms.last().map(|r| r.name.as_str()).unwrap_or_default();
-                    println!("(more: --after {next})");
+                    out!("(more: --after {next})");
                 }
             }
         }
         Command::Status => {
             let status = client.cluster_status().await?;
             if json {
-                println!("{}", status_json(&status));
+                out!("{}", status_json(&status));
             } else {
                 print_status(&status);
             }
@@ -259,11 +278,14 @@ async fn bench(options: &chorus_client::ClientOptions, args: BenchArgs, json: bo
         Some(BenchMode::Failover { kills, kill_cmd, restart_cmd, room }) => {
             let report = bench::run_failover(options, &room, kills, &kill_cmd, &restart_cmd).await?;
             if json {
-                println!("{}", serde_json::to_string(&report)?);
+                out!("{}", serde_json::to_string(&report)?);
             } else {
-                println!(
+                out!(
                     "failover over {} kills: p50 {} ms, max {} ms ({:?})",
-                    report.kills, report.p50_ms, report.max_ms, report.failover_ms
+                    report.kills,
+                    report.p50_ms,
+                    report.max_ms,
+                    report.failover_ms
                 );
             }
         }
@@ -291,7 +313,7 @@ async fn bench(options: &chorus_client::ClientOptions, args: BenchArgs, json: bo
             };
             let report = bench::run_load(options, &config).await?;
             if json {
-                println!("{}", serde_json::to_string(&report)?);
+                out!("{}", serde_json::to_string(&report)?);
             } else {
                 print!("{}", report.human());
             }
@@ -325,13 +347,13 @@ fn format_time(ts_ms: u64) -> String {
 fn print_message(m: &Message, json: bool) {
     let body = String::from_utf8_lossy(&m.body);
     if json {
-        println!(
+        out!(
             "{}",
             json!({"room": m.room, "seq": m.seq, "ts_ms": m.ts_ms, "sender": m.sender, "body": body,
                    "client_seq": m.client_seq})
         );
     } else {
-        println!("#{:<6} {}  {}: {}", m.seq, format_time(m.ts_ms), m.sender, body);
+        out!("#{:<6} {}  {}: {}", m.seq, format_time(m.ts_ms), m.sender, body);
     }
 }
 
@@ -339,10 +361,10 @@ fn print_event(event: &SubscriptionEvent, json: bool) {
     match event {
         SubscriptionEvent::Message(m) => print_message(m, json),
         SubscriptionEvent::Gap(g) if json => {
-            println!("{}", json!({"room": g.room, "gap_from": g.from_seq, "gap_to": g.to_seq, "reason": g.reason}))
+            out!("{}", json!({"room": g.room, "gap_from": g.from_seq, "gap_to": g.to_seq, "reason": g.reason}))
         }
         SubscriptionEvent::Gap(g) => {
-            println!("-- messages {}..{} of {} are gone: {} --", g.from_seq, g.to_seq, g.room, g.reason)
+            out!("-- messages {}..{} of {} are gone: {} --", g.from_seq, g.to_seq, g.room, g.reason)
         }
         SubscriptionEvent::RoomError { room, error } => eprintln!("chorus: {room}: {error}"),
         SubscriptionEvent::Resumed { node } => eprintln!("(reconnected via {node}; nothing missed)"),
@@ -368,7 +390,7 @@ async fn chat(client: &Client, room: &str) -> anyhow::Result<()> {
     ensure_room(client, room, false).await?;
     let recent = client.history(room, HistoryFrom::Before(u64::MAX), 10, true).await?;
     let user = client.options().user.clone();
-    println!("-- {room}: you are {user}; type a message and press enter, /quit to leave --");
+    out!("-- {room}: you are {user}; type a message and press enter, /quit to leave --");
     for m in &recent.messages {
         print_message(m, false);
     }
@@ -407,18 +429,21 @@ fn indeterminate_hint(e: &ClientError) -> &'static str {
 }
 
 fn print_status(s: &ClusterStatusReply) {
-    println!(
+    out!(
         "cluster {}: {} shards, replication factor {} (answered by node {})",
-        s.cluster_id, s.shard_count, s.replication_factor, s.answered_by
+        s.cluster_id,
+        s.shard_count,
+        s.replication_factor,
+        s.answered_by
     );
-    println!();
-    println!("{:<6} {:<22} {:<22} STATE", "NODE", "CLIENT ADDR", "PEER ADDR");
+    out!();
+    out!("{:<6} {:<22} {:<22} STATE", "NODE", "CLIENT ADDR", "PEER ADDR");
     for n in &s.nodes {
         let state = if n.reachable { "up".to_string() } else { format!("unreachable ({})", n.error) };
-        println!("{:<6} {:<22} {:<22} {}", n.id, n.client_addr, n.peer_addr, state);
+        out!("{:<6} {:<22} {:<22} {}", n.id, n.client_addr, n.peer_addr, state);
     }
-    println!();
-    println!("{:<6} {:<7} {:<6} {:<8} REPLICAS (node role applied lag)", "SHARD", "LEADER", "TERM", "COMMIT");
+    out!();
+    out!("{:<6} {:<7} {:<6} {:<8} REPLICAS (node role applied lag)", "SHARD", "LEADER", "TERM", "COMMIT");
     for shard in &s.shards {
         let leader = if shard.leader == 0 { "none".to_string() } else { shard.leader.to_string() };
         let replicas: Vec<String> = shard
@@ -432,7 +457,7 @@ fn print_status(s: &ClusterStatusReply) {
                 format!("{} {} {} {}", r.node, r.role, r.applied, lag)
             })
             .collect();
-        println!("{:<6} {:<7} {:<6} {:<8} {}", shard.shard, leader, shard.term, shard.committed, replicas.join(" | "));
+        out!("{:<6} {:<7} {:<6} {:<8} {}", shard.shard, leader, shard.term, shard.committed, replicas.join(" | "));
     }
 }
 
