@@ -66,13 +66,16 @@ pub type PeerClient = RawPeerClient<InterceptedService<Channel, IdentityIntercep
 
 /// Most AppendEntries carried by one coalesced RPC.
 const MAX_COALESCED: usize = 1024;
+/// Coalesced RPCs in flight to one peer at once, so that a commit update never waits behind a
+/// batch held up by a slow shard on the peer; meanwhile new requests queue and go together.
+const COALESCED_IN_FLIGHT: usize = 4;
 /// Empty AppendEntries waiting for one peer; beyond it, senders wait (backpressure).
 const COALESCE_QUEUE: usize = 4096;
 
 type CoalescedReply = Result<pb::AppendEntriesReply, tonic::Status>;
 
 /// Sends the empty AppendEntries (heartbeats and commit-index updates) of every shard to one
-/// peer, many per RPC: whatever is queued when the previous RPC returns goes in the next one.
+/// peer, many per RPC: whatever queued while the previous RPCs were out goes in the next one.
 /// There is no waiting to fill a batch, so a lone heartbeat is not delayed; when the node
 /// triggers the heartbeats of all its shards at once, they share one RPC per peer.
 struct Coalescer {
@@ -80,14 +83,16 @@ struct Coalescer {
 }
 
 impl Coalescer {
-    fn start(mut client: PeerClient, timeout: Duration) -> Coalescer {
+    fn start(client: PeerClient, timeout: Duration) -> Coalescer {
         let (queue, mut rx) = tokio::sync::mpsc::channel::<(
             pb::AppendEntriesRequest,
             tokio::sync::oneshot::Sender<CoalescedReply>,
         )>(COALESCE_QUEUE);
         tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(COALESCED_IN_FLIGHT));
             // Ends when the PeerClients (the only senders) are dropped.
             while let Some(first) = rx.recv().await {
+                let Ok(slot) = slots.clone().acquire_owned().await else { return };
                 let mut batch = vec![first];
                 while batch.len() < MAX_COALESCED {
                     match rx.try_recv() {
@@ -95,31 +100,41 @@ impl Coalescer {
                         Err(_) => break,
                     }
                 }
-                let (requests, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                let call =
-                    client.append_entries_batch(with_timeout(pb::AppendEntriesBatchRequest { requests }, timeout));
-                match tokio::time::timeout(timeout, call).await {
-                    Ok(Ok(reply)) => {
-                        let replies = reply.into_inner().replies;
-                        if replies.len() != waiters.len() {
-                            let status =
-                                tonic::Status::internal("peer answered a batch with the wrong number of replies");
-                            waiters.into_iter().for_each(|w| drop(w.send(Err(status.clone()))));
-                            continue;
-                        }
-                        for (waiter, reply) in waiters.into_iter().zip(replies) {
-                            let _ = waiter.send(Ok(reply));
-                        }
-                    }
-                    Ok(Err(status)) => waiters.into_iter().for_each(|w| drop(w.send(Err(status.clone())))),
-                    Err(_) => {
-                        let status = tonic::Status::deadline_exceeded("coalesced AppendEntries timed out");
-                        waiters.into_iter().for_each(|w| drop(w.send(Err(status.clone()))));
-                    }
-                }
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    send_coalesced(&mut client, batch, timeout).await;
+                });
             }
         });
         Coalescer { queue }
+    }
+}
+
+/// One AppendEntriesBatch RPC; every waiter gets its own reply or the RPC's failure.
+async fn send_coalesced(
+    client: &mut PeerClient,
+    batch: Vec<(pb::AppendEntriesRequest, tokio::sync::oneshot::Sender<CoalescedReply>)>,
+    timeout: Duration,
+) {
+    let (requests, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let fail_all = |waiters: Vec<tokio::sync::oneshot::Sender<CoalescedReply>>, status: tonic::Status| {
+        waiters.into_iter().for_each(|w| drop(w.send(Err(status.clone()))));
+    };
+    let call = client.append_entries_batch(with_timeout(pb::AppendEntriesBatchRequest { requests }, timeout));
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(reply)) => {
+            let replies = reply.into_inner().replies;
+            if replies.len() != waiters.len() {
+                fail_all(waiters, tonic::Status::internal("peer answered a batch with the wrong number of replies"));
+                return;
+            }
+            for (waiter, reply) in waiters.into_iter().zip(replies) {
+                let _ = waiter.send(Ok(reply));
+            }
+        }
+        Ok(Err(status)) => fail_all(waiters, status),
+        Err(_) => fail_all(waiters, tonic::Status::deadline_exceeded("coalesced AppendEntries timed out")),
     }
 }
 

@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use chorus_proto::client::{self, Subscribe, event};
 use chorus_proto::framing;
 use tokio::sync::mpsc;
@@ -14,6 +15,9 @@ use tokio::sync::mpsc;
 use crate::error::ServiceError;
 use crate::node::Node;
 use crate::subscription;
+
+/// A write to a subscriber takes waiting events up to about this many bytes.
+const COALESCE_BYTES: usize = 64 * 1024;
 
 /// Most rooms in one subscription.
 pub const MAX_ROOMS_PER_SUBSCRIPTION: usize = 256;
@@ -74,7 +78,15 @@ pub async fn handle(node: Arc<Node>, subscribe: Subscribe, mut send: quinn::Send
             }
             event = rx.recv() => match event {
                 Some(event) => {
-                    if framing::write_message(&mut send, &event).await.is_err() {
+                    // Events that are already waiting leave in the same write (one QUIC write
+                    // and wake-up for many messages when a subscriber's rooms are busy).
+                    let mut frames = BytesMut::new();
+                    frames.extend_from_slice(&framing::encode_frame(&event));
+                    while frames.len() < COALESCE_BYTES {
+                        let Ok(more) = rx.try_recv() else { break };
+                        frames.extend_from_slice(&framing::encode_frame(&more));
+                    }
+                    if send.write_all(&frames).await.is_err() {
                         break None;
                     }
                 }
