@@ -223,6 +223,10 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
+fn shutting_down() -> ClientError {
+    ClientError::lost("the client is shutting down", false)
+}
+
 fn random_client_id() -> Bytes {
     Bytes::copy_from_slice(&rand::random::<[u8; 16]>())
 }
@@ -369,22 +373,33 @@ impl Client {
     /// A request, retried (on other nodes if need be) while the error says retrying may help,
     /// until the retry deadline. Only for requests that are safe to repeat.
     async fn call(&self, kind: request::Kind) -> Result<response::Kind, ClientError> {
+        self.retrying(|| self.call_once(kind.clone())).await
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the retry deadline passes, backing
+    /// off between attempts and leaving a node that says it cannot help. An error after an
+    /// attempt whose outcome was unknown becomes `MaybeApplied`.
+    async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
         let deadline = Instant::now() + self.inner.options.retry_deadline;
-        let mut attempt = 0u32;
+        let mut attempts = 0u32;
         let mut indeterminate = false;
         loop {
-            match self.call_once(kind.clone()).await {
+            match attempt().await {
                 Ok(reply) => return Ok(reply),
                 Err(e) if e.retryable() && Instant::now() < deadline => {
                     indeterminate |= e.indeterminate();
-                    attempt += 1;
+                    attempts += 1;
                     if matches!(e.code(), Some("unavailable" | "shutting_down")) {
                         // This node cannot help now; another may.
                         if let Some(l) = self.inner.live.lock().await.take() {
                             l.connection.close(0u32.into(), b"failing over");
                         }
                     }
-                    let pause = Duration::from_millis((50u64 << attempt.min(4)).min(1000));
+                    let pause = Duration::from_millis((50u64 << attempts.min(4)).min(1000));
                     tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
                 }
                 Err(e) if indeterminate && !e.indeterminate() => {
@@ -411,35 +426,14 @@ impl Client {
     ) -> Result<SendReceipt, ClientError> {
         let send =
             pb::Send { room: room.to_owned(), client_id: self.inner.client_id.clone(), client_seq, body: body.into() };
-        let deadline = Instant::now() + self.inner.options.retry_deadline;
-        let mut attempt = 0u32;
-        let mut indeterminate = false;
-        loop {
-            let (reply, result) = tokio::sync::oneshot::channel();
-            let outcome = match self.inner.sends.send(PendingSend { send: send.clone(), reply }).await {
-                Ok(()) => result.await.unwrap_or_else(|_| Err(ClientError::lost("the client is shutting down", false))),
-                Err(_) => Err(ClientError::lost("the client is shutting down", false)),
-            };
-            match outcome {
-                Ok(r) => return Ok(SendReceipt { seq: r.seq, ts_ms: r.ts_ms, duplicate: r.duplicate, client_seq }),
-                Err(e) if e.retryable() && Instant::now() < deadline => {
-                    indeterminate |= e.indeterminate();
-                    attempt += 1;
-                    if matches!(e.code(), Some("unavailable" | "shutting_down")) {
-                        // This node cannot help now; another may.
-                        if let Some(l) = self.inner.live.lock().await.take() {
-                            l.connection.close(0u32.into(), b"failing over");
-                        }
-                    }
-                    let pause = Duration::from_millis((50u64 << attempt.min(4)).min(1000));
-                    tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
-                }
-                Err(e) if indeterminate && !e.indeterminate() => {
-                    return Err(ClientError::MaybeApplied { last: Box::new(e) });
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let reply = self
+            .retrying(|| async {
+                let (reply, result) = tokio::sync::oneshot::channel();
+                self.inner.sends.send(PendingSend { send: send.clone(), reply }).await.map_err(|_| shutting_down())?;
+                result.await.unwrap_or_else(|_| Err(shutting_down()))
+            })
+            .await?;
+        Ok(SendReceipt { seq: reply.seq, ts_ms: reply.ts_ms, duplicate: reply.duplicate, client_seq })
     }
 
     /// Reserves the next `client_seq` (for callers that record it before sending).
