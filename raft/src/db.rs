@@ -170,6 +170,22 @@ impl NodeDb {
         self.cf(CF_SM)
     }
 
+    /// One of a shard's Raft state records (vote, last purged, last applied, membership),
+    /// decoded; a record that does not decode is reported as corrupt.
+    pub(crate) fn read_state<T>(
+        &self,
+        shard: ShardId,
+        kind: keys::StateKey,
+        decode: impl FnOnce(&[u8]) -> Result<T, crate::codec::DecodeError>,
+    ) -> Result<Option<T>, StoreError> {
+        match self.db.get_pinned_cf(self.cf_state()?, keys::state_key(shard, kind))? {
+            None => Ok(None),
+            Some(bytes) => {
+                decode(&bytes).map(Some).map_err(|e| StoreError::corrupt(format!("shard {shard} {kind:?} record"), e))
+            }
+        }
+    }
+
     /// Writes a batch atomically; readable at once, durable at the next sync.
     pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         self.db.write(batch)?;

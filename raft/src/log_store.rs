@@ -114,22 +114,8 @@ impl ShardLogStore {
         self.shard
     }
 
-    fn read_state<T>(
-        &self,
-        kind: StateKey,
-        decode: impl FnOnce(&[u8]) -> Result<T, codec::DecodeError>,
-    ) -> Result<Option<T>, StoreError> {
-        let cf = self.db.cf_state()?;
-        match self.db.rocks().get_pinned_cf(cf, keys::state_key(self.shard, kind))? {
-            None => Ok(None),
-            Some(bytes) => decode(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::corrupt(format!("shard {} {kind:?} record", self.shard), e)),
-        }
-    }
-
     fn last_purged(&self) -> Result<Option<LogId>, StoreError> {
-        self.read_state(StateKey::LastPurged, codec::decode_log_id)
+        self.db.read_state(self.shard, StateKey::LastPurged, codec::decode_log_id)
     }
 
     /// The id of the newest entry in the log, if any.
@@ -250,7 +236,9 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.read_state(StateKey::Vote, codec::decode_vote).map_err(|e| StorageIOError::read_vote(&e).into())
+        self.db
+            .read_state(self.shard, StateKey::Vote, codec::decode_vote)
+            .map_err(|e| StorageIOError::read_vote(&e).into())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>

@@ -128,23 +128,9 @@ impl ShardView {
         }
     }
 
-    fn read_state<T>(
-        &self,
-        kind: StateKey,
-        decode: impl FnOnce(&[u8]) -> Result<T, codec::DecodeError>,
-    ) -> Result<Option<T>, StoreError> {
-        let cf = self.db.cf_state()?;
-        match self.db.rocks().get_pinned_cf(cf, keys::state_key(self.shard, kind))? {
-            None => Ok(None),
-            Some(bytes) => decode(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::corrupt(format!("shard {} {kind:?} record", self.shard), e)),
-        }
-    }
-
     fn applied_state(&self) -> Result<(Option<LogId>, StoredMembership), StoreError> {
-        let applied = self.read_state(StateKey::Applied, codec::decode_log_id)?;
-        let membership = self.read_state(StateKey::Membership, codec::decode_stored_membership)?;
+        let applied = self.db.read_state(self.shard, StateKey::Applied, codec::decode_log_id)?;
+        let membership = self.db.read_state(self.shard, StateKey::Membership, codec::decode_stored_membership)?;
         Ok((applied, membership.unwrap_or_default()))
     }
 }
