@@ -70,12 +70,18 @@ pub async fn read_message<M: Message + Default, R: AsyncRead + Unpin>(
 
 /// Encodes `message` as one frame (length prefix included).
 pub fn encode_frame<M: Message>(message: &M) -> Bytes {
-    let len = message.encoded_len();
-    let mut buf = BytesMut::with_capacity(4 + len);
-    buf.extend_from_slice(&(len as u32).to_be_bytes());
-    // Encoding into a buffer with enough capacity cannot fail.
-    message.encode(&mut buf).expect("buffer has room for the message");
+    let mut buf = BytesMut::new();
+    append_frame(&mut buf, message);
     buf.freeze()
+}
+
+/// Appends `message` as one frame to `buf` (to send several frames in one write).
+pub fn append_frame<M: Message>(buf: &mut BytesMut, message: &M) {
+    let len = message.encoded_len();
+    buf.reserve(4 + len);
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    // Encoding into a buffer with enough room cannot fail.
+    message.encode(buf).expect("buffer has room for the message");
 }
 
 /// Writes `message` as one frame.
@@ -100,6 +106,19 @@ mod tests {
         let mut r = buf.as_slice();
         assert_eq!(read_message::<Request, _>(&mut r, 1024).await.unwrap(), Some(hello()));
         assert_eq!(read_message::<Request, _>(&mut r, 1024).await.unwrap(), Some(hello()));
+        assert_eq!(read_message::<Request, _>(&mut r, 1024).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn appended_frames_read_back_one_by_one() {
+        let other = Request { kind: Some(request::Kind::Hello(Hello { user: "bo".into(), client_name: "u".into() })) };
+        let mut buf = BytesMut::new();
+        append_frame(&mut buf, &hello());
+        append_frame(&mut buf, &other);
+        assert_eq!(&buf[..], [encode_frame(&hello()), encode_frame(&other)].concat().as_slice());
+        let mut r = &buf[..];
+        assert_eq!(read_message::<Request, _>(&mut r, 1024).await.unwrap(), Some(hello()));
+        assert_eq!(read_message::<Request, _>(&mut r, 1024).await.unwrap(), Some(other));
         assert_eq!(read_message::<Request, _>(&mut r, 1024).await.unwrap(), None);
     }
 

@@ -143,7 +143,7 @@ async fn handle_stream(
         }
         Ok(result) => result,
     };
-    let (request, _budget) = match request {
+    let (request, budget) = match request {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(error = %e, "bad request");
@@ -153,6 +153,9 @@ async fn handle_stream(
     };
     match request.kind {
         Some(request::Kind::Subscribe(subscribe)) => {
+            // The budget bounds requests waiting for an answer; a subscription lives on for
+            // as long as the client wants, so it must not keep its share.
+            drop(budget);
             if let Err(e) = session.user() {
                 requests::subscribe::refuse(&mut send, &e).await;
                 return;

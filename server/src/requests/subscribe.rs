@@ -81,10 +81,10 @@ pub async fn handle(node: Arc<Node>, subscribe: Subscribe, mut send: quinn::Send
                     // Events that are already waiting leave in the same write (one QUIC write
                     // and wake-up for many messages when a subscriber's rooms are busy).
                     let mut frames = BytesMut::new();
-                    frames.extend_from_slice(&framing::encode_frame(&event));
+                    framing::append_frame(&mut frames, &event);
                     while frames.len() < COALESCE_BYTES {
                         let Ok(more) = rx.try_recv() else { break };
-                        frames.extend_from_slice(&framing::encode_frame(&more));
+                        framing::append_frame(&mut frames, &more);
                     }
                     if send.write_all(&frames).await.is_err() {
                         break None;
