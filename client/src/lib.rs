@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use chorus_proto::batching::take_ready;
 use chorus_proto::client::{self as pb, request, response};
 use chorus_proto::framing::{self, FrameError};
 use quinn::crypto::rustls::QuicClientConfig;
@@ -199,7 +200,8 @@ struct PendingSend {
 /// the slots are busy, sends queue up and leave together in the next request: a lone send
 /// leaves at once, concurrent ones share requests (fewer QUIC streams, fewer frames).
 const MAX_SENDS_PER_BATCH: usize = 1024;
-const MAX_BATCH_BODY_BYTES: usize = 3 << 20;
+/// Encoded sends per batch: within the server's 4 MiB + 64 KiB request frame.
+const MAX_BATCH_BYTES: usize = 4 << 20;
 const SEND_BATCHES_IN_FLIGHT: usize = 4;
 const SEND_QUEUE: usize = 16 * 1024;
 
@@ -544,19 +546,21 @@ impl Client {
 /// the client is dropped.
 async fn send_batches(client: std::sync::Weak<Inner>, mut queue: tokio::sync::mpsc::Receiver<PendingSend>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(SEND_BATCHES_IN_FLIGHT));
-    while let Some(first) = queue.recv().await {
+    let mut carried = None;
+    loop {
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match queue.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let mut bytes = first.send.body.len();
-        let mut batch = vec![first];
-        while batch.len() < MAX_SENDS_PER_BATCH && bytes < MAX_BATCH_BODY_BYTES {
-            match queue.try_recv() {
-                Ok(p) => {
-                    bytes += p.send.body.len();
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+        // Each send is a length-delimited field of the request: its encoding plus a few bytes.
+        let (batch, next) = take_ready(first, &mut queue, MAX_SENDS_PER_BATCH, MAX_BATCH_BYTES, |p| {
+            prost::Message::encoded_len(&p.send) + 8
+        });
+        carried = next;
         let Some(inner) = client.upgrade() else { return };
         let client = Client { inner };
         tokio::spawn(async move {

@@ -8,6 +8,7 @@
 //!
 //! Fields are only ever added: the encodings are Chorus's on-disk and on-wire formats.
 
+pub mod batching;
 pub mod framing;
 pub mod routing;
 

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use chorus_proto::batching::take_ready;
 use chorus_proto::storage::op;
 use chorus_raft::{OpOutcome, ShardId};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -63,35 +64,24 @@ impl Batcher {
 async fn run_shard_queue(node: Arc<Node>, shard: ShardId, mut queue: mpsc::Receiver<Pending>) {
     let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
     let limits = node.config.limits;
+    let mut carried = None;
     loop {
-        let first = tokio::select! {
-            _ = node.peers_shutdown.cancelled() => return,
-            first = queue.recv() => match first {
-                Some(p) => p,
-                None => return,
+        let first = match carried.take() {
+            Some(p) => p,
+            None => tokio::select! {
+                _ = node.peers_shutdown.cancelled() => return,
+                first = queue.recv() => match first {
+                    Some(p) => p,
+                    None => return,
+                },
             },
         };
         // Wait for a slot: meanwhile more operations queue up and join this batch.
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        // The command's own fields (timestamp, framing) on top of its operations.
-        let mut size = 16 + first.size;
-        let mut batch = vec![first];
-        while batch.len() < limits.max_ops_per_command {
-            match queue.try_recv() {
-                Ok(p) if size + p.size <= limits.max_command_bytes => {
-                    size += p.size;
-                    batch.push(p);
-                }
-                Ok(p) => {
-                    // Does not fit: it starts the next batch, on its own.
-                    let node2 = node.clone();
-                    let Ok(slot2) = slots.clone().acquire_owned().await else { return };
-                    node.background_tasks.spawn(propose(node2, shard, vec![p], slot2));
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
+        // The command's own fields (timestamp, framing) take 16 bytes on top of its operations.
+        let max_bytes = limits.max_command_bytes.saturating_sub(16);
+        let (batch, next) = take_ready(first, &mut queue, limits.max_ops_per_command, max_bytes, |p| p.size);
+        carried = next;
         node.background_tasks.spawn(propose(node.clone(), shard, batch, slot));
     }
 }

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chorus_proto::batching::take_ready;
 use chorus_proto::peer::{self as pb, peer_client::PeerClient as RawPeerClient};
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, SnapshotMismatch, Timeout,
@@ -93,13 +94,8 @@ impl Coalescer {
             // Ends when the PeerClients (the only senders) are dropped.
             while let Some(first) = rx.recv().await {
                 let Ok(slot) = slots.clone().acquire_owned().await else { return };
-                let mut batch = vec![first];
-                while batch.len() < MAX_COALESCED {
-                    match rx.try_recv() {
-                        Ok(item) => batch.push(item),
-                        Err(_) => break,
-                    }
-                }
+                // Empty AppendEntries only: no byte limit needed.
+                let (batch, _) = take_ready(first, &mut rx, MAX_COALESCED, usize::MAX, |_| 0);
                 let mut client = client.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
