@@ -17,6 +17,7 @@
 //! ```
 
 pub mod bench;
+mod routes;
 pub mod settings;
 mod subscription;
 pub mod tls;
@@ -147,6 +148,9 @@ pub struct ClientOptions {
     pub request_timeout: Duration,
     /// How long an operation keeps retrying across failovers before giving up.
     pub retry_deadline: Duration,
+    /// Send each shard's messages straight to its leader (over one more connection per leader
+    /// node) rather than through the connected node, which would forward them.
+    pub route_to_leaders: bool,
 }
 
 impl ClientOptions {
@@ -161,6 +165,7 @@ impl ClientOptions {
             idle_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             retry_deadline: Duration::from_secs(30),
+            route_to_leaders: true,
         }
     }
 }
@@ -211,6 +216,9 @@ struct Inner {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     live: Mutex<Option<Live>>,
+    /// Node id of the live connection's node (0: none yet).
+    main_node: AtomicU64,
+    routes: std::sync::Mutex<routes::Routes>,
     /// Nodes to try, configured ones first, then those the cluster told us about.
     nodes: std::sync::Mutex<Vec<String>>,
     next_node: AtomicUsize,
@@ -258,6 +266,8 @@ impl Client {
                 endpoint,
                 client_config,
                 live: Mutex::new(None),
+                main_node: AtomicU64::new(0),
+                routes: Default::default(),
                 next_node: AtomicUsize::new(0),
                 client_id: random_client_id(),
                 next_client_seq: AtomicU64::new(1),
@@ -280,6 +290,12 @@ impl Client {
     /// The node this client is connected to now, if any.
     pub async fn current_node(&self) -> Option<String> {
         self.inner.live.lock().await.as_ref().map(|l| l.node.clone())
+    }
+
+    /// The shards whose sends now go straight to their leader's node (not through the node
+    /// this client is connected to), with that node's id.
+    pub fn direct_shards(&self) -> Vec<(u32, u64)> {
+        self.routes().direct_shards(self.inner.main_node.load(Ordering::Relaxed))
     }
 
     /// What the current node said in reply to hello.
@@ -305,6 +321,9 @@ impl Client {
                 Ok(new) => {
                     let connection = new.connection.clone();
                     self.learn_nodes(&new.hello.node_addrs);
+                    self.inner.main_node.store(new.hello.node_id, Ordering::Relaxed);
+                    self.routes().set_shard_count(new.hello.shard_count);
+                    self.learn_leaders(&new.hello.leaders);
                     *live = Some(new);
                     // Start the next failover at the node after this one.
                     self.inner.next_node.store(i, Ordering::Relaxed);
@@ -323,6 +342,97 @@ impl Client {
                 nodes.push(addr.clone());
             }
         }
+    }
+
+    fn routes(&self) -> std::sync::MutexGuard<'_, routes::Routes> {
+        self.inner.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes in leader hints, and opens (in the background) a connection to each leader that
+    /// has none yet. Sends go through the main connection until it is up.
+    fn learn_leaders(&self, hints: &[pb::ShardLeader]) {
+        if !self.inner.options.route_to_leaders || hints.is_empty() {
+            return;
+        }
+        let main = self.inner.main_node.load(Ordering::Relaxed);
+        for (node, addr) in self.routes().learn(hints, main) {
+            let client = self.clone();
+            tokio::spawn(async move {
+                match client.connect_to(&addr).await {
+                    Ok(live) if live.hello.node_id == node => {
+                        client.routes().connected(node, live.connection);
+                        client.learn_leaders(&live.hello.leaders);
+                    }
+                    Ok(live) => {
+                        // Another node answers at that address now: hints about it are stale.
+                        live.connection.close(0u32.into(), b"not the node expected");
+                        client.routes().failed(node);
+                    }
+                    Err(_) => client.routes().failed(node),
+                }
+            });
+        }
+    }
+
+    /// Sends one batch, on the direct connection to its shards' leader when `direct` names
+    /// one, else on the main connection, and answers every send of it.
+    async fn send_batch(&self, direct: Option<(u64, quinn::Connection)>, batch: Vec<PendingSend>) {
+        let (sends, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.send, p.reply)).unzip();
+        let count = sends.len();
+        let kind = request::Kind::SendBatch(pb::SendBatch { sends });
+        let result = match direct {
+            None => self.call_once(kind).await,
+            Some((node, connection)) => match call_on(&connection, kind, self.inner.options.request_timeout).await {
+                Err(e)
+                    if matches!(e, ClientError::Connection { .. } | ClientError::TimedOut(_))
+                        || matches!(e.code(), Some("unavailable" | "shutting_down")) =>
+                {
+                    // The leader's node is gone or refuses work: retries take the main road.
+                    self.routes().failed(node);
+                    Err(ClientError::lost(format!("leader node {node}: {e}"), e.indeterminate()))
+                }
+                other => other,
+            },
+        };
+        match result {
+            Ok(response::Kind::SentBatch(reply)) if reply.results.len() == count => {
+                self.learn_leaders(&reply.leaders);
+                for (waiter, result) in replies.into_iter().zip(reply.results) {
+                    let outcome = match result.result {
+                        Some(pb::send_result::Result::Sent(r)) => Ok(r),
+                        Some(pb::send_result::Result::Error(e)) => Err(ClientError::from_wire(e)),
+                        None => Err(ClientError::Protocol("empty send result".into())),
+                    };
+                    let _ = waiter.send(outcome);
+                }
+            }
+            Ok(other) => {
+                let e = format!("unexpected reply to a batch of {count} sends: {other:?}");
+                replies.into_iter().for_each(|w| drop(w.send(Err(ClientError::Protocol(e.clone())))));
+            }
+            Err(e) => {
+                for waiter in replies {
+                    let _ = waiter.send(Err(e.duplicate()));
+                }
+            }
+        }
+    }
+
+    /// Splits a batch by where its sends should go: the direct connection of each shard
+    /// leader known and connected, the main connection for the rest.
+    fn route(&self, batch: Vec<PendingSend>) -> Vec<(Option<(u64, quinn::Connection)>, Vec<PendingSend>)> {
+        let main = self.inner.main_node.load(Ordering::Relaxed);
+        let routes = self.routes();
+        let mut groups: Vec<(Option<(u64, quinn::Connection)>, Vec<PendingSend>)> = Vec::new();
+        for pending in batch {
+            let target = routes.connection_for(&pending.send.room, main);
+            let key = target.as_ref().map(|(node, _)| *node);
+            match groups.iter_mut().find(|(t, _)| t.as_ref().map(|(node, _)| *node) == key) {
+                Some((_, group)) => group.push(pending),
+                None => groups.push((target, vec![pending])),
+            }
+        }
+        groups
     }
 
     async fn connect_to(&self, node: &str) -> Result<Live, ClientError> {
@@ -542,8 +652,8 @@ impl Client {
 }
 
 /// The client's send batcher: takes the first queued send, waits for a free slot, then takes
-/// every other queued send (up to the batch limits) and sends them as one SendBatch. Ends when
-/// the client is dropped.
+/// every other queued send (up to the batch limits) and sends them as one SendBatch per target
+/// node (see [`routes`]). Ends when the client is dropped.
 async fn send_batches(client: std::sync::Weak<Inner>, mut queue: tokio::sync::mpsc::Receiver<PendingSend>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(SEND_BATCHES_IN_FLIGHT));
     let mut carried = None;
@@ -565,29 +675,8 @@ async fn send_batches(client: std::sync::Weak<Inner>, mut queue: tokio::sync::mp
         let client = Client { inner };
         tokio::spawn(async move {
             let _slot = slot;
-            let (sends, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.send, p.reply)).unzip();
-            let count = sends.len();
-            match client.call_once(request::Kind::SendBatch(pb::SendBatch { sends })).await {
-                Ok(response::Kind::SentBatch(reply)) if reply.results.len() == count => {
-                    for (waiter, result) in replies.into_iter().zip(reply.results) {
-                        let outcome = match result.result {
-                            Some(pb::send_result::Result::Sent(r)) => Ok(r),
-                            Some(pb::send_result::Result::Error(e)) => Err(ClientError::from_wire(e)),
-                            None => Err(ClientError::Protocol("empty send result".into())),
-                        };
-                        let _ = waiter.send(outcome);
-                    }
-                }
-                Ok(other) => {
-                    let e = format!("unexpected reply to a batch of {count} sends: {other:?}");
-                    replies.into_iter().for_each(|w| drop(w.send(Err(ClientError::Protocol(e.clone())))));
-                }
-                Err(e) => {
-                    for waiter in replies {
-                        let _ = waiter.send(Err(e.duplicate()));
-                    }
-                }
-            }
+            let groups = client.route(batch);
+            futures::future::join_all(groups.into_iter().map(|(direct, batch)| client.send_batch(direct, batch))).await;
         });
     }
 }

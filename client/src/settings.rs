@@ -49,6 +49,10 @@ pub struct ConnectArgs {
     /// Who you are in the chat. [default: $USER]
     #[arg(long, env = "CHORUS_USER", global = true)]
     pub user: Option<String>,
+    /// Send everything through the connected node (which forwards writes to their shard's
+    /// leader) instead of opening a connection to each leader and sending there directly.
+    #[arg(long, env = "CHORUS_NO_LEADER_ROUTING", global = true)]
+    pub no_leader_routing: bool,
     /// Client config file. [default: ~/.config/chorus/config.toml]
     #[arg(long = "config", env = "CHORUS_CLIENT_CONFIG", value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
@@ -125,6 +129,7 @@ impl ConnectArgs {
             .unwrap_or_else(|| "anonymous".into());
         let mut options = ClientOptions::new(nodes, trust, user);
         options.server_name = self.server_name.clone().or(file.server_name).or(local.server_name);
+        options.route_to_leaders = !self.no_leader_routing;
         Ok(options)
     }
 }

@@ -84,6 +84,24 @@ impl Node {
         self.leader_hints.lock().unwrap_or_else(|p| p.into_inner()).get(&shard).copied()
     }
 
+    /// Where clients can reach the leaders of `shards` that this node knows of, leaving out
+    /// shards it leads itself when `others_only`.
+    pub fn shard_leaders(
+        &self,
+        shards: impl IntoIterator<Item = ShardId>,
+        others_only: bool,
+    ) -> Vec<chorus_proto::client::ShardLeader> {
+        let addrs = self.client_addrs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        shards
+            .into_iter()
+            .filter_map(|shard| {
+                let leader = self.leader_hint(shard).filter(|&l| !(others_only && l == self.id))?;
+                let client_addr = addrs.get(&leader)?.clone();
+                Some(chorus_proto::client::ShardLeader { shard, node_id: leader, client_addr })
+            })
+            .collect()
+    }
+
     pub fn remember_leader(&self, shard: ShardId, leader: Option<NodeId>) {
         if self.shards.contains_key(&shard) {
             return; // Raft keeps track for hosted shards.

@@ -177,6 +177,54 @@ async fn acked_sends_survive_a_leader_kill_and_the_killed_node_catches_up_by_sna
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_go_straight_to_shard_leaders_and_fall_back_when_one_dies() {
+    const SHARDS: u32 = 6;
+    let mut cluster = TestCluster::start(3, 3, SHARDS, &[]);
+    let status = cluster.wait_ready(1).await;
+    // One room per shard.
+    let rooms: Vec<String> = (0..SHARDS)
+        .map(|shard| (0..).map(|i| format!("room-{i}")).find(|r| shard_of(r, SHARDS) == shard).unwrap())
+        .collect();
+    let client = cluster.client(&[1], "ann").await;
+    for room in &rooms {
+        client.create_room(room, BTreeMap::new(), 0).await.unwrap();
+    }
+    let expected: Vec<(u32, u64)> =
+        status.shards.iter().filter(|s| s.leader != 1).map(|s| (s.shard, s.leader)).collect();
+    assert!(!expected.is_empty(), "leadership should be spread over the nodes: {:?}", status.shards);
+
+    // The client learns the leaders from node 1 and connects to them (in the background).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut sent = vec![0u64; rooms.len()];
+    while client.direct_shards() != expected {
+        assert!(Instant::now() < deadline, "direct routes {:?}, expected {expected:?}", client.direct_shards());
+        for (i, room) in rooms.iter().enumerate() {
+            client.send(room, "warm-up").await.unwrap();
+            sent[i] += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The leader of a directly-routed shard dies: its sends fail over (through node 1, which
+    // forwards to the new leader), and no send is lost or doubled.
+    let victim = expected[0].1;
+    cluster.kill(victim);
+    for round in 0..20 {
+        for (i, room) in rooms.iter().enumerate() {
+            let receipt = client.send(room, format!("round {round}")).await.unwrap();
+            sent[i] += 1;
+            assert_eq!(receipt.seq, sent[i], "room {room}");
+        }
+    }
+    assert!(client.direct_shards().iter().all(|&(_, node)| node != victim), "{:?}", client.direct_shards());
+    for (i, room) in rooms.iter().enumerate() {
+        let history = client.history_all(room, 0, true).await.unwrap();
+        assert_gap_free(&history, 1, room);
+        assert_eq!(history.len() as u64, sent[i], "room {room}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_replica_of_the_shard_forwards_everything() {
     let cluster = TestCluster::start(5, 3, 5, &[]);
     cluster.wait_ready(1).await;

@@ -22,5 +22,6 @@ pub fn handle(node: &Node, session: &Session, hello: Hello) -> Result<HelloReply
         max_body_bytes: node.config.limits.max_body_bytes as u32,
         server_version: env!("CARGO_PKG_VERSION").to_owned(),
         shard_count: node.layout.shard_count,
+        leaders: node.shard_leaders(0..node.layout.shard_count, false),
     })
 }

@@ -1,5 +1,7 @@
 //! SendBatch: many sends in one request. Each one is validated, batched into its shard's
-//! next Raft entry, and answered on its own, exactly as if it had come alone.
+//! next Raft entry, and answered on its own, exactly as if it had come alone. The reply names
+//! the leaders of the batch's shards that this node does not lead, so the client can send
+//! there directly next time.
 
 use std::sync::Arc;
 
@@ -20,6 +22,8 @@ pub async fn handle(node: &Arc<Node>, session: &Session, batch: SendBatch) -> Re
         )));
     }
     session.user()?;
+    let shards: std::collections::BTreeSet<_> =
+        batch.sends.iter().map(|send| node.layout.router.shard_for_room(&send.room)).collect();
     let outcomes =
         futures::future::join_all(batch.sends.into_iter().map(|send| super::send::handle(node, session, send))).await;
     let results = outcomes
@@ -31,5 +35,6 @@ pub async fn handle(node: &Arc<Node>, session: &Session, batch: SendBatch) -> Re
             }),
         })
         .collect();
-    Ok(SendBatchReply { results })
+    // After the sends: a leader elected while they ran is the one to tell.
+    Ok(SendBatchReply { results, leaders: node.shard_leaders(shards, true) })
 }

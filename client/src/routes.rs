@@ -1,0 +1,177 @@
+//! Leader-aware routing of sends. Every node accepts every request and forwards writes to the
+//! shard's leader, but that costs a gRPC round trip per batch. Nodes tell the client which node
+//! leads which shard (in their hello, and in each SendBatch reply for the shards they had to
+//! forward), and the client keeps one extra connection per leader it learned of, so most sends
+//! go to their leader directly. The main connection remains the fallback: a shard whose leader
+//! is unknown, not yet connected, or unreachable is sent there and forwarded as before.
+//!
+//! Hints may be stale; that costs a forward (and the reply corrects the hint), never
+//! correctness: whichever node a send reaches, it is appended once, at its shard's leader.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chorus_proto::client::ShardLeader;
+use chorus_proto::routing::shard_for_room;
+
+/// How long a node that could not be reached directly is left alone.
+const REST: Duration = Duration::from_secs(5);
+
+enum Direct {
+    Connecting,
+    Ready(quinn::Connection),
+    /// Connecting failed or the connection broke: not tried again before this instant.
+    Resting(Instant),
+}
+
+#[derive(Default)]
+pub(crate) struct Routes {
+    shard_count: u32,
+    /// Shard → its leader's node id and client address, as last heard.
+    leaders: HashMap<u32, (u64, String)>,
+    /// Direct connections to leaders, by node id.
+    nodes: HashMap<u64, Direct>,
+}
+
+impl Routes {
+    pub fn set_shard_count(&mut self, shard_count: u32) {
+        if shard_count != self.shard_count {
+            self.shard_count = shard_count;
+            self.leaders.clear();
+        }
+    }
+
+    /// Records leader hints, and returns the nodes (id, address) to connect to now: leaders
+    /// other than `main` that have no connection and are not resting.
+    pub fn learn(&mut self, hints: &[ShardLeader], main: u64) -> Vec<(u64, String)> {
+        let now = Instant::now();
+        let mut connect = Vec::new();
+        for hint in hints {
+            if hint.node_id == 0 || hint.client_addr.is_empty() || hint.shard >= self.shard_count {
+                continue;
+            }
+            self.leaders.insert(hint.shard, (hint.node_id, hint.client_addr.clone()));
+            if hint.node_id == main {
+                continue;
+            }
+            let due = match self.nodes.get(&hint.node_id) {
+                None => true,
+                Some(Direct::Resting(until)) => *until <= now,
+                Some(Direct::Ready(c)) => c.close_reason().is_some(),
+                Some(Direct::Connecting) => false,
+            };
+            if due {
+                self.nodes.insert(hint.node_id, Direct::Connecting);
+                connect.push((hint.node_id, hint.client_addr.clone()));
+            }
+        }
+        connect
+    }
+
+    /// The direct connection to the leader of `room`'s shard, if there is one that is not the
+    /// main connection's node (`None`: send on the main connection).
+    pub fn connection_for(&self, room: &str, main: u64) -> Option<(u64, quinn::Connection)> {
+        if self.shard_count == 0 {
+            return None;
+        }
+        let (node, _) = self.leaders.get(&shard_for_room(room, self.shard_count))?;
+        if *node == main {
+            return None;
+        }
+        match self.nodes.get(node)? {
+            Direct::Ready(c) if c.close_reason().is_none() => Some((*node, c.clone())),
+            _ => None,
+        }
+    }
+
+    pub fn connected(&mut self, node: u64, connection: quinn::Connection) {
+        if let Some(Direct::Ready(old)) = self.nodes.insert(node, Direct::Ready(connection)) {
+            old.close(0u32.into(), b"replaced");
+        }
+    }
+
+    /// `node` could not be reached (or refused the work): forget the shards it was said to
+    /// lead, close its connection, and leave it alone for a while.
+    pub fn failed(&mut self, node: u64) {
+        self.leaders.retain(|_, (leader, _)| *leader != node);
+        if let Some(Direct::Ready(c)) = self.nodes.insert(node, Direct::Resting(Instant::now() + REST)) {
+            c.close(0u32.into(), b"failing over");
+        }
+    }
+
+    /// The shards whose sends go straight to their leader's node, with that node, sorted.
+    pub fn direct_shards(&self, main: u64) -> Vec<(u32, u64)> {
+        let mut direct: Vec<_> = self
+            .leaders
+            .iter()
+            .filter(|(_, (node, _))| {
+                *node != main && matches!(self.nodes.get(node), Some(Direct::Ready(c)) if c.close_reason().is_none())
+            })
+            .map(|(shard, (node, _))| (*shard, *node))
+            .collect();
+        direct.sort_unstable();
+        direct
+    }
+
+    #[cfg(test)]
+    fn leader_of(&self, shard: u32) -> Option<u64> {
+        self.leaders.get(&shard).map(|(n, _)| *n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hint(shard: u32, node_id: u64) -> ShardLeader {
+        ShardLeader { shard, node_id, client_addr: format!("127.0.0.1:{}", 7400 + node_id) }
+    }
+
+    #[test]
+    fn learns_leaders_and_connects_once_per_node() {
+        let mut routes = Routes::default();
+        routes.set_shard_count(4);
+        let connect = routes.learn(&[hint(0, 1), hint(1, 2), hint(2, 2), hint(3, 3)], 1);
+        assert_eq!(connect, vec![(2, "127.0.0.1:7402".to_owned()), (3, "127.0.0.1:7403".to_owned())]);
+        // Already connecting: not again.
+        assert!(routes.learn(&[hint(1, 2)], 1).is_empty());
+        assert_eq!(routes.leader_of(2), Some(2));
+        // Not connected yet: the main connection carries everything.
+        assert!(routes.connection_for("any room", 1).is_none());
+    }
+
+    #[test]
+    fn ignores_bad_hints() {
+        let mut routes = Routes::default();
+        routes.set_shard_count(2);
+        let bad = [
+            ShardLeader { shard: 0, node_id: 0, client_addr: "x:1".into() },
+            ShardLeader { shard: 1, node_id: 2, client_addr: String::new() },
+            hint(7, 2),
+        ];
+        assert!(routes.learn(&bad, 1).is_empty());
+        assert_eq!((routes.leader_of(0), routes.leader_of(1), routes.leader_of(7)), (None, None, None));
+    }
+
+    #[test]
+    fn a_failed_node_rests_and_loses_its_shards() {
+        let mut routes = Routes::default();
+        routes.set_shard_count(2);
+        assert_eq!(routes.learn(&[hint(0, 2), hint(1, 3)], 1).len(), 2);
+        routes.failed(2);
+        assert_eq!(routes.leader_of(0), None);
+        assert_eq!(routes.leader_of(1), Some(3));
+        // A new hint is recorded, but the node is not dialled again while it rests.
+        assert!(routes.learn(&[hint(0, 2)], 1).is_empty());
+        assert_eq!(routes.leader_of(0), Some(2));
+    }
+
+    #[test]
+    fn a_new_shard_count_drops_old_hints() {
+        let mut routes = Routes::default();
+        routes.set_shard_count(2);
+        routes.learn(&[hint(0, 2)], 1);
+        routes.set_shard_count(4);
+        assert_eq!(routes.leader_of(0), None);
+    }
+}
