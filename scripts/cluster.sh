@@ -27,10 +27,18 @@ die() { echo "cluster.sh: $*" >&2; exit 1; }
 size() { cat "$DIR/size" 2>/dev/null || echo 0; }
 pidfile() { echo "$DIR/run/node-$1.pid"; }
 
+# A process is alive until it exits: a zombie waiting for its (re)parent to reap it is not
+# (some init processes reap only every second or so).
+alive() {
+  local state
+  state=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+
 running() {
   local pid
   pid=$(cat "$(pidfile "$1")" 2>/dev/null) || return 1
-  kill -0 "$pid" 2>/dev/null
+  alive "$pid"
 }
 
 initial_cluster() {
@@ -72,8 +80,8 @@ stop_node() {
   pid=$(cat "$(pidfile "$i")")
   kill "-$signal" "$pid"
   for _ in $(seq 1 200); do
-    kill -0 "$pid" 2>/dev/null || { rm -f "$(pidfile "$i")"; echo "node $i stopped ($signal)"; return 0; }
-    sleep 0.1
+    alive "$pid" || { rm -f "$(pidfile "$i")"; echo "node $i stopped ($signal)"; return 0; }
+    sleep 0.02
   done
   kill -KILL "$pid" 2>/dev/null || true
   rm -f "$(pidfile "$i")"

@@ -215,6 +215,9 @@ struct Inner {
     sends: tokio::sync::mpsc::Sender<PendingSend>,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
+    /// For connections straight to shard leaders: quick to notice a dead node (see
+    /// [`routes::DIRECT_IDLE_TIMEOUT`]).
+    direct_config: quinn::ClientConfig,
     live: Mutex<Option<Live>>,
     /// Node id of the live connection's node (0: none yet).
     main_node: AtomicU64,
@@ -249,12 +252,19 @@ impl Client {
         }
         let crypto = tls::client_crypto(&options.trust)?;
         let quic = QuicClientConfig::try_from(crypto).map_err(|e| ClientError::Config(format!("TLS: {e}")))?;
-        let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(options.idle_timeout / 4));
-        let idle = options.idle_timeout.try_into().map_err(|e| ClientError::Config(format!("idle timeout: {e}")))?;
-        transport.max_idle_timeout(Some(idle));
-        client_config.transport_config(Arc::new(transport));
+        let quic = Arc::new(quic);
+        let transport = |idle: Duration, keep_alive: Duration| -> Result<Arc<quinn::TransportConfig>, ClientError> {
+            let mut transport = quinn::TransportConfig::default();
+            transport.keep_alive_interval(Some(keep_alive));
+            let idle = idle.try_into().map_err(|e| ClientError::Config(format!("idle timeout: {e}")))?;
+            transport.max_idle_timeout(Some(idle));
+            Ok(Arc::new(transport))
+        };
+        let mut client_config = quinn::ClientConfig::new(quic.clone());
+        client_config.transport_config(transport(options.idle_timeout, options.idle_timeout / 4)?);
+        let mut direct_config = quinn::ClientConfig::new(quic);
+        let direct_idle = routes::DIRECT_IDLE_TIMEOUT.min(options.idle_timeout);
+        direct_config.transport_config(transport(direct_idle, direct_idle / 5)?);
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
         let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Config(format!("UDP socket: {e}")))?;
         let (sends, queue) = tokio::sync::mpsc::channel(SEND_QUEUE);
@@ -265,6 +275,7 @@ impl Client {
                 options,
                 endpoint,
                 client_config,
+                direct_config,
                 live: Mutex::new(None),
                 main_node: AtomicU64::new(0),
                 routes: Default::default(),
@@ -275,6 +286,7 @@ impl Client {
         };
         client.connection().await?;
         tokio::spawn(send_batches(Arc::downgrade(&client.inner), queue));
+        tokio::spawn(close_unused_routes(Arc::downgrade(&client.inner)));
         Ok(client)
     }
 
@@ -317,7 +329,7 @@ impl Client {
         for _ in 0..candidates.len() {
             let i = self.inner.next_node.fetch_add(1, Ordering::Relaxed) % candidates.len();
             let node = &candidates[i];
-            match self.connect_to(node).await {
+            match self.connect_to(node, false).await {
                 Ok(new) => {
                     let connection = new.connection.clone();
                     self.learn_nodes(&new.hello.node_addrs);
@@ -358,7 +370,7 @@ impl Client {
         for (node, addr) in self.routes().learn(hints, main) {
             let client = self.clone();
             tokio::spawn(async move {
-                match client.connect_to(&addr).await {
+                match client.connect_to(&addr, true).await {
                     Ok(live) if live.hello.node_id == node => {
                         client.routes().connected(node, live.connection);
                         client.learn_leaders(&live.hello.leaders);
@@ -380,6 +392,7 @@ impl Client {
         let (sends, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.send, p.reply)).unzip();
         let count = sends.len();
         let kind = request::Kind::SendBatch(pb::SendBatch { sends });
+        let direct_node = direct.as_ref().map(|(node, _)| *node);
         let result = match direct {
             None => self.call_once(kind).await,
             Some((node, connection)) => match call_on(&connection, kind, self.inner.options.request_timeout).await {
@@ -396,13 +409,25 @@ impl Client {
         };
         match result {
             Ok(response::Kind::SentBatch(reply)) if reply.results.len() == count => {
-                self.learn_leaders(&reply.leaders);
-                for (waiter, result) in replies.into_iter().zip(reply.results) {
-                    let outcome = match result.result {
+                let outcomes: Vec<_> = reply
+                    .results
+                    .into_iter()
+                    .map(|result| match result.result {
                         Some(pb::send_result::Result::Sent(r)) => Ok(r),
                         Some(pb::send_result::Result::Error(e)) => Err(ClientError::from_wire(e)),
                         None => Err(ClientError::Protocol("empty send result".into())),
-                    };
+                    })
+                    .collect();
+                // A leader that cannot commit (cut off from its followers, or deposed and unable
+                // to reach who leads now): the retries take the main road.
+                let leader_failed = outcomes.iter().any(|o| {
+                    o.as_ref().is_err_and(|e| matches!(e.code(), Some("unavailable" | "shutting_down" | "timeout")))
+                });
+                match direct_node {
+                    Some(node) if leader_failed => self.routes().failed(node),
+                    _ => self.learn_leaders(&reply.leaders),
+                }
+                for (waiter, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = waiter.send(outcome);
                 }
             }
@@ -422,7 +447,7 @@ impl Client {
     /// leader known and connected, the main connection for the rest.
     fn route(&self, batch: Vec<PendingSend>) -> Vec<(Option<(u64, quinn::Connection)>, Vec<PendingSend>)> {
         let main = self.inner.main_node.load(Ordering::Relaxed);
-        let routes = self.routes();
+        let mut routes = self.routes();
         let mut groups: Vec<(Option<(u64, quinn::Connection)>, Vec<PendingSend>)> = Vec::new();
         for pending in batch {
             let target = routes.connection_for(&pending.send.room, main);
@@ -435,7 +460,8 @@ impl Client {
         groups
     }
 
-    async fn connect_to(&self, node: &str) -> Result<Live, ClientError> {
+    /// Connects to `node` and says hello; `direct`: a connection to a shard leader.
+    async fn connect_to(&self, node: &str, direct: bool) -> Result<Live, ClientError> {
         let options = &self.inner.options;
         let addr = tokio::net::lookup_host(node)
             .await
@@ -447,7 +473,11 @@ impl Client {
         let connecting = self
             .inner
             .endpoint
-            .connect_with(self.inner.client_config.clone(), addr, server_name)
+            .connect_with(
+                if direct { self.inner.direct_config.clone() } else { self.inner.client_config.clone() },
+                addr,
+                server_name,
+            )
             .map_err(|e| ClientError::lost(e, false))?;
         let connection = tokio::time::timeout(options.connect_timeout, connecting)
             .await
@@ -678,6 +708,17 @@ async fn send_batches(client: std::sync::Weak<Inner>, mut queue: tokio::sync::mp
             let groups = client.route(batch);
             futures::future::join_all(groups.into_iter().map(|(direct, batch)| client.send_batch(direct, batch))).await;
         });
+    }
+}
+
+/// Closes direct connections to leaders that carried nothing for a while (they ping often, to
+/// notice a dead node quickly: an idle client should not pay for that). Ends when the client
+/// is dropped.
+async fn close_unused_routes(client: std::sync::Weak<Inner>) {
+    loop {
+        tokio::time::sleep(routes::UNUSED_AFTER / 4).await;
+        let Some(inner) = client.upgrade() else { return };
+        inner.routes.lock().unwrap_or_else(|p| p.into_inner()).close_unused(Instant::now());
     }
 }
 

@@ -16,10 +16,19 @@ use chorus_proto::routing::shard_for_room;
 
 /// How long a node that could not be reached directly is left alone.
 const REST: Duration = Duration::from_secs(5);
+/// A direct connection that hears nothing for this long is dead (it pings five times as
+/// often): sends waiting on a killed leader fail over within about this long, not within the
+/// main connection's idle timeout.
+pub const DIRECT_IDLE_TIMEOUT: Duration = Duration::from_millis(500);
+/// A direct connection unused for this long is closed (reopened when sends need it again).
+pub const UNUSED_AFTER: Duration = Duration::from_secs(30);
 
 enum Direct {
     Connecting,
-    Ready(quinn::Connection),
+    Ready {
+        connection: quinn::Connection,
+        last_used: Instant,
+    },
     /// Connecting failed or the connection broke: not tried again before this instant.
     Resting(Instant),
 }
@@ -57,7 +66,7 @@ impl Routes {
             let due = match self.nodes.get(&hint.node_id) {
                 None => true,
                 Some(Direct::Resting(until)) => *until <= now,
-                Some(Direct::Ready(c)) => c.close_reason().is_some(),
+                Some(Direct::Ready { connection, .. }) => connection.close_reason().is_some(),
                 Some(Direct::Connecting) => false,
             };
             if due {
@@ -70,7 +79,7 @@ impl Routes {
 
     /// The direct connection to the leader of `room`'s shard, if there is one that is not the
     /// main connection's node (`None`: send on the main connection).
-    pub fn connection_for(&self, room: &str, main: u64) -> Option<(u64, quinn::Connection)> {
+    pub fn connection_for(&mut self, room: &str, main: u64) -> Option<(u64, quinn::Connection)> {
         if self.shard_count == 0 {
             return None;
         }
@@ -78,24 +87,40 @@ impl Routes {
         if *node == main {
             return None;
         }
-        match self.nodes.get(node)? {
-            Direct::Ready(c) if c.close_reason().is_none() => Some((*node, c.clone())),
+        match self.nodes.get_mut(node)? {
+            Direct::Ready { connection, last_used } if connection.close_reason().is_none() => {
+                *last_used = Instant::now();
+                Some((*node, connection.clone()))
+            }
             _ => None,
         }
     }
 
     pub fn connected(&mut self, node: u64, connection: quinn::Connection) {
-        if let Some(Direct::Ready(old)) = self.nodes.insert(node, Direct::Ready(connection)) {
+        let ready = Direct::Ready { connection, last_used: Instant::now() };
+        if let Some(Direct::Ready { connection: old, .. }) = self.nodes.insert(node, ready) {
             old.close(0u32.into(), b"replaced");
         }
+    }
+
+    /// Closes the direct connections unused since `UNUSED_AFTER` before `now`.
+    pub fn close_unused(&mut self, now: Instant) {
+        self.nodes.retain(|_, direct| match direct {
+            Direct::Ready { connection, last_used } if now.saturating_duration_since(*last_used) >= UNUSED_AFTER => {
+                connection.close(0u32.into(), b"unused");
+                false
+            }
+            _ => true,
+        });
     }
 
     /// `node` could not be reached (or refused the work): forget the shards it was said to
     /// lead, close its connection, and leave it alone for a while.
     pub fn failed(&mut self, node: u64) {
         self.leaders.retain(|_, (leader, _)| *leader != node);
-        if let Some(Direct::Ready(c)) = self.nodes.insert(node, Direct::Resting(Instant::now() + REST)) {
-            c.close(0u32.into(), b"failing over");
+        if let Some(Direct::Ready { connection, .. }) = self.nodes.insert(node, Direct::Resting(Instant::now() + REST))
+        {
+            connection.close(0u32.into(), b"failing over");
         }
     }
 
@@ -105,7 +130,8 @@ impl Routes {
             .leaders
             .iter()
             .filter(|(_, (node, _))| {
-                *node != main && matches!(self.nodes.get(node), Some(Direct::Ready(c)) if c.close_reason().is_none())
+                *node != main
+                    && matches!(self.nodes.get(node), Some(Direct::Ready { connection, .. }) if connection.close_reason().is_none())
             })
             .map(|(shard, (node, _))| (*shard, *node))
             .collect();

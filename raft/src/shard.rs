@@ -31,11 +31,11 @@ pub struct RaftTuning {
     pub snapshot_chunk_bytes: u64,
     /// Timeout for one snapshot chunk (and its install on the last one).
     pub install_snapshot_timeout_ms: u64,
-    /// The node sends heartbeats for all of its shards at once, every `leader_heartbeat_ms`
-    /// (see `Node`'s heartbeat task), instead of each shard on its own timer, so that they
-    /// share one RPC per peer. `heartbeat_interval_ms` then only sets openraft's tick and its
-    /// AppendEntries timeout.
-    pub external_heartbeats: bool,
+    /// The node drives heartbeats and elections from its own liveness tracking (see the
+    /// server's `liveness` module): openraft's tick (election timer) and heartbeats are off,
+    /// so idle shards cost nothing. `heartbeat_interval_ms` then only sets openraft's
+    /// AppendEntries timeout, and `leader_heartbeat_ms` the node's heartbeat interval.
+    pub node_liveness: bool,
     pub leader_heartbeat_ms: u64,
 }
 
@@ -50,7 +50,7 @@ impl Default for RaftTuning {
             max_entries_per_append: 256,
             snapshot_chunk_bytes: 1 << 20,
             install_snapshot_timeout_ms: 10_000,
-            external_heartbeats: false,
+            node_liveness: false,
             leader_heartbeat_ms: 100,
         }
     }
@@ -59,18 +59,29 @@ impl Default for RaftTuning {
 impl RaftTuning {
     /// openraft's configuration for `shard`, validated.
     pub fn config(&self, shard: ShardId) -> Result<Arc<Config>, StoreError> {
+        // With node liveness, openraft's election timeouts serve only as its leader lease (a
+        // follower rejects votes for `election_timeout_max` after hearing from its leader) and
+        // its vote RPC timeout (`election_timeout_min`): the lease must end before the node's
+        // shortest election timeout, or the first election after a leader dies is refused.
+        let (election_min, election_max) = if self.node_liveness {
+            let lease = (self.election_timeout_min_ms * 3 / 5).max(self.heartbeat_interval_ms + 2);
+            (lease - 1, lease)
+        } else {
+            (self.election_timeout_min_ms, self.election_timeout_max_ms)
+        };
         let config = Config {
             cluster_name: format!("chorus-shard-{shard}"),
             heartbeat_interval: self.heartbeat_interval_ms,
-            election_timeout_min: self.election_timeout_min_ms,
-            election_timeout_max: self.election_timeout_max_ms,
+            election_timeout_min: election_min,
+            election_timeout_max: election_max,
             install_snapshot_timeout: self.install_snapshot_timeout_ms,
             max_payload_entries: self.max_entries_per_append,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
             snapshot_max_chunk_size: self.snapshot_chunk_bytes,
             max_in_snapshot_log_to_keep: self.log_entries_kept_after_snapshot,
             purge_batch_size: 256,
-            enable_heartbeat: !self.external_heartbeats,
+            enable_heartbeat: !self.node_liveness,
+            enable_tick: !self.node_liveness,
             ..Default::default()
         };
         let config = config.validate().map_err(|e| StoreError::Config(format!("raft settings: {e}")))?;

@@ -364,7 +364,7 @@ fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
             .or(file.snapshot_every_entries)
             .unwrap_or(d::SNAPSHOT_EVERY_ENTRIES)
             .max(1),
-        external_heartbeats: true,
+        node_liveness: true,
         log_entries_kept_after_snapshot: args
             .log_kept_after_snapshot
             .or(file.log_kept_after_snapshot)

@@ -153,13 +153,13 @@ async fn propose_here(
     if metrics.current_leader != Some(node.id) {
         return Attempt::Redirect(metrics.current_leader);
     }
-    // A leader that has not heard from a quorum for an election timeout has probably been
-    // deposed: do not append to a log that may never commit.
-    let stale_after = node.config.tuning.election_timeout_max_ms;
-    if let Some(ms) = metrics.millis_since_quorum_ack.filter(|&ms| ms > stale_after) {
+    // A leader that has not heard from a quorum of its shard's nodes for an election timeout
+    // has probably been deposed or cut off: do not append to a log that may never commit.
+    let window = Duration::from_millis(node.config.tuning.election_timeout_max_ms);
+    if !crate::liveness::quorum_alive(node, &node.layout.replicas(shard), window) {
         return Attempt::Retry {
             maybe_applied: false,
-            reason: format!("the leader of shard {shard} has not reached a quorum for {ms} ms"),
+            reason: format!("the leader of shard {shard} has not heard from a quorum of its replicas for {window:?}"),
         };
     }
     for op in &command.ops {

@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod forward;
 pub mod front_door;
+pub mod liveness;
 pub mod node;
 pub mod peer;
 pub mod requests;

@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::cluster::ClusterLayout;
 use crate::config::NodeConfig;
+use crate::liveness::{self, Liveness};
 use crate::{bootstrap, front_door, peer, tls};
 
 /// Most unary client requests in flight on one node; beyond it, requests are refused as
@@ -59,6 +60,7 @@ pub struct Node {
     pub request_bytes: Arc<Semaphore>,
     pub fingerprint: String,
     pub batcher: crate::batcher::Batcher,
+    pub liveness: Liveness,
 }
 
 impl Node {
@@ -117,27 +119,6 @@ impl Node {
     /// for the other fields.
     pub fn max_request_frame(&self) -> usize {
         self.config.limits.max_body_bytes.max(MAX_BATCH_FRAME_BYTES) + 64 * 1024
-    }
-}
-
-/// Heartbeats for every shard this node leads, all at once, every heartbeat interval: they
-/// leave together, so the per-peer coalescer sends them as one RPC per peer instead of one per
-/// shard (the idle cost of a node then grows with its peers, not its shards).
-async fn send_heartbeats(node: Arc<Node>) {
-    let mut ticker = tokio::time::interval(Duration::from_millis(node.config.tuning.leader_heartbeat_ms));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = node.peers_shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        for replica in node.shards.values() {
-            let leads = replica.raft.metrics().borrow().state == openraft::ServerState::Leader;
-            if leads {
-                // Only fails when the shard is shutting down.
-                let _ = replica.raft.trigger().heartbeat().await;
-            }
-        }
     }
 }
 
@@ -213,6 +194,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         request_bytes: Arc::new(Semaphore::new(MAX_REQUEST_BYTES_IN_FLIGHT)),
         fingerprint,
         batcher: Default::default(),
+        liveness: Default::default(),
         config,
     });
 
@@ -220,8 +202,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let quic = front_door::bind(&node, crypto).context("starting the QUIC client endpoint")?;
     node.client_tasks.spawn(front_door::serve(node.clone(), quic.clone()));
     bootstrap::spawn(&node);
-    if node.config.tuning.external_heartbeats {
-        node.background_tasks.spawn(send_heartbeats(node.clone()));
+    if node.config.tuning.node_liveness {
+        node.background_tasks.spawn(liveness::send_heartbeats(node.clone()));
+        node.background_tasks.spawn(liveness::watch_leaders(node.clone()));
     }
     tracing::info!(
         client_addr = %node.config.client_addr,

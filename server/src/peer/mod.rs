@@ -34,6 +34,22 @@ impl PeerService {
     }
 }
 
+impl PeerService {
+    /// One shard's AppendEntries; an accepted one tells liveness that the shard has a leader.
+    async fn append_entries_of(&self, request: pb::AppendEntriesRequest) -> pb::AppendEntriesReply {
+        use pb::append_entries_reply::Result as R;
+        let shard = request.shard;
+        let reply = match self.raft(shard) {
+            Ok(raft) => raft_rpc::append_entries(raft, request).await,
+            Err(e) => return pb::AppendEntriesReply { result: Some(R::Failure(failure(e))) },
+        };
+        if let Some(R::Success(_) | R::PartialSuccess(_) | R::Conflict(_)) = &reply.result {
+            self.node.liveness.appended(shard, std::time::Instant::now());
+        }
+        reply
+    }
+}
+
 fn failure(message: String) -> pb::RemoteFailure {
     pb::RemoteFailure { message }
 }
@@ -54,12 +70,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesReply>, Status> {
-        let request = request.into_inner();
-        let reply = match self.raft(request.shard) {
-            Ok(raft) => raft_rpc::append_entries(raft, request).await,
-            Err(e) => pb::AppendEntriesReply { result: Some(pb::append_entries_reply::Result::Failure(failure(e))) },
-        };
-        Ok(Response::new(reply))
+        Ok(Response::new(self.append_entries_of(request.into_inner()).await))
     }
 
     async fn append_entries_batch(
@@ -67,15 +78,7 @@ impl Peer for PeerService {
         request: Request<pb::AppendEntriesBatchRequest>,
     ) -> Result<Response<pb::AppendEntriesBatchReply>, Status> {
         let requests = request.into_inner().requests;
-        let replies = futures::future::join_all(requests.into_iter().map(|request| async move {
-            match self.raft(request.shard) {
-                Ok(raft) => raft_rpc::append_entries(raft, request).await,
-                Err(e) => {
-                    pb::AppendEntriesReply { result: Some(pb::append_entries_reply::Result::Failure(failure(e))) }
-                }
-            }
-        }))
-        .await;
+        let replies = futures::future::join_all(requests.into_iter().map(|r| self.append_entries_of(r))).await;
         Ok(Response::new(pb::AppendEntriesBatchReply { replies }))
     }
 
@@ -100,6 +103,13 @@ impl Peer for PeerService {
             }
         };
         Ok(Response::new(reply))
+    }
+
+    async fn node_heartbeat(
+        &self,
+        request: Request<pb::NodeHeartbeatRequest>,
+    ) -> Result<Response<pb::NodeHeartbeatReply>, Status> {
+        Ok(Response::new(crate::liveness::serve_heartbeat(&self.node, request.into_inner())))
     }
 
     async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
