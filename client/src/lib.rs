@@ -195,6 +195,9 @@ struct Live {
     hello: pb::HelloReply,
 }
 
+/// A direct connection to a shard leader's node, with that node's id.
+type Direct = (u64, quinn::Connection);
+
 /// One send waiting to go out in a batch.
 struct PendingSend {
     send: pb::Send,
@@ -388,7 +391,7 @@ impl Client {
 
     /// Sends one batch, on the direct connection to its shards' leader when `direct` names
     /// one, else on the main connection, and answers every send of it.
-    async fn send_batch(&self, direct: Option<(u64, quinn::Connection)>, batch: Vec<PendingSend>) {
+    async fn send_batch(&self, direct: Option<Direct>, batch: Vec<PendingSend>) {
         let (sends, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.send, p.reply)).unzip();
         let count = sends.len();
         let kind = request::Kind::SendBatch(pb::SendBatch { sends });
@@ -445,10 +448,10 @@ impl Client {
 
     /// Splits a batch by where its sends should go: the direct connection of each shard
     /// leader known and connected, the main connection for the rest.
-    fn route(&self, batch: Vec<PendingSend>) -> Vec<(Option<(u64, quinn::Connection)>, Vec<PendingSend>)> {
+    fn route(&self, batch: Vec<PendingSend>) -> Vec<(Option<Direct>, Vec<PendingSend>)> {
         let main = self.inner.main_node.load(Ordering::Relaxed);
         let mut routes = self.routes();
-        let mut groups: Vec<(Option<(u64, quinn::Connection)>, Vec<PendingSend>)> = Vec::new();
+        let mut groups: Vec<(Option<Direct>, Vec<PendingSend>)> = Vec::new();
         for pending in batch {
             let target = routes.connection_for(&pending.send.room, main);
             let key = target.as_ref().map(|(node, _)| *node);
