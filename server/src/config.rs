@@ -137,9 +137,9 @@ pub struct RunArgs {
     #[arg(long, env = "CHORUS_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
 
-    /// How often shard leaders send heartbeats, in ms (all shards of a node at once, one RPC
-    /// per peer). Followers call an election after 1.5–2 election timeouts without one.
-    /// [default: 250]
+    /// How often each node sends each peer a heartbeat naming the shards it leads, in ms (one
+    /// RPC per peer, whatever the shard count). A follower calls an election for a shard that
+    /// nobody claimed for a random election timeout. [default: 250]
     #[arg(long, env = "CHORUS_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
 

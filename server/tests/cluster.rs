@@ -225,6 +225,67 @@ async fn sends_go_straight_to_shard_leaders_and_fall_back_when_one_dies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_shards_keep_their_leaders_and_a_dead_leaders_shards_move() {
+    const SHARDS: u32 = 8;
+    let mut cluster = TestCluster::start(3, 3, SHARDS, &[]);
+    let before = cluster.wait_ready(1).await;
+    // Idle for many election timeouts: no shard holds an election.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let idle = cluster.wait_ready(1).await;
+    for (a, b) in before.shards.iter().zip(&idle.shards) {
+        assert_eq!((a.leader, a.term), (b.leader, b.term), "shard {} changed leadership while idle", a.shard);
+    }
+
+    // Kill a node: the shards it led get new leaders, the others keep theirs.
+    let victim = 2;
+    let led: Vec<u32> = idle.shards.iter().filter(|s| s.leader == victim).map(|s| s.shard).collect();
+    assert!(!led.is_empty(), "node {victim} should lead some shards: {:?}", idle.shards);
+    cluster.kill(victim);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        let status = cluster.client(&[1], "probe").await.cluster_status().await;
+        if let Ok(s) = status
+            && s.shards.iter().all(|s| s.leader != 0 && s.leader != victim)
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the shards of node {victim} found no new leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for (a, b) in idle.shards.iter().zip(&after.shards) {
+        if a.leader != victim {
+            assert_eq!((a.leader, a.term), (b.leader, b.term), "shard {} should have kept its leader", a.shard);
+        }
+    }
+
+    // The node returns and follows the current leaders, without a new election anywhere.
+    cluster.spawn(victim);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = cluster.wait_ready(1).await;
+        let following = status
+            .shards
+            .iter()
+            .all(|s| s.replica_status.iter().any(|r| r.node == victim && r.role == "follower" && r.term == s.term));
+        if following {
+            for (a, b) in after.shards.iter().zip(&status.shards) {
+                assert_eq!((a.leader, a.term), (b.leader, b.term), "shard {} held an election", a.shard);
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "node {victim} does not follow the leaders: {:?}", status.shards);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Writes work everywhere.
+    let client = cluster.client(&[1, 2, 3], "ann").await;
+    for shard in 0..SHARDS {
+        let room = (0..).map(|i| format!("r{i}")).find(|r| shard_of(r, SHARDS) == shard).unwrap();
+        client.create_room(&room, BTreeMap::new(), 0).await.unwrap();
+        assert_eq!(client.send(&room, "hello").await.unwrap().seq, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_replica_of_the_shard_forwards_everything() {
     let cluster = TestCluster::start(5, 3, 5, &[]);
     cluster.wait_ready(1).await;
