@@ -120,7 +120,9 @@ pub fn serve_heartbeat(node: &Node, request: pb::NodeHeartbeatRequest) -> pb::No
     if from == node.id || !node.layout.nodes.contains_key(&from) {
         return pb::NodeHeartbeatReply { out_of_step: Vec::new() };
     }
-    let claims: HashMap<ShardId, u64> = request.leading.iter().map(|c| (c.shard, c.term)).collect();
+    // Only a replica of a shard can lead it: other claims are ignored.
+    let claims: HashMap<ShardId, u64> =
+        request.leading.iter().filter(|c| node.layout.hosts(from, c.shard)).map(|c| (c.shard, c.term)).collect();
     let out_of_step = claims
         .iter()
         .filter(|&(shard, &term)| {
