@@ -33,11 +33,21 @@ enum Direct {
     Resting(Instant),
 }
 
+impl Direct {
+    /// The connection, if it is up and open.
+    fn open(&self) -> Option<&quinn::Connection> {
+        match self {
+            Direct::Ready { connection, .. } if connection.close_reason().is_none() => Some(connection),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Routes {
     shard_count: u32,
-    /// Shard → its leader's node id and client address, as last heard.
-    leaders: HashMap<u32, (u64, String)>,
+    /// Shard → its leader's node id, as last heard.
+    leaders: HashMap<u32, u64>,
     /// Direct connections to leaders, by node id.
     nodes: HashMap<u64, Direct>,
 }
@@ -59,14 +69,14 @@ impl Routes {
             if hint.node_id == 0 || hint.client_addr.is_empty() || hint.shard >= self.shard_count {
                 continue;
             }
-            self.leaders.insert(hint.shard, (hint.node_id, hint.client_addr.clone()));
+            self.leaders.insert(hint.shard, hint.node_id);
             if hint.node_id == main {
                 continue;
             }
             let due = match self.nodes.get(&hint.node_id) {
                 None => true,
                 Some(Direct::Resting(until)) => *until <= now,
-                Some(Direct::Ready { connection, .. }) => connection.close_reason().is_some(),
+                Some(ready @ Direct::Ready { .. }) => ready.open().is_none(),
                 Some(Direct::Connecting) => false,
             };
             if due {
@@ -83,17 +93,16 @@ impl Routes {
         if self.shard_count == 0 {
             return None;
         }
-        let (node, _) = self.leaders.get(&shard_for_room(room, self.shard_count))?;
-        if *node == main {
+        let node = *self.leaders.get(&shard_for_room(room, self.shard_count))?;
+        if node == main {
             return None;
         }
-        match self.nodes.get_mut(node)? {
-            Direct::Ready { connection, last_used } if connection.close_reason().is_none() => {
-                *last_used = Instant::now();
-                Some((*node, connection.clone()))
-            }
-            _ => None,
+        let direct = self.nodes.get_mut(&node)?;
+        let connection = direct.open()?.clone();
+        if let Direct::Ready { last_used, .. } = direct {
+            *last_used = Instant::now();
         }
+        Some((node, connection))
     }
 
     pub fn connected(&mut self, node: u64, connection: quinn::Connection) {
@@ -117,7 +126,7 @@ impl Routes {
     /// `node` could not be reached (or refused the work): forget the shards it was said to
     /// lead, close its connection, and leave it alone for a while.
     pub fn failed(&mut self, node: u64) {
-        self.leaders.retain(|_, (leader, _)| *leader != node);
+        self.leaders.retain(|_, leader| *leader != node);
         if let Some(Direct::Ready { connection, .. }) = self.nodes.insert(node, Direct::Resting(Instant::now() + REST))
         {
             connection.close(0u32.into(), b"failing over");
@@ -129,11 +138,8 @@ impl Routes {
         let mut direct: Vec<_> = self
             .leaders
             .iter()
-            .filter(|(_, (node, _))| {
-                *node != main
-                    && matches!(self.nodes.get(node), Some(Direct::Ready { connection, .. }) if connection.close_reason().is_none())
-            })
-            .map(|(shard, (node, _))| (*shard, *node))
+            .filter(|&(_, node)| *node != main && self.nodes.get(node).and_then(Direct::open).is_some())
+            .map(|(&shard, &node)| (shard, node))
             .collect();
         direct.sort_unstable();
         direct
@@ -141,7 +147,7 @@ impl Routes {
 
     #[cfg(test)]
     fn leader_of(&self, shard: u32) -> Option<u64> {
-        self.leaders.get(&shard).map(|(n, _)| *n)
+        self.leaders.get(&shard).copied()
     }
 }
 

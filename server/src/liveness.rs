@@ -106,10 +106,12 @@ impl Liveness {
         self.with_claims(|claimed| claimed(shard, term))
     }
 
-    /// Whether `peer` was heard from within `window` of `now`.
-    pub fn alive(&self, peer: NodeId, now: Instant, window: Duration) -> bool {
+    /// How many of `nodes` were heard from within `window` of `now` (peers only: nothing is
+    /// recorded for this node itself).
+    pub fn alive(&self, nodes: &[NodeId], now: Instant, window: Duration) -> usize {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        peers.get(&peer).and_then(|v| v.contact).is_some_and(|at| now.saturating_duration_since(at) <= window)
+        let heard = |node: &NodeId| peers.get(node).and_then(|v| v.contact);
+        nodes.iter().filter_map(heard).filter(|&at| now.saturating_duration_since(at) <= window).count()
     }
 }
 
@@ -285,9 +287,9 @@ async fn elect_at(node: Arc<Node>, shard: ShardId, term: u64, at: Instant) {
 /// `window`: a leader without one has probably been deposed or cut off, and should not take
 /// writes that may never commit.
 pub fn quorum_alive(node: &Node, replicas: &[NodeId], window: Duration) -> bool {
-    let now = Instant::now();
-    let alive = replicas.iter().filter(|&&r| r == node.id || node.liveness.alive(r, now, window)).count();
-    alive > replicas.len() / 2
+    // Liveness only knows peers (this node never hears from itself): count it apart.
+    let this_node = usize::from(replicas.contains(&node.id));
+    node.liveness.alive(replicas, Instant::now(), window) + this_node > replicas.len() / 2
 }
 
 #[cfg(test)]
@@ -321,12 +323,12 @@ mod tests {
         let liveness = Liveness::default();
         let t0 = Instant::now();
         let window = Duration::from_millis(1000);
-        assert!(!liveness.alive(2, t0, window));
+        assert_eq!(liveness.alive(&[2], t0, window), 0);
         liveness.contact(2, t0);
-        assert!(liveness.alive(2, t0 + window, window));
-        assert!(!liveness.alive(2, t0 + window + Duration::from_millis(1), window));
+        assert_eq!(liveness.alive(&[2, 3], t0 + window, window), 1);
+        assert_eq!(liveness.alive(&[2], t0 + window + Duration::from_millis(1), window), 0);
         // An older contact never moves it back.
         liveness.contact(2, t0.checked_sub(Duration::from_secs(5)).unwrap_or(t0));
-        assert!(liveness.alive(2, t0 + window, window));
+        assert_eq!(liveness.alive(&[2], t0 + window, window), 1);
     }
 }

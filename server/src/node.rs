@@ -93,7 +93,7 @@ impl Node {
         shards: impl IntoIterator<Item = ShardId>,
         others_only: bool,
     ) -> Vec<chorus_proto::client::ShardLeader> {
-        let addrs = self.client_addrs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let addrs = self.client_addrs.lock().unwrap_or_else(|p| p.into_inner());
         shards
             .into_iter()
             .filter_map(|shard| {

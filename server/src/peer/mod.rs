@@ -32,9 +32,7 @@ impl PeerService {
             .map(|r| &r.raft)
             .ok_or_else(|| format!("shard {shard} is not hosted on node {}", self.node.id))
     }
-}
 
-impl PeerService {
     /// One shard's AppendEntries; an accepted one tells liveness that the shard has a leader.
     async fn append_entries_of(&self, request: pb::AppendEntriesRequest) -> pb::AppendEntriesReply {
         use pb::append_entries_reply::Result as R;
