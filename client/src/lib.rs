@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chorus_proto::batching::take_ready;
+use chorus_proto::batching::dispatch_batches;
 use chorus_proto::client::{self as pb, request, response};
 use chorus_proto::framing::{self, FrameError};
 use quinn::crypto::rustls::QuicClientConfig;
@@ -45,7 +45,7 @@ pub const MAX_RESPONSE_FRAME: usize = 16 << 20;
 /// Server error codes after which the same request may simply be retried (elsewhere).
 const RETRYABLE_CODES: &[&str] = &["unavailable", "timeout", "shutting_down"];
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     #[error("{message} ({code})")]
     Server { code: String, message: String, indeterminate: bool },
@@ -94,23 +94,6 @@ impl ClientError {
             ClientError::Server { code, .. } => RETRYABLE_CODES.contains(&code.as_str()),
             ClientError::Connection { .. } | ClientError::NoNode(_) | ClientError::TimedOut(_) => true,
             ClientError::Protocol(_) | ClientError::Config(_) | ClientError::MaybeApplied { .. } => false,
-        }
-    }
-
-    /// The same error, for each of several operations it ended.
-    fn duplicate(&self) -> ClientError {
-        match self {
-            ClientError::Server { code, message, indeterminate } => {
-                ClientError::Server { code: code.clone(), message: message.clone(), indeterminate: *indeterminate }
-            }
-            ClientError::Connection { message, maybe_sent } => {
-                ClientError::Connection { message: message.clone(), maybe_sent: *maybe_sent }
-            }
-            ClientError::MaybeApplied { last } => ClientError::MaybeApplied { last: Box::new(last.duplicate()) },
-            ClientError::NoNode(m) => ClientError::NoNode(m.clone()),
-            ClientError::TimedOut(d) => ClientError::TimedOut(*d),
-            ClientError::Protocol(m) => ClientError::Protocol(m.clone()),
-            ClientError::Config(m) => ClientError::Config(m.clone()),
         }
     }
 
@@ -399,10 +382,7 @@ impl Client {
         let result = match direct {
             None => self.call_once(kind).await,
             Some((node, connection)) => match call_on(&connection, kind, self.inner.options.request_timeout).await {
-                Err(e)
-                    if matches!(e, ClientError::Connection { .. } | ClientError::TimedOut(_))
-                        || matches!(e.code(), Some("unavailable" | "shutting_down")) =>
-                {
+                Err(e) if e.retryable() => {
                     // The leader's node is gone or refuses work: retries take the main road.
                     self.routes().failed(node);
                     Err(ClientError::lost(format!("leader node {node}: {e}"), e.indeterminate()))
@@ -423,9 +403,7 @@ impl Client {
                     .collect();
                 // A leader that cannot commit (cut off from its followers, or deposed and unable
                 // to reach who leads now): the retries take the main road.
-                let leader_failed = outcomes.iter().any(|o| {
-                    o.as_ref().is_err_and(|e| matches!(e.code(), Some("unavailable" | "shutting_down" | "timeout")))
-                });
+                let leader_failed = outcomes.iter().any(|o| o.as_ref().is_err_and(ClientError::retryable));
                 match direct_node {
                     Some(node) if leader_failed => self.routes().failed(node),
                     _ => self.learn_leaders(&reply.leaders),
@@ -440,7 +418,7 @@ impl Client {
             }
             Err(e) => {
                 for waiter in replies {
-                    let _ = waiter.send(Err(e.duplicate()));
+                    let _ = waiter.send(Err(e.clone()));
                 }
             }
         }
@@ -687,31 +665,20 @@ impl Client {
 /// The client's send batcher: takes the first queued send, waits for a free slot, then takes
 /// every other queued send (up to the batch limits) and sends them as one SendBatch per target
 /// node (see [`routes`]). Ends when the client is dropped.
-async fn send_batches(client: std::sync::Weak<Inner>, mut queue: tokio::sync::mpsc::Receiver<PendingSend>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(SEND_BATCHES_IN_FLIGHT));
-    let mut carried = None;
-    loop {
-        let first = match carried.take() {
-            Some(p) => p,
-            None => match queue.recv().await {
-                Some(p) => p,
-                None => return,
-            },
-        };
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        // Each send is a length-delimited field of the request: its encoding plus a few bytes.
-        let (batch, next) = take_ready(first, &mut queue, MAX_SENDS_PER_BATCH, MAX_BATCH_BYTES, |p| {
-            prost::Message::encoded_len(&p.send) + 8
-        });
-        carried = next;
-        let Some(inner) = client.upgrade() else { return };
+async fn send_batches(client: std::sync::Weak<Inner>, queue: tokio::sync::mpsc::Receiver<PendingSend>) {
+    // Each send is a length-delimited field of the request: its encoding plus a few bytes.
+    let size = |p: &PendingSend| prost::Message::encoded_len(&p.send) + 8;
+    dispatch_batches(queue, SEND_BATCHES_IN_FLIGHT, MAX_SENDS_PER_BATCH, MAX_BATCH_BYTES, size, |batch, slot| {
+        let Some(inner) = client.upgrade() else { return false };
         let client = Client { inner };
         tokio::spawn(async move {
             let _slot = slot;
             let groups = client.route(batch);
             futures::future::join_all(groups.into_iter().map(|(direct, batch)| client.send_batch(direct, batch))).await;
         });
-    }
+        true
+    })
+    .await
 }
 
 /// Closes direct connections to leaders that carried nothing for a while (they ping often, to

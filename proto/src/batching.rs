@@ -1,9 +1,42 @@
 //! Gathering what is already queued into one batch, without waiting to fill it: a lone item
 //! leaves at once, and under load items queue while earlier batches are out and leave together.
 //! Used for the client's `SendBatch`es, the nodes' per-shard proposals and per-peer
-//! AppendEntries.
+//! AppendEntries, all through [`dispatch_batches`].
 
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+/// Empties `queue` in batches, at most `in_flight` of them out at once: waits for an item, then
+/// for a free slot (meanwhile more items queue up), takes what is ready (see [`take_ready`]), and
+/// hands the batch and its slot to `dispatch`, which sends it in a task of its own and holds the
+/// slot until the batch is answered. Ends when the queue is closed or `dispatch` returns false.
+pub async fn dispatch_batches<T>(
+    mut queue: mpsc::Receiver<T>,
+    in_flight: usize,
+    max_items: usize,
+    max_bytes: usize,
+    size: impl Fn(&T) -> usize,
+    mut dispatch: impl FnMut(Vec<T>, OwnedSemaphorePermit) -> bool,
+) {
+    let slots = Arc::new(Semaphore::new(in_flight));
+    let mut carried = None;
+    loop {
+        let first = match carried.take() {
+            Some(item) => item,
+            None => match queue.recv().await {
+                Some(item) => item,
+                None => return,
+            },
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let (batch, next) = take_ready(first, &mut queue, max_items, max_bytes, &size);
+        carried = next;
+        if !dispatch(batch, slot) {
+            return;
+        }
+    }
+}
 
 /// Starts a batch with `first`, then takes the items already waiting in `queue` while the batch
 /// stays within `max_items` items and `max_bytes` bytes (each item weighs `size(item)`; `first`
@@ -54,6 +87,35 @@ mod tests {
         let mut rx = queue(&[2, 3, 4]);
         assert_eq!(take_ready(1, &mut rx, 2, 100, |&n| n), (vec![1, 2], None));
         assert_eq!(rx.try_recv().ok(), Some(3));
+    }
+
+    #[tokio::test]
+    async fn batches_wait_for_a_free_slot_and_gather_meanwhile() {
+        let (tx, rx) = mpsc::channel(16);
+        let (batches_tx, mut batches) = mpsc::unbounded_channel();
+        let run = tokio::spawn(dispatch_batches(
+            rx,
+            1,
+            10,
+            100,
+            |&n: &usize| n,
+            move |batch, slot| batches_tx.send((batch, slot)).is_ok(),
+        ));
+        tx.send(1).await.unwrap();
+        let (first, slot) = batches.recv().await.unwrap();
+        assert_eq!(first, vec![1]);
+        // The only slot is taken: these wait, and leave together once it is free.
+        for n in [2, 3, 4] {
+            tx.send(n).await.unwrap();
+        }
+        tokio::task::yield_now().await;
+        assert!(batches.try_recv().is_err());
+        drop(slot);
+        let (second, _slot) = batches.recv().await.unwrap();
+        assert_eq!(second, vec![2, 3, 4]);
+        drop(tx);
+        drop(_slot);
+        run.await.unwrap();
     }
 
     #[test]

@@ -13,10 +13,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use chorus_proto::batching::take_ready;
+use chorus_proto::batching::dispatch_batches;
 use chorus_proto::storage::op;
 use chorus_raft::{OpOutcome, ShardId};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ServiceError;
 use crate::forward;
@@ -61,28 +61,20 @@ impl Batcher {
     }
 }
 
-async fn run_shard_queue(node: Arc<Node>, shard: ShardId, mut queue: mpsc::Receiver<Pending>) {
-    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+async fn run_shard_queue(node: Arc<Node>, shard: ShardId, queue: mpsc::Receiver<Pending>) {
     let limits = node.config.limits;
-    let mut carried = None;
-    loop {
-        let first = match carried.take() {
-            Some(p) => p,
-            None => tokio::select! {
-                _ = node.peers_shutdown.cancelled() => return,
-                first = queue.recv() => match first {
-                    Some(p) => p,
-                    None => return,
-                },
-            },
-        };
-        // Wait for a slot: meanwhile more operations queue up and join this batch.
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        // The command's own fields (timestamp, framing) take 16 bytes on top of its operations.
-        let max_bytes = limits.max_command_bytes.saturating_sub(16);
-        let (batch, next) = take_ready(first, &mut queue, limits.max_ops_per_command, max_bytes, |p| p.size);
-        carried = next;
-        node.background_tasks.spawn(propose(node.clone(), shard, batch, slot));
+    // The command's own fields (timestamp, framing) take 16 bytes on top of its operations.
+    let max_bytes = limits.max_command_bytes.saturating_sub(16);
+    let batches = dispatch_batches(queue, BATCHES_IN_FLIGHT, limits.max_ops_per_command, max_bytes, |p| p.size, {
+        let node = node.clone();
+        move |batch, slot| {
+            node.background_tasks.spawn(propose(node.clone(), shard, batch, slot));
+            true
+        }
+    });
+    tokio::select! {
+        _ = node.peers_shutdown.cancelled() => {}
+        _ = batches => {}
     }
 }
 

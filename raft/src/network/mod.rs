@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chorus_proto::batching::take_ready;
+use chorus_proto::batching::dispatch_batches;
 use chorus_proto::peer::{self as pb, peer_client::PeerClient as RawPeerClient};
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, SnapshotMismatch, Timeout,
@@ -85,24 +85,27 @@ struct Coalescer {
 
 impl Coalescer {
     fn start(client: PeerClient, timeout: Duration) -> Coalescer {
-        let (queue, mut rx) = tokio::sync::mpsc::channel::<(
+        let (queue, rx) = tokio::sync::mpsc::channel::<(
             pb::AppendEntriesRequest,
             tokio::sync::oneshot::Sender<CoalescedReply>,
         )>(COALESCE_QUEUE);
-        tokio::spawn(async move {
-            let slots = Arc::new(tokio::sync::Semaphore::new(COALESCED_IN_FLIGHT));
-            // Ends when the PeerClients (the only senders) are dropped.
-            while let Some(first) = rx.recv().await {
-                let Ok(slot) = slots.clone().acquire_owned().await else { return };
-                // Empty AppendEntries only: no byte limit needed.
-                let (batch, _) = take_ready(first, &mut rx, MAX_COALESCED, usize::MAX, |_| 0);
+        // Empty AppendEntries only: no byte limit needed. Ends when the PeerClients (the only
+        // senders) are dropped.
+        tokio::spawn(dispatch_batches(
+            rx,
+            COALESCED_IN_FLIGHT,
+            MAX_COALESCED,
+            usize::MAX,
+            |_| 0,
+            move |batch, slot| {
                 let mut client = client.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
                     send_coalesced(&mut client, batch, timeout).await;
                 });
-            }
-        });
+                true
+            },
+        ));
         Coalescer { queue }
     }
 }
