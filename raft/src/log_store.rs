@@ -6,6 +6,11 @@
 //!   and truncations are durable before their call returns.
 //! - Purge writes the new `last_purged` and deletes the entries in one atomic batch, so a crash
 //!   at any instant leaves either the old or the new state, both contiguous.
+//! - The log is never purged past the shard's durable snapshot (when linked to its snapshot
+//!   store, as in production). openraft 0.9 purges the log up to a received snapshot right after
+//!   *queueing* its install, so a crash before the install finished would otherwise leave the
+//!   log purged past the state machine: a state openraft refuses to start from. Such a purge
+//!   is cut back to the durable snapshot, and the rest happens at the next purge.
 //! - All writes of a shard are issued in the order openraft calls them, and each is in RocksDB
 //!   before the call returns, so the WAL keeps them in that order.
 
@@ -23,6 +28,7 @@ use crate::codec;
 use crate::db::NodeDb;
 use crate::error::StoreError;
 use crate::keys::{self, StateKey};
+use crate::snapshot::SnapshotStore;
 use crate::types::{Entry, LogId, LogState, ShardId, StorageError, TypeConfig, Vote};
 
 /// Newest entries kept in memory per shard, so that replication (which reads every entry
@@ -99,11 +105,47 @@ pub struct ShardLogStore {
     shard: ShardId,
     db: Arc<NodeDb>,
     cache: Arc<Mutex<EntryCache>>,
+    /// The shard's snapshots: purges stop at the current one (see the module invariants).
+    snapshots: Option<Arc<SnapshotStore>>,
 }
 
 impl ShardLogStore {
+    /// A log store that purges whatever openraft asks, for tests and tools without a state
+    /// machine. Nodes use [`open_shard_storage`](crate::open_shard_storage), which links the
+    /// log to the shard's snapshots.
     pub fn new(db: Arc<NodeDb>, shard: ShardId) -> Self {
-        ShardLogStore { shard, db, cache: Arc::default() }
+        ShardLogStore { shard, db, cache: Arc::default(), snapshots: None }
+    }
+
+    /// A log store that never purges past the current snapshot in `snapshots`.
+    pub(crate) fn linked(db: Arc<NodeDb>, shard: ShardId, snapshots: Arc<SnapshotStore>) -> Self {
+        ShardLogStore { shard, db, cache: Arc::default(), snapshots: Some(snapshots) }
+    }
+
+    /// How far a purge up to `requested` may go now: no further than the durable snapshot, and
+    /// nowhere if that is not past what is already purged.
+    fn purge_limit(&self, requested: LogId) -> Result<Option<LogId>, StoreError> {
+        let Some(snapshots) = &self.snapshots else {
+            return Ok(Some(requested));
+        };
+        let allowed = match snapshots.last_log_id() {
+            Some(snapshot) if snapshot.index < requested.index => {
+                tracing::info!(
+                    shard = self.shard,
+                    %requested,
+                    %snapshot,
+                    "purging the log only up to the durable snapshot; the rest waits for the next purge"
+                );
+                snapshot
+            }
+            Some(_) => requested,
+            None => {
+                tracing::info!(shard = self.shard, %requested, "no durable snapshot yet: purge deferred");
+                return Ok(None);
+            }
+        };
+        let purged = self.last_purged()?;
+        Ok(purged.is_none_or(|p| p.index < allowed.index).then_some(allowed))
     }
 
     fn cache(&self) -> MutexGuard<'_, EntryCache> {
@@ -286,18 +328,22 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(shard = self.shard, %log_id, "purging log");
         let result: Result<(), StoreError> = (|| {
+            // openraft reads nothing at or below `log_id` from now on, whatever stays on disk.
+            self.cache().purge(log_id.index);
+            let Some(upto) = self.purge_limit(log_id)? else {
+                return Ok(());
+            };
             let mut batch = WriteBatch::default();
             batch.put_cf(
                 self.db.cf_state()?,
                 keys::state_key(self.shard, StateKey::LastPurged),
-                codec::log_id_to_pb(&log_id).encode_to_vec(),
+                codec::log_id_to_pb(&upto).encode_to_vec(),
             );
-            let end = log_id.index.checked_add(1).map(|i| keys::log_key(self.shard, i).to_vec());
+            let end = upto.index.checked_add(1).map(|i| keys::log_key(self.shard, i).to_vec());
             let end = end.unwrap_or_else(|| keys::shard_end(self.shard).to_vec());
             batch.delete_range_cf(self.db.cf_log()?, keys::log_key(self.shard, 0).to_vec(), end);
             // Not synced: losing a purge in a power failure brings back the purged entries
             // together with the older `last_purged`, which is an equally valid state.
-            self.cache().purge(log_id.index);
             self.db.write(batch)
         })();
         result.map_err(|e| StorageError::IO {

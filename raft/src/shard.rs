@@ -97,8 +97,8 @@ pub fn open_shard_storage(db: &Arc<NodeDb>, shard: ShardId) -> Result<(ShardLogS
             db.identity().shard_count
         )));
     }
-    let log = ShardLogStore::new(db.clone(), shard);
     let state_machine = ShardStateMachine::open(db.clone(), shard)?;
+    let log = ShardLogStore::linked(db.clone(), shard, state_machine.snapshots());
     Ok((log, state_machine))
 }
 

@@ -19,7 +19,9 @@
 //!   switches the active generation and writes last-applied and membership. A crash before that
 //!   batch leaves the old state untouched (the half-written generation is removed at open).
 //! - Snapshot files are written to a temporary name, fsynced and renamed; a file that does not
-//!   end in a valid trailer is never used.
+//!   end in a valid trailer is never used. The state a file holds is synced to the WAL before
+//!   the rename, so the current snapshot is never ahead of the durable state machine, and the
+//!   log store never purges past the current snapshot (see `log_store`).
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -92,6 +94,11 @@ impl SnapshotStore {
 
     fn current_file(&self) -> Option<SnapshotFile> {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The last log id of the current snapshot, if there is one.
+    pub(crate) fn last_log_id(&self) -> Option<LogId> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|f| f.meta.last_log_id)
     }
 
     /// The current snapshot, opened for reading.
@@ -284,6 +291,9 @@ pub fn build(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(Path
     let file = inner.into_inner().map_err(|e| io_err(e.into_error()))?;
     file.sync_all().map_err(io_err)?;
     drop(file);
+    // The applied state it holds must survive a power failure before the snapshot can stand
+    // for it (a snapshot ahead of the state machine is a state openraft refuses to start from).
+    db.sync_wal()?;
     fs::rename(&tmp_path, &final_path).map_err(|e| StoreError::io(format!("renaming {}", tmp_path.display()), e))?;
     fsync_dir(&store.dir)?;
     tracing::info!(shard, %meta, records, elapsed_ms = started.elapsed().as_millis() as u64, "built snapshot");
@@ -462,8 +472,6 @@ pub(crate) async fn install(
     let (records, path) = tokio::task::spawn_blocking(move || install_blocking(&view2, &store2, &meta2, data))
         .await
         .map_err(|e| StoreError::io("snapshot install task", io::Error::other(e.to_string())))??;
-    // The switch was written by `install_blocking`; make it durable before openraft relies on it.
-    view.db.syncer().sync().await.map_err(|e| StoreError::io("syncing the WAL", e))?;
     store.set_current(path, meta.clone());
     store.remove_received();
     tracing::info!(shard = view.shard, %meta, records, elapsed_ms = started.elapsed().as_millis() as u64, "installed snapshot");
@@ -484,6 +492,9 @@ fn install_blocking(
     let result = install_records(view, meta, data, BufWriter::with_capacity(IO_BUFFER_BYTES, copy), &tmp_path);
     match result {
         Ok(records) => {
+            // The switch must be durable before the file is: a snapshot file newer than the
+            // state machine would be taken at restart for state this node does not have.
+            view.db.sync_wal()?;
             fs::rename(&tmp_path, &final_path)
                 .map_err(|e| StoreError::io(format!("renaming {}", tmp_path.display()), e))?;
             fsync_dir(&store.dir)?;

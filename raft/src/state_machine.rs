@@ -335,6 +335,10 @@ impl ShardStateMachine {
         self.view.shard
     }
 
+    pub(crate) fn snapshots(&self) -> Arc<SnapshotStore> {
+        self.snapshots.clone()
+    }
+
     /// Applies entries in one atomic write; see the module invariants.
     fn apply_entries(&mut self, entries: impl IntoIterator<Item = Entry>) -> Result<Vec<CommandResponse>, StoreError> {
         let generation = *self.view.read_generation();

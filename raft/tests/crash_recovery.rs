@@ -1,8 +1,9 @@
 //! kill -9 at random instants: everything reported durable survives, and the store reopens in a
-//! state openraft accepts.
+//! state openraft accepts (log purged no further than the snapshot, snapshot not ahead of the
+//! state machine).
 //!
 //! The test re-executes itself as a child (`CHORUS_CRASH_CHILD_DIR` set) that appends, applies,
-//! truncates, purges and votes on four shards as fast as it can, printing each operation only
+//! truncates, snapshots, purges and votes on four shards as fast as it can, printing each operation only
 //! after it returned (for appends: after the flush callback). The parent kills it with SIGKILL
 //! at a random moment, reopens the database, and checks every printed fact. Run with
 //! `CHORUS_CRASH_SEED=<n>` to replay a run.
@@ -20,7 +21,7 @@ use chorus_proto::storage::{ClusterIdentity, Command, Op};
 use chorus_raft::state_machine::{append_op, create_room_op};
 use chorus_raft::{DbOptions, Entry, HistoryQuery, LogId, Membership, NodeDb, ShardId, Vote, open_shard_storage};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine, StorageHelper};
-use openraft::{CommittedLeaderId, EntryPayload};
+use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -98,6 +99,8 @@ async fn shard_workload(db: Arc<NodeDb>, shard: ShardId, seed: u64) {
     let state = log.get_log_state().await.unwrap();
     let mut next = state.last_log_id.map(|id| id.index + 1).unwrap_or(0);
     let mut applied = sm.applied_state().await.unwrap().0.map(|id| id.index).unwrap_or(0);
+    let mut snapshot_at =
+        sm.get_current_snapshot().await.unwrap().and_then(|s| s.meta.last_log_id).map_or(0, |id| id.index);
     loop {
         let n = rng.random_range(1..=8);
         let entries: Vec<Entry> = (next..next + n).map(|i| entry(shard, term, i, &mut rng)).collect();
@@ -126,12 +129,19 @@ async fn shard_workload(db: Arc<NodeDb>, shard: ShardId, seed: u64) {
             log.save_vote(&Vote::new(term, 1)).await.unwrap();
             println!("V {shard} {term}");
         }
+        if rng.random_bool(0.03) {
+            let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+            snapshot_at = snapshot.meta.last_log_id.map_or(0, |id| id.index);
+            println!("S {shard} {snapshot_at}");
+        }
         if rng.random_bool(0.05) && applied > 10 {
+            // openraft purges up to the snapshot, or (installing a snapshot from the leader)
+            // beyond it; the store goes no further than the durable snapshot.
             let upto = applied - rng.random_range(0..10);
             let purged = log.read_range(upto, upto + 1).unwrap();
             if let Some(e) = purged.first() {
                 log.purge(e.log_id).await.unwrap();
-                println!("P {shard} {upto}");
+                println!("P {shard} {}", upto.min(snapshot_at));
             }
         }
     }
@@ -148,6 +158,7 @@ struct ShardModel {
     truncating_from: Option<u64>,
     purged: u64,
     applied: u64,
+    snapshot: u64,
     vote_term: u64,
 }
 
@@ -208,17 +219,21 @@ fn parent() {
         rt.block_on(verify(dir.path(), &models, round, seed));
     }
     let flushed: usize = models.iter().map(|m| m.flushed.len()).sum();
+    let snapshots: Vec<u64> = models.iter().map(|m| m.snapshot).collect();
+    let purged: Vec<u64> = models.iter().map(|m| m.purged).collect();
     println!(
-        "crash_recovery: {ROUNDS} kill -9 rounds, {total_lines} reported operations, {flushed} flushed entries verified"
+        "crash_recovery: {ROUNDS} kill -9 rounds, {total_lines} reported operations, {flushed} flushed entries verified; \
+         per shard, snapshot at {snapshots:?}, purged to {purged:?}"
     );
     assert!(flushed > 100, "the workload should have made progress");
+    assert!(purged.iter().any(|&p| p > 0), "the workload should have purged through snapshots");
 }
 
 fn apply_line(models: &mut [ShardModel], line: &str) {
     let parts: Vec<&str> = line.split_whitespace().collect();
     let num = |i: usize| parts[i].parse::<u64>().unwrap();
     let Some(kind) = parts.first() else { return };
-    if !matches!(*kind, "F" | "t" | "T" | "P" | "A" | "V") {
+    if !matches!(*kind, "F" | "t" | "T" | "P" | "A" | "V" | "S") {
         return; // test-harness noise
     }
     let m = &mut models[num(1) as usize];
@@ -235,6 +250,7 @@ fn apply_line(models: &mut [ShardModel], line: &str) {
         "P" => m.purged = m.purged.max(num(2)),
         "A" => m.applied = m.applied.max(num(2)),
         "V" => m.vote_term = m.vote_term.max(num(2)),
+        "S" => m.snapshot = m.snapshot.max(num(2)),
         _ => unreachable!(),
     }
 }
@@ -268,6 +284,12 @@ async fn verify(dir: &Path, models: &[ShardModel], round: u64, seed: u64) {
 
         let applied = sm.applied_state().await.unwrap().0.map(|id| id.index).unwrap_or(0);
         assert!(applied >= model.applied, "{}: apply up to {} lost (found {applied})", ctx(shard), model.applied);
+        // openraft starts only if purged <= snapshot <= applied.
+        let snapshot =
+            sm.get_current_snapshot().await.unwrap().and_then(|s| s.meta.last_log_id).map_or(0, |id| id.index);
+        assert!(snapshot >= model.snapshot, "{}: snapshot at {} lost (found {snapshot})", ctx(shard), model.snapshot);
+        assert!(purged <= snapshot, "{}: log purged to {purged}, past the snapshot at {snapshot}", ctx(shard));
+        assert!(snapshot <= applied, "{}: snapshot at {snapshot} is ahead of applied {applied}", ctx(shard));
         // The room's messages are dense from 1 whatever instant the kill hit.
         let reader = sm.reader();
         if let Some(room) = reader.room(&format!("room-{shard}")).unwrap() {
