@@ -66,9 +66,15 @@ fn run(args: chorus_server::config::RunArgs) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            wait_for_shutdown_signal().await;
+            let code = tokio::select! {
+                _ = wait_for_shutdown_signal() => ExitCode::SUCCESS,
+                _ = running.failed() => {
+                    eprintln!("chorusd: a shard replica stopped; see the log. Exiting so that it restarts.");
+                    ExitCode::FAILURE
+                }
+            };
             running.shutdown().await;
-            ExitCode::SUCCESS
+            code
         }
         .instrument(span),
     )

@@ -5,6 +5,9 @@
 //! reason; let in-flight requests finish (up to the grace period); close QUIC; stop the peer
 //! server; shut down every shard's Raft; sync the WAL. kill -9 at any point loses nothing that
 //! was acknowledged, because acknowledgements wait for the WAL sync on a majority.
+//!
+//! A shard replica whose Raft stops on its own (a storage error or a bug) stops the node the
+//! same way, and chorusd exits with an error so that its supervisor restarts it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -127,6 +130,8 @@ pub struct RunningNode {
     pub node: Arc<Node>,
     quic: quinn::Endpoint,
     peer_server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Cancelled when a shard's Raft stopped on its own (see [`watch_shards`]).
+    failed: CancellationToken,
 }
 
 /// Opens the data dir, starts every hosted shard, the peer server and the client endpoint.
@@ -206,15 +211,66 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         node.background_tasks.spawn(liveness::send_heartbeats(node.clone()));
         node.background_tasks.spawn(liveness::watch_leaders(node.clone()));
     }
+    let failed = CancellationToken::new();
+    node.background_tasks.spawn(watch_shards(node.clone(), failed.clone()));
     tracing::info!(
         client_addr = %node.config.client_addr,
         peer_addr = %node.config.peer_addr,
         "node is serving"
     );
-    Ok(RunningNode { node, quic, peer_server })
+    Ok(RunningNode { node, quic, peer_server, failed })
+}
+
+/// How often [`watch_shards`] looks at the shards' Raft instances.
+const SHARD_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Cancels `failed` when a shard's Raft stops on its own: a storage error or a bug stops
+/// openraft's core for good, and a node that stayed up with a dead replica would answer nothing
+/// for that shard while its peers still count on it. The node then stops (and exits with an
+/// error), so that its supervisor restarts it. Ends on shutdown.
+async fn watch_shards(node: Arc<Node>, failed: CancellationToken) {
+    let mut ticker = tokio::time::interval(SHARD_CHECK_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = node.peers_shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        // The metrics channel closes when the core's task ends.
+        let stopped: Vec<ShardId> = node
+            .shards
+            .iter()
+            .filter(|(_, replica)| replica.raft.metrics().has_changed().is_err())
+            .map(|(&shard, _)| shard)
+            .collect();
+        if stopped.is_empty() || node.peers_shutdown.is_cancelled() {
+            continue;
+        }
+        for &shard in &stopped {
+            let reason = replica_failure(&node, shard).await;
+            tracing::error!(shard, %reason, "shard replica stopped; stopping the node so that it restarts");
+        }
+        failed.cancel();
+        return;
+    }
+}
+
+/// What a stopped shard's Raft says when asked.
+async fn replica_failure(node: &Node, shard: ShardId) -> String {
+    let Some(replica) = node.shards.get(&shard) else { return "unknown shard".into() };
+    match replica.raft.with_raft_state(|_| ()).await {
+        Err(fatal) => fatal.to_string(),
+        Ok(()) => "its state channel closed".into(),
+    }
 }
 
 impl RunningNode {
+    /// Resolves when the node cannot go on (a shard replica stopped); it should then be shut
+    /// down and the process exit with an error.
+    pub async fn failed(&self) {
+        self.failed.cancelled().await
+    }
+
     /// Stops the node in order (see the module docs).
     pub async fn shutdown(self) {
         let node = self.node;

@@ -419,3 +419,34 @@ async fn a_data_dir_of_another_cluster_is_refused() {
     assert!(stderr.contains("belongs to cluster"), "{stderr}");
     assert!(stderr.contains("someone-else"), "{stderr}");
 }
+
+/// A node whose shard replica stops (openraft's core ends on a storage error or a bug, and
+/// cannot be restarted in-process) exits with an error, so that its supervisor restarts it,
+/// rather than staying up with a dead replica its peers count on. Here the replica stops at
+/// start-up: its log claims a purge past anything its state machine has, a state openraft
+/// refuses to start from.
+#[tokio::test]
+async fn a_node_whose_shard_replica_stops_exits_with_an_error() {
+    use chorus_raft::keys::{self, StateKey};
+    use clap::Parser;
+    use prost::Message as _;
+
+    let mut cluster = TestCluster::start(1, 1, 2, &[]);
+    cluster.wait_ready(1).await;
+    assert!(cluster.terminate(1).success());
+    {
+        let args = std::iter::once("chorusd".to_string()).chain(cluster.args_of(1));
+        let config = chorus_server::config::Cli::try_parse_from(args).unwrap().run.resolve().unwrap();
+        let identity = chorus_server::cluster::ClusterLayout::from_config(&config).identity(1);
+        let db = chorus_raft::NodeDb::open(&config.data_dir, identity, &chorus_raft::DbOptions::default()).unwrap();
+        let state = db.rocks().cf_handle(keys::CF_STATE).unwrap();
+        let bogus = chorus_raft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 1_000_000);
+        let value = chorus_raft::codec::log_id_to_pb(&bogus).encode_to_vec();
+        db.rocks().put_cf(state, keys::state_key(1, StateKey::LastPurged), value).unwrap();
+    }
+    cluster.spawn(1);
+    let status = cluster.wait_exit(1, Duration::from_secs(30)).expect("the node should exit on its own");
+    assert!(!status.success(), "exit status {status}");
+    let log = std::fs::read_to_string(&cluster.nodes[&1].log).unwrap();
+    assert!(log.contains("shard replica stopped"), "{}", common::tail(&cluster.nodes[&1].log, 20));
+}

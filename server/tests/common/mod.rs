@@ -146,6 +146,23 @@ impl TestCluster {
         }
     }
 
+    /// Waits up to `timeout` for node `id` to exit on its own; its exit status, if it did.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let node = self.nodes.get_mut(&id).unwrap();
+        let child = node.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                node.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn is_running(&mut self, id: u64) -> bool {
         let node = self.nodes.get_mut(&id).unwrap();
         match node.child.as_mut() {
