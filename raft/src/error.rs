@@ -81,6 +81,9 @@ pub enum StoreError {
     IdentityMismatch { path: PathBuf, found: String, expected: String },
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A purge past the durable snapshot found no install that would cover it.
+    #[error("shard {shard}: not purging the log to index {upto}: {reason}")]
+    PurgeUncovered { shard: u32, upto: u64, reason: String },
 }
 
 impl StoreError {

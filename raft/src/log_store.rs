@@ -10,7 +10,9 @@
 //!   store, as in production). openraft 0.9 purges the log up to a received snapshot right after
 //!   *queueing* its install, so a crash before the install finished would otherwise leave the
 //!   log purged past the state machine: a state openraft refuses to start from. Such a purge
-//!   is cut back to the durable snapshot, and the rest happens at the next purge.
+//!   waits for the install. (Deferring part of it instead is not enough: the entries openraft
+//!   appends after the install would then follow a hole in the log.) Waiting holds up the
+//!   shard's Raft core, which has nothing else to do for this replica until the install is done.
 //! - All writes of a shard are issued in the order openraft calls them, and each is in RocksDB
 //!   before the call returns, so the WAL keeps them in that order.
 
@@ -28,13 +30,16 @@ use crate::codec;
 use crate::db::NodeDb;
 use crate::error::StoreError;
 use crate::keys::{self, StateKey};
-use crate::snapshot::SnapshotStore;
+use crate::snapshot::{SnapshotProgress, SnapshotStore};
 use crate::types::{Entry, LogId, LogState, ShardId, StorageError, TypeConfig, Vote};
 
 /// Newest entries kept in memory per shard, so that replication (which reads every entry
 /// once per follower, right after it was appended) does not go back to RocksDB.
 const CACHE_MAX_ENTRIES: usize = 1024;
 const CACHE_MAX_BYTES: usize = 1 << 20;
+
+/// Longest a purge waits for the snapshot install that covers it before failing.
+const PURGE_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A contiguous run of the newest log entries. Invariant: `entries[i].log_id.index ==
 /// entries[0].log_id.index + i`, and each entry equals the one in RocksDB.
@@ -117,35 +122,42 @@ impl ShardLogStore {
         ShardLogStore { shard, db, cache: Arc::default(), snapshots: None }
     }
 
-    /// A log store that never purges past the current snapshot in `snapshots`.
+    /// A log store that never purges past the current snapshot in `snapshots`: a purge beyond it
+    /// waits for the snapshot install under way.
     pub(crate) fn linked(db: Arc<NodeDb>, shard: ShardId, snapshots: Arc<SnapshotStore>) -> Self {
         ShardLogStore { shard, db, cache: Arc::default(), snapshots: Some(snapshots) }
     }
 
-    /// How far a purge up to `requested` may go now: no further than the durable snapshot, and
-    /// nowhere if that is not past what is already purged.
-    fn purge_limit(&self, requested: LogId) -> Result<Option<LogId>, StoreError> {
+    /// Waits until the durable snapshot covers `upto` (see the module invariants). Fails if
+    /// the install that would cover it failed, or nothing covers it for `PURGE_WAIT_LIMIT`.
+    async fn wait_for_snapshot(&self, upto: LogId) -> Result<(), StoreError> {
         let Some(snapshots) = &self.snapshots else {
-            return Ok(Some(requested));
+            return Ok(());
         };
-        let allowed = match snapshots.last_log_id() {
-            Some(snapshot) if snapshot.index < requested.index => {
-                tracing::info!(
-                    shard = self.shard,
-                    %requested,
-                    %snapshot,
-                    "purging the log only up to the durable snapshot; the rest waits for the next purge"
-                );
-                snapshot
-            }
-            Some(_) => requested,
-            None => {
-                tracing::info!(shard = self.shard, %requested, "no durable snapshot yet: purge deferred");
-                return Ok(None);
-            }
-        };
-        let purged = self.last_purged()?;
-        Ok(purged.is_none_or(|p| p.index < allowed.index).then_some(allowed))
+        let mut progress = snapshots.progress();
+        let covered = |p: &SnapshotProgress| p.current >= Some(upto.index);
+        if covered(&progress.borrow()) {
+            return Ok(());
+        }
+        tracing::info!(shard = self.shard, %upto, "purge waits for the snapshot install that covers it");
+        let waited = tokio::time::timeout(
+            PURGE_WAIT_LIMIT,
+            progress.wait_for(|p| covered(p) || p.failed_install >= Some(upto.index)),
+        )
+        .await;
+        match waited {
+            Ok(Ok(p)) if covered(&p) => Ok(()),
+            Ok(_) => Err(StoreError::PurgeUncovered {
+                shard: self.shard,
+                upto: upto.index,
+                reason: "the snapshot install that covers it failed".into(),
+            }),
+            Err(_) => Err(StoreError::PurgeUncovered {
+                shard: self.shard,
+                upto: upto.index,
+                reason: format!("no snapshot covers it after {} s", PURGE_WAIT_LIMIT.as_secs()),
+            }),
+        }
     }
 
     fn cache(&self) -> MutexGuard<'_, EntryCache> {
@@ -327,12 +339,14 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(shard = self.shard, %log_id, "purging log");
+        if let Err(e) = self.wait_for_snapshot(log_id).await {
+            tracing::error!(shard = self.shard, error = %e, "purge refused");
+            return Err(StorageError::IO {
+                source: StorageIOError::new(ErrorSubject::Log(log_id), ErrorVerb::Delete, &e),
+            });
+        }
         let result: Result<(), StoreError> = (|| {
-            // openraft reads nothing at or below `log_id` from now on, whatever stays on disk.
-            self.cache().purge(log_id.index);
-            let Some(upto) = self.purge_limit(log_id)? else {
-                return Ok(());
-            };
+            let upto = log_id;
             let mut batch = WriteBatch::default();
             batch.put_cf(
                 self.db.cf_state()?,
@@ -344,6 +358,7 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
             batch.delete_range_cf(self.db.cf_log()?, keys::log_key(self.shard, 0).to_vec(), end);
             // Not synced: losing a purge in a power failure brings back the purged entries
             // together with the older `last_purged`, which is an equally valid state.
+            self.cache().purge(upto.index);
             self.db.write(batch)
         })();
         result.map_err(|e| StorageError::IO {

@@ -54,6 +54,15 @@ const IO_BUFFER_BYTES: usize = 256 * 1024;
 pub struct SnapshotStore {
     dir: PathBuf,
     current: Mutex<Option<SnapshotFile>>,
+    /// What a purge waiting for an install watches (see `ShardLogStore::purge`).
+    progress: tokio::sync::watch::Sender<SnapshotProgress>,
+}
+
+/// The index of the current snapshot, and of the newest snapshot whose install failed.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SnapshotProgress {
+    pub current: Option<u64>,
+    pub failed_install: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -89,16 +98,21 @@ impl SnapshotStore {
         for stale in found {
             remove_file_logged(&stale.path);
         }
-        Ok(SnapshotStore { dir, current: Mutex::new(current) })
+        let progress = SnapshotProgress {
+            current: current.as_ref().and_then(|f| f.meta.last_log_id).map(|id| id.index),
+            failed_install: None,
+        };
+        let (progress, _) = tokio::sync::watch::channel(progress);
+        Ok(SnapshotStore { dir, current: Mutex::new(current), progress })
     }
 
     fn current_file(&self) -> Option<SnapshotFile> {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The last log id of the current snapshot, if there is one.
-    pub(crate) fn last_log_id(&self) -> Option<LogId> {
-        self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|f| f.meta.last_log_id)
+    /// Follows the current snapshot's index and failed installs.
+    pub(crate) fn progress(&self) -> tokio::sync::watch::Receiver<SnapshotProgress> {
+        self.progress.subscribe()
     }
 
     /// The current snapshot, opened for reading.
@@ -122,12 +136,15 @@ impl SnapshotStore {
             remove_file_logged(&path);
             return;
         }
+        let index = meta.last_log_id.map(|id| id.index);
         // A reader that opened the old file keeps reading it after the unlink.
         if let Some(old) = current.replace(SnapshotFile { path: path.clone(), meta })
             && old.path != path
         {
             remove_file_logged(&old.path);
         }
+        drop(current);
+        self.progress.send_modify(|p| p.current = p.current.max(index));
     }
 
     /// A new empty file for a snapshot being received from the leader.
@@ -469,9 +486,18 @@ pub(crate) async fn install(
     let started = std::time::Instant::now();
     let data = data.into_std().await;
     let (view2, store2, meta2) = (view.clone(), store.clone(), meta.clone());
-    let (records, path) = tokio::task::spawn_blocking(move || install_blocking(&view2, &store2, &meta2, data))
+    let installed = tokio::task::spawn_blocking(move || install_blocking(&view2, &store2, &meta2, data))
         .await
-        .map_err(|e| StoreError::io("snapshot install task", io::Error::other(e.to_string())))??;
+        .map_err(|e| StoreError::io("snapshot install task", io::Error::other(e.to_string())))
+        .and_then(|r| r);
+    let (records, path) = match installed {
+        Ok(done) => done,
+        Err(e) => {
+            let index = meta.last_log_id.map(|id| id.index);
+            store.progress.send_modify(|p| p.failed_install = p.failed_install.max(index));
+            return Err(e);
+        }
+    };
     store.set_current(path, meta.clone());
     store.remove_received();
     tracing::info!(shard = view.shard, %meta, records, elapsed_ms = started.elapsed().as_millis() as u64, "installed snapshot");

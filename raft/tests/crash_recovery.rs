@@ -135,13 +135,12 @@ async fn shard_workload(db: Arc<NodeDb>, shard: ShardId, seed: u64) {
             println!("S {shard} {snapshot_at}");
         }
         if rng.random_bool(0.05) && applied > 10 {
-            // openraft purges up to the snapshot, or (installing a snapshot from the leader)
-            // beyond it; the store goes no further than the durable snapshot.
-            let upto = applied - rng.random_range(0..10);
+            // Like openraft: never past the snapshot (a purge past it waits for an install).
+            let upto = (applied - rng.random_range(0..10)).min(snapshot_at);
             let purged = log.read_range(upto, upto + 1).unwrap();
             if let Some(e) = purged.first() {
                 log.purge(e.log_id).await.unwrap();
-                println!("P {shard} {}", upto.min(snapshot_at));
+                println!("P {shard} {upto}");
             }
         }
     }

@@ -3,10 +3,10 @@
 //! openraft 0.9 purges a follower's log up to a received snapshot right after queueing the
 //! snapshot's install, and the install itself runs later on the state-machine task. A chaos run
 //! killed a node between the two: at restart its log was purged past its state machine, and
-//! openraft's start-up check panicked the shard (`purge_upto <= snapshot_last_log_id`). This test
-//! replays openraft's order of storage calls, "crashes" after each step (drops everything and
-//! reopens the data dir, which is what RocksDB sees after kill -9), and starts a real Raft
-//! instance on what is left.
+//! openraft's start-up check panicked the shard (`purge_upto <= snapshot_last_log_id`). A purge
+//! past the durable snapshot now waits for the install. This test replays openraft's order of
+//! storage calls, "crashes" after each step (drops everything and reopens the data dir, which is
+//! what RocksDB sees after kill -9), and starts a real Raft instance on what is left.
 
 mod common;
 
@@ -76,6 +76,14 @@ async fn restart_and_check(dir: &Path, step: &str) -> (Option<u64>, Option<u64>)
     (purged, snapshot)
 }
 
+/// The follower's durable last purged index and log end.
+async fn log_state(dir: &Path) -> (Option<u64>, Option<u64>) {
+    let db = open_node_db(dir, FOLLOWER, &DbOptions::default());
+    let (mut log, _) = open_shard_storage(&db, SHARD).unwrap();
+    let state = log.get_log_state().await.unwrap();
+    (state.last_purged_log_id.map(|id| id.index), state.last_log_id.map(|id| id.index))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_during_a_snapshot_install_leaves_a_state_raft_restarts_from() {
     let leader_dir = tempfile::tempdir().unwrap();
@@ -86,6 +94,7 @@ async fn a_kill_during_a_snapshot_install_leaves_a_state_raft_restarts_from() {
     let mut bytes = Vec::new();
     from_leader.snapshot.read_to_end(&mut bytes).await.unwrap();
     let meta = from_leader.meta;
+    let upto = meta.last_log_id.unwrap();
 
     // The follower has applied and snapshotted a prefix of the same log.
     let dir = tempfile::tempdir().unwrap();
@@ -96,43 +105,63 @@ async fn a_kill_during_a_snapshot_install_leaves_a_state_raft_restarts_from() {
     }
     assert_eq!(restart_and_check(dir.path(), "before the install").await, (None, Some(5)));
 
-    // openraft's order: receive the file, queue the install, purge the log to the snapshot,
-    // install. A kill right after the purge:
-    let receive = |db: Arc<NodeDb>| {
-        let bytes = bytes.clone();
-        async move {
-            let (log, mut sm) = open_shard_storage(&db, SHARD).unwrap();
-            let mut received = sm.begin_receiving_snapshot().await.unwrap();
-            received.write_all(&bytes).await.unwrap();
-            received.flush().await.unwrap();
-            (log, sm, received)
-        }
+    // openraft's order: receive the file, queue the install, purge the log to the snapshot
+    // (on the Raft core), install (on the state-machine task).
+    let receive = |db: Arc<NodeDb>, bytes: Vec<u8>| async move {
+        let (log, mut sm) = open_shard_storage(&db, SHARD).unwrap();
+        let mut received = sm.begin_receiving_snapshot().await.unwrap();
+        received.write_all(&bytes).await.unwrap();
+        received.flush().await.unwrap();
+        (log, sm, received)
     };
-    {
-        let db = open_node_db(dir.path(), FOLLOWER, &DbOptions::default());
-        let (mut log, _sm, _received) = receive(db.clone()).await;
-        log.purge(meta.last_log_id.unwrap()).await.unwrap();
-    }
-    let (purged, snapshot) = restart_and_check(dir.path(), "killed after the purge, before the install").await;
-    assert_eq!(snapshot, Some(5), "the install never ran");
-    assert_eq!(purged, Some(5), "the purge stops at the durable snapshot");
 
-    // The whole sequence, then a kill: the snapshot stands, and the next purge catches up.
+    // Killed after the purge was issued, before the install: the purge is still waiting and
+    // nothing was purged.
     {
         let db = open_node_db(dir.path(), FOLLOWER, &DbOptions::default());
-        let (mut log, mut sm, received) = receive(db.clone()).await;
-        log.purge(meta.last_log_id.unwrap()).await.unwrap();
+        let (mut log, _sm, _received) = receive(db.clone(), bytes.clone()).await;
+        let purge = tokio::spawn(async move { log.purge(upto).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!purge.is_finished(), "a purge past the snapshot must wait for its install");
+        purge.abort();
+        let _ = purge.await;
+    }
+    assert_eq!(log_state(dir.path()).await, (None, Some(5)));
+    assert_eq!(restart_and_check(dir.path(), "killed before the install").await, (None, Some(5)));
+
+    // The install completes: the waiting purge goes ahead, and what openraft appends next
+    // follows the snapshot without a hole.
+    {
+        let db = open_node_db(dir.path(), FOLLOWER, &DbOptions::default());
+        let (mut log, mut sm, received) = receive(db.clone(), bytes.clone()).await;
+        let mut purging = log.clone();
+        let purge = tokio::spawn(async move { purging.purge(upto).await });
         sm.install_snapshot(&meta, received).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), purge).await.unwrap().unwrap().unwrap();
+        log.blocking_append([entry(41)]).await.unwrap();
     }
-    let (purged, snapshot) = restart_and_check(dir.path(), "killed after the install").await;
-    assert_eq!((purged, snapshot), (Some(5), Some(40)));
+    assert_eq!(log_state(dir.path()).await, (Some(40), Some(41)));
+    assert_eq!(restart_and_check(dir.path(), "killed after the install").await, (Some(40), Some(40)));
+
+    // An install that fails leaves the state as it was, and the purge waiting for it fails
+    // (openraft then stops the shard; the node restarts it) instead of purging.
+    write_and_apply(&leader, 60).await;
+    let mut newer = build_snapshot(&leader).await;
+    let mut corrupt = Vec::new();
+    newer.snapshot.read_to_end(&mut corrupt).await.unwrap();
+    let middle = corrupt.len() / 2;
+    corrupt[middle] ^= 0xAA;
     {
         let db = open_node_db(dir.path(), FOLLOWER, &DbOptions::default());
-        let (mut log, _) = open_shard_storage(&db, SHARD).unwrap();
-        log.purge(meta.last_log_id.unwrap()).await.unwrap();
-        let state = log.get_log_state().await.unwrap();
-        assert_eq!(state.last_purged_log_id.map(|id| id.index), Some(40));
-        assert_eq!(state.last_log_id.map(|id| id.index), Some(40), "no entry left behind the snapshot");
+        let (mut log, mut sm, received) = receive(db.clone(), corrupt).await;
+        let newer_upto = newer.meta.last_log_id.unwrap();
+        let mut purging = log.clone();
+        let purge = tokio::spawn(async move { purging.purge(newer_upto).await });
+        sm.install_snapshot(&newer.meta, received).await.unwrap_err();
+        let refused = tokio::time::timeout(Duration::from_secs(10), purge).await.unwrap().unwrap();
+        let err = refused.unwrap_err().to_string();
+        assert!(err.contains("install that covers it failed"), "{err}");
+        assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(upto));
     }
-    assert_eq!(restart_and_check(dir.path(), "after the next purge").await, (Some(40), Some(40)));
+    assert_eq!(restart_and_check(dir.path(), "after a failed install").await, (Some(40), Some(40)));
 }
