@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use chorus_proto::client::{self, Subscribe, event};
@@ -18,6 +19,10 @@ use crate::subscription;
 
 /// A write to a subscriber takes waiting events up to about this many bytes.
 const COALESCE_BYTES: usize = 64 * 1024;
+/// A busy subscriber (written to within this long) gets its next write this long after the
+/// previous one, with everything that arrived meanwhile: one QUIC packet for several messages
+/// instead of one each. An idle subscriber is written to at once.
+const COALESCE_WINDOW: Duration = Duration::from_millis(2);
 
 /// Most rooms in one subscription.
 pub const MAX_ROOMS_PER_SUBSCRIPTION: usize = 256;
@@ -69,6 +74,7 @@ pub async fn handle(node: Arc<Node>, subscribe: Subscribe, mut send: quinn::Send
         });
     }
     drop(tx);
+    let mut last_write: Option<tokio::time::Instant> = None;
     let closing_reason = loop {
         tokio::select! {
             _ = node.clients_shutdown.cancelled() => break Some("node shutting down"),
@@ -82,10 +88,17 @@ pub async fn handle(node: Arc<Node>, subscribe: Subscribe, mut send: quinn::Send
                     // and wake-up for many messages when a subscriber's rooms are busy).
                     let mut frames = BytesMut::new();
                     framing::append_frame(&mut frames, &event);
+                    if let Some(due) = hold_until(last_write, tokio::time::Instant::now()) {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(due) => {}
+                            _ = node.clients_shutdown.cancelled() => {}
+                        }
+                    }
                     while frames.len() < COALESCE_BYTES {
                         let Ok(more) = rx.try_recv() else { break };
                         framing::append_frame(&mut frames, &more);
                     }
+                    last_write = Some(tokio::time::Instant::now());
                     if send.write_all(&frames).await.is_err() {
                         break None;
                     }
@@ -104,8 +117,29 @@ pub async fn handle(node: Arc<Node>, subscribe: Subscribe, mut send: quinn::Send
     }
 }
 
+/// When a write due now should wait for more events: until `COALESCE_WINDOW` after the last
+/// write if that was less than a window ago, else not at all.
+fn hold_until(last_write: Option<tokio::time::Instant>, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+    last_write.map(|at| at + COALESCE_WINDOW).filter(|&due| due > now)
+}
+
 /// Ends a subscription stream before it started, with an `Error` event.
 pub async fn refuse(send: &mut quinn::SendStream, e: &ServiceError) {
     let _ = framing::write_message(send, &e.to_event(None)).await;
     let _ = send.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_busy_subscriber_waits_and_never_longer_than_the_window() {
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(hold_until(None, t0), None, "the first write goes at once");
+        let soon = t0 + COALESCE_WINDOW / 2;
+        assert_eq!(hold_until(Some(t0), soon), Some(t0 + COALESCE_WINDOW));
+        assert_eq!(hold_until(Some(t0), t0 + COALESCE_WINDOW), None, "idle for a window: at once");
+        assert_eq!(hold_until(Some(t0), t0 + COALESCE_WINDOW * 10), None);
+    }
 }
