@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chorus_proto::batching::dispatch_batches;
+use chorus_proto::batching::{BatchQueue, dispatch_batches};
 use chorus_proto::client::{self as pb, request, response};
 use chorus_proto::framing::{self, FrameError};
 use quinn::crypto::rustls::QuicClientConfig;
@@ -198,7 +198,7 @@ const SEND_QUEUE: usize = 16 * 1024;
 
 struct Inner {
     options: ClientOptions,
-    sends: tokio::sync::mpsc::Sender<PendingSend>,
+    sends: BatchQueue<PendingSend>,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     /// For connections straight to shard leaders: quick to notice a dead node (see
@@ -253,7 +253,7 @@ impl Client {
         direct_config.transport_config(transport(direct_idle, direct_idle / 5)?);
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
         let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Config(format!("UDP socket: {e}")))?;
-        let (sends, queue) = tokio::sync::mpsc::channel(SEND_QUEUE);
+        let (sends, queue, slots) = BatchQueue::new(SEND_QUEUE, SEND_BATCHES_IN_FLIGHT);
         let client = Client {
             inner: Arc::new(Inner {
                 sends,
@@ -271,7 +271,7 @@ impl Client {
             }),
         };
         client.connection().await?;
-        tokio::spawn(send_batches(Arc::downgrade(&client.inner), queue));
+        tokio::spawn(send_batches(Arc::downgrade(&client.inner), queue, slots));
         tokio::spawn(close_unused_routes(Arc::downgrade(&client.inner)));
         Ok(client)
     }
@@ -370,6 +370,14 @@ impl Client {
                 }
             });
         }
+    }
+
+    /// Sends `batch` as one SendBatch per target node (see [`routes`]), holding `slot` until
+    /// every send of it is answered.
+    async fn send_routed(&self, batch: Vec<PendingSend>, slot: tokio::sync::OwnedSemaphorePermit) {
+        let groups = self.route(batch);
+        futures::future::join_all(groups.into_iter().map(|(direct, batch)| self.send_batch(direct, batch))).await;
+        drop(slot);
     }
 
     /// Sends one batch, on the direct connection to its shards' leader when `direct` names
@@ -552,7 +560,12 @@ impl Client {
         let reply = self
             .retrying(|| async {
                 let (reply, result) = tokio::sync::oneshot::channel();
-                self.inner.sends.send(PendingSend { send: send.clone(), reply }).await.map_err(|_| shutting_down())?;
+                let pending = PendingSend { send: send.clone(), reply };
+                match self.inner.sends.alone() {
+                    // Nothing else waiting: this send goes at once, from this task.
+                    Some(slot) => self.send_routed(vec![pending], slot).await,
+                    None => self.inner.sends.send(pending).await.map_err(|_| shutting_down())?,
+                }
                 result.await.unwrap_or_else(|_| Err(shutting_down()))
             })
             .await?;
@@ -665,17 +678,17 @@ impl Client {
 /// The client's send batcher: takes the first queued send, waits for a free slot, then takes
 /// every other queued send (up to the batch limits) and sends them as one SendBatch per target
 /// node (see [`routes`]). Ends when the client is dropped.
-async fn send_batches(client: std::sync::Weak<Inner>, queue: tokio::sync::mpsc::Receiver<PendingSend>) {
+async fn send_batches(
+    client: std::sync::Weak<Inner>,
+    queue: tokio::sync::mpsc::Receiver<PendingSend>,
+    slots: Arc<tokio::sync::Semaphore>,
+) {
     // Each send is a length-delimited field of the request: its encoding plus a few bytes.
     let size = |p: &PendingSend| prost::Message::encoded_len(&p.send) + 8;
-    dispatch_batches(queue, SEND_BATCHES_IN_FLIGHT, MAX_SENDS_PER_BATCH, MAX_BATCH_BYTES, size, |batch, slot| {
+    dispatch_batches(queue, slots, MAX_SENDS_PER_BATCH, MAX_BATCH_BYTES, size, |batch, slot| {
         let Some(inner) = client.upgrade() else { return false };
         let client = Client { inner };
-        tokio::spawn(async move {
-            let _slot = slot;
-            let groups = client.route(batch);
-            futures::future::join_all(groups.into_iter().map(|(direct, batch)| client.send_batch(direct, batch))).await;
-        });
+        tokio::spawn(async move { client.send_routed(batch, slot).await });
         true
     })
     .await

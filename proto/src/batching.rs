@@ -7,19 +7,58 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-/// Empties `queue` in batches, at most `in_flight` of them out at once: waits for an item, then
-/// for a free slot (meanwhile more items queue up), takes what is ready (see [`take_ready`]), and
-/// hands the batch and its slot to `dispatch`, which sends it in a task of its own and holds the
-/// slot until the batch is answered. Ends when the queue is closed or `dispatch` returns false.
+/// The submitting side of a batched queue: items go through [`dispatch_batches`], except a
+/// lone one, which its submitter may send at once in its own task ([`BatchQueue::alone`]) and
+/// save the two task hops of the queue. Cheap to clone.
+pub struct BatchQueue<T> {
+    queue: mpsc::Sender<T>,
+    slots: Arc<Semaphore>,
+}
+
+impl<T> Clone for BatchQueue<T> {
+    fn clone(&self) -> Self {
+        BatchQueue { queue: self.queue.clone(), slots: self.slots.clone() }
+    }
+}
+
+impl<T> BatchQueue<T> {
+    /// A queue holding up to `capacity` items, with `in_flight` slots for batches; the receiver
+    /// and slots go to [`dispatch_batches`].
+    pub fn new(capacity: usize, in_flight: usize) -> (BatchQueue<T>, mpsc::Receiver<T>, Arc<Semaphore>) {
+        let (queue, rx) = mpsc::channel(capacity);
+        let slots = Arc::new(Semaphore::new(in_flight));
+        (BatchQueue { queue, slots: slots.clone() }, rx, slots)
+    }
+
+    /// A slot for sending one item at once, outside the queue: given only when nothing is
+    /// queued and a slot is free (so nothing submitted earlier is overtaken: a batch waiting
+    /// for a slot gets the next free one first). Hold it until the item is answered.
+    pub fn alone(&self) -> Option<OwnedSemaphorePermit> {
+        if self.queue.capacity() < self.queue.max_capacity() {
+            return None;
+        }
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Queues `item`, waiting while the queue is full; fails if the dispatcher is gone.
+    pub async fn send(&self, item: T) -> Result<(), mpsc::error::SendError<T>> {
+        self.queue.send(item).await
+    }
+}
+
+/// Empties `queue` in batches, at most one per slot of `slots` out at once: waits for an item,
+/// then for a free slot (meanwhile more items queue up), takes what is ready (see
+/// [`take_ready`]), and hands the batch and its slot to `dispatch`, which sends it in a task of
+/// its own and holds the slot until the batch is answered. Ends when the queue is closed or
+/// `dispatch` returns false.
 pub async fn dispatch_batches<T>(
     mut queue: mpsc::Receiver<T>,
-    in_flight: usize,
+    slots: Arc<Semaphore>,
     max_items: usize,
     max_bytes: usize,
     size: impl Fn(&T) -> usize,
     mut dispatch: impl FnMut(Vec<T>, OwnedSemaphorePermit) -> bool,
 ) {
-    let slots = Arc::new(Semaphore::new(in_flight));
     let mut carried = None;
     loop {
         let first = match carried.take() {
@@ -91,11 +130,11 @@ mod tests {
 
     #[tokio::test]
     async fn batches_wait_for_a_free_slot_and_gather_meanwhile() {
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx, slots) = BatchQueue::new(16, 1);
         let (batches_tx, mut batches) = mpsc::unbounded_channel();
         let run = tokio::spawn(dispatch_batches(
             rx,
-            1,
+            slots,
             10,
             100,
             |&n: &usize| n,
@@ -113,6 +152,39 @@ mod tests {
         drop(slot);
         let (second, _slot) = batches.recv().await.unwrap();
         assert_eq!(second, vec![2, 3, 4]);
+        drop(tx);
+        drop(_slot);
+        run.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lone_item_may_skip_the_queue_but_never_overtakes_one() {
+        let (tx, rx, slots) = BatchQueue::new(16, 2);
+        let (batches_tx, mut batches) = mpsc::unbounded_channel();
+        let run = tokio::spawn(dispatch_batches(
+            rx,
+            slots,
+            10,
+            100,
+            |&n: &usize| n,
+            move |batch, slot| batches_tx.send((batch, slot)).is_ok(),
+        ));
+        // Nothing queued, slots free: the submitter goes alone.
+        let alone = tx.alone().expect("a free slot");
+        // One slot left: a queued item takes it.
+        tx.send(1).await.unwrap();
+        let (first, busy) = batches.recv().await.unwrap();
+        assert_eq!(first, vec![1]);
+        assert!(tx.alone().is_none(), "no free slot");
+        // Queued items wait for a slot; nobody skips them, even once a slot frees.
+        tx.send(2).await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(tx.alone().is_none());
+        drop(alone);
+        let (second, _slot) = batches.recv().await.unwrap();
+        assert_eq!(second, vec![2], "the freed slot went to the waiting batch");
+        drop(busy);
+        assert!(tx.alone().is_some(), "queue empty and a slot free again");
         drop(tx);
         drop(_slot);
         run.await.unwrap();

@@ -4,7 +4,8 @@
 //! for one of the shard's in-flight slots, then takes everything else queued (up to the command
 //! limits) and proposes it as one command — locally if this node leads the shard, else as one
 //! forwarded RPC. Each operation gets its own result back. Under load batches grow by
-//! themselves while slots are busy; a lone write goes out at once, so latency does not suffer.
+//! themselves while slots are busy; a lone write (nothing queued, a slot free) is proposed at
+//! once from its submitter's task, without the queue's two task hops.
 //!
 //! Order: an operation is only proposed after every operation whose reply was already sent, so
 //! "A acknowledged before B was submitted ⇒ seq(A) < seq(B)" holds. Batches in flight at the
@@ -13,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use chorus_proto::batching::dispatch_batches;
+use chorus_proto::batching::{BatchQueue, dispatch_batches};
 use chorus_proto::storage::op;
 use chorus_raft::{OpOutcome, ShardId};
 use tokio::sync::{mpsc, oneshot};
@@ -36,36 +37,55 @@ struct Pending {
 /// The per-shard queues of a node.
 #[derive(Default)]
 pub struct Batcher {
-    queues: Mutex<HashMap<ShardId, mpsc::Sender<Pending>>>,
+    queues: Mutex<HashMap<ShardId, BatchQueue<Pending>>>,
 }
 
 impl Batcher {
-    fn queue(&self, node: &Arc<Node>, shard: ShardId) -> mpsc::Sender<Pending> {
+    fn queue(&self, node: &Arc<Node>, shard: ShardId) -> BatchQueue<Pending> {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         queues
             .entry(shard)
             .or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-                node.background_tasks.spawn(run_shard_queue(node.clone(), shard, rx));
+                let (tx, rx, slots) = BatchQueue::new(QUEUE_CAPACITY, BATCHES_IN_FLIGHT);
+                node.background_tasks.spawn(run_shard_queue(node.clone(), shard, rx, slots));
                 tx
             })
             .clone()
     }
 
-    /// Proposes `op` to `shard` as part of a batch and returns its own result.
-    pub async fn submit(&self, node: &Arc<Node>, shard: ShardId, op: op::Kind) -> Result<OpOutcome, ServiceError> {
+    /// Proposes `op` to `shard` as part of a batch and returns its own result. `lone` says the
+    /// request carries no other operation: then, when nothing is waiting and a slot is free, it
+    /// is proposed at once. (Operations of one request are submitted together, and should
+    /// share an entry rather than each take a slot.)
+    pub async fn submit(
+        &self,
+        node: &Arc<Node>,
+        shard: ShardId,
+        op: op::Kind,
+        lone: bool,
+    ) -> Result<OpOutcome, ServiceError> {
         let (reply, result) = oneshot::channel();
         let size = op.encoded_len() + 8;
-        self.queue(node, shard).send(Pending { op, size, reply }).await.map_err(|_| ServiceError::ShuttingDown)?;
+        let pending = Pending { op, size, reply };
+        let queue = self.queue(node, shard);
+        match queue.alone().filter(|_| lone) {
+            Some(slot) => propose(node.clone(), shard, vec![pending], slot).await,
+            None => queue.send(pending).await.map_err(|_| ServiceError::ShuttingDown)?,
+        }
         result.await.map_err(|_| ServiceError::ShuttingDown)?
     }
 }
 
-async fn run_shard_queue(node: Arc<Node>, shard: ShardId, queue: mpsc::Receiver<Pending>) {
+async fn run_shard_queue(
+    node: Arc<Node>,
+    shard: ShardId,
+    queue: mpsc::Receiver<Pending>,
+    slots: Arc<tokio::sync::Semaphore>,
+) {
     let limits = node.config.limits;
     // The command's own fields (timestamp, framing) take 16 bytes on top of its operations.
     let max_bytes = limits.max_command_bytes.saturating_sub(16);
-    let batches = dispatch_batches(queue, BATCHES_IN_FLIGHT, limits.max_ops_per_command, max_bytes, |p| p.size, {
+    let batches = dispatch_batches(queue, slots, limits.max_ops_per_command, max_bytes, |p| p.size, {
         let node = node.clone();
         move |batch, slot| {
             node.background_tasks.spawn(propose(node.clone(), shard, batch, slot));

@@ -93,7 +93,7 @@ impl Coalescer {
         // senders) are dropped.
         tokio::spawn(dispatch_batches(
             rx,
-            COALESCED_IN_FLIGHT,
+            Arc::new(tokio::sync::Semaphore::new(COALESCED_IN_FLIGHT)),
             MAX_COALESCED,
             usize::MAX,
             |_| 0,

@@ -20,7 +20,7 @@ pub async fn handle(node: &Arc<Node>, session: &Session, create: CreateRoom) -> 
         retention_max_messages: create.retention_max_messages,
     });
     let span = tracing::debug_span!("create_room", shard, room = %create.room);
-    match tracing::Instrument::instrument(node.batcher.submit(node, shard, op), span).await? {
+    match tracing::Instrument::instrument(node.batcher.submit(node, shard, op, true), span).await? {
         OpOutcome::RoomCreated { ts_ms, .. } => Ok(RoomCreated { room: create.room, created_ts_ms: ts_ms }),
         other => Err(ServiceError::Internal(format!("CreateRoom answered with {other:?}"))),
     }

@@ -32,7 +32,7 @@ pub async fn dispatch(
         request::Kind::CreateRoom(create) => {
             create_room::handle(node, session, create).await.map(response::Kind::RoomCreated)
         }
-        request::Kind::Send(send) => send::handle(node, session, send).await.map(response::Kind::Sent),
+        request::Kind::Send(send) => send::handle(node, session, send, true).await.map(response::Kind::Sent),
         request::Kind::SendBatch(batch) => {
             send_batch::handle(node, session, batch).await.map(response::Kind::SentBatch)
         }

@@ -10,7 +10,8 @@ use crate::error::ServiceError;
 use crate::front_door::Session;
 use crate::node::Node;
 
-pub async fn handle(node: &Arc<Node>, session: &Session, send: Send) -> Result<SendReply, ServiceError> {
+/// `lone`: the request carries this send alone (see `Batcher::submit`).
+pub async fn handle(node: &Arc<Node>, session: &Session, send: Send, lone: bool) -> Result<SendReply, ServiceError> {
     let append = AppendMessage {
         room: send.room,
         sender: session.user()?.to_owned(),
@@ -21,7 +22,7 @@ pub async fn handle(node: &Arc<Node>, session: &Session, send: Send) -> Result<S
     node.config.limits.check_append(&append)?;
     let shard = node.layout.router.shard_for_room(&append.room);
     let span = tracing::debug_span!("send", shard, room = %append.room, client_seq = append.client_seq);
-    let outcome = node.batcher.submit(node, shard, op::Kind::Append(append));
+    let outcome = node.batcher.submit(node, shard, op::Kind::Append(append), lone);
     match tracing::Instrument::instrument(outcome, span).await? {
         OpOutcome::Appended { seq, ts_ms, duplicate } => Ok(SendReply { seq, ts_ms, duplicate }),
         other => Err(ServiceError::Internal(format!("Send answered with {other:?}"))),

@@ -24,8 +24,9 @@ pub async fn handle(node: &Arc<Node>, session: &Session, batch: SendBatch) -> Re
     session.user()?;
     let shards: std::collections::BTreeSet<_> =
         batch.sends.iter().map(|send| node.layout.router.shard_for_room(&send.room)).collect();
-    let outcomes =
-        futures::future::join_all(batch.sends.into_iter().map(|send| super::send::handle(node, session, send))).await;
+    let lone = batch.sends.len() == 1;
+    let sends = batch.sends.into_iter().map(|send| super::send::handle(node, session, send, lone));
+    let outcomes = futures::future::join_all(sends).await;
     let results = outcomes
         .into_iter()
         .map(|outcome| SendResult {
