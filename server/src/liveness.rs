@@ -9,7 +9,10 @@
 //!   shards it leads that the peer replicates, with their terms;
 //! - calls an election for a shard it follows only when no peer has claimed that shard, at the
 //!   replica's term or later, for a randomized election timeout: a dead or cut-off leader is
-//!   replaced as quickly as with per-shard heartbeats, a live one is left alone;
+//!   replaced as quickly as with per-shard heartbeats, a live one is left alone; and only when
+//!   it has heard from a majority of the shard's replicas lately (the effect of Raft's
+//!   pre-vote: a cut-off node does not inflate its terms and depose the leader when it
+//!   returns);
 //! - sends a Raft heartbeat only where Raft needs one: to shards whose followers lag behind
 //!   (catch-up after a restart, retries after errors) and to shards a peer reports
 //!   out of step (a replica that does not know its leader yet, or a leader that was deposed
@@ -275,6 +278,13 @@ async fn elect_at(node: Arc<Node>, shard: ShardId, term: u64, at: Instant) {
         m.current_term == term && matches!(m.state, ServerState::Follower | ServerState::Candidate)
     };
     if !still {
+        return;
+    }
+    // Like Raft's pre-vote: an election that cannot reach a majority cannot win, and the term
+    // it would raise deposes the leader once the partition heals. Wait until one is in reach.
+    let window = Duration::from_millis(node.config.tuning.election_timeout_min_ms);
+    if !quorum_alive(&node, &node.layout.replicas(shard), window) {
+        tracing::debug!(shard, term, "no election: most of the shard's replicas are out of reach");
         return;
     }
     let quiet_ms = heard.map(|h| now.saturating_duration_since(h).as_millis() as u64);
