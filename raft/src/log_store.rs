@@ -110,7 +110,8 @@ pub struct ShardLogStore {
     shard: ShardId,
     db: Arc<NodeDb>,
     cache: Arc<Mutex<EntryCache>>,
-    /// The shard's snapshots: purges stop at the current one (see the module invariants).
+    /// The shard's snapshots: a purge waits until the current one covers it (see the module
+    /// invariants).
     snapshots: Option<Arc<SnapshotStore>>,
 }
 
@@ -346,19 +347,18 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
             });
         }
         let result: Result<(), StoreError> = (|| {
-            let upto = log_id;
             let mut batch = WriteBatch::default();
             batch.put_cf(
                 self.db.cf_state()?,
                 keys::state_key(self.shard, StateKey::LastPurged),
-                codec::log_id_to_pb(&upto).encode_to_vec(),
+                codec::log_id_to_pb(&log_id).encode_to_vec(),
             );
-            let end = upto.index.checked_add(1).map(|i| keys::log_key(self.shard, i).to_vec());
+            let end = log_id.index.checked_add(1).map(|i| keys::log_key(self.shard, i).to_vec());
             let end = end.unwrap_or_else(|| keys::shard_end(self.shard).to_vec());
             batch.delete_range_cf(self.db.cf_log()?, keys::log_key(self.shard, 0).to_vec(), end);
             // Not synced: losing a purge in a power failure brings back the purged entries
             // together with the older `last_purged`, which is an equally valid state.
-            self.cache().purge(upto.index);
+            self.cache().purge(log_id.index);
             self.db.write(batch)
         })();
         result.map_err(|e| StorageError::IO {

@@ -19,9 +19,10 @@
 //!   switches the active generation and writes last-applied and membership. A crash before that
 //!   batch leaves the old state untouched (the half-written generation is removed at open).
 //! - Snapshot files are written to a temporary name, fsynced and renamed; a file that does not
-//!   end in a valid trailer is never used. The state a file holds is synced to the WAL before
-//!   the rename, so the current snapshot is never ahead of the durable state machine, and the
-//!   log store never purges past the current snapshot (see `log_store`).
+//!   end in a valid trailer is never used. A file ahead of the durable state machine (an install
+//!   cut short between its rename and its switch) is discarded at open, and a built snapshot's
+//!   state is synced before its rename: the current snapshot never covers state this node
+//!   lacks, and the log store never purges past it (see `log_store`).
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -72,9 +73,10 @@ struct SnapshotFile {
 }
 
 impl SnapshotStore {
-    /// Opens the shard's snapshot dir: removes temporary files, keeps the newest complete
-    /// snapshot and deletes the others.
-    pub(crate) fn open(dir: PathBuf, shard: ShardId) -> Result<SnapshotStore, StoreError> {
+    /// Opens the shard's snapshot dir: removes temporary files, and snapshots ahead of the
+    /// state machine's durable `applied` index (an install cut short before its switch), keeps
+    /// the newest remaining complete snapshot and deletes the others.
+    pub(crate) fn open(dir: PathBuf, shard: ShardId, applied: Option<u64>) -> Result<SnapshotStore, StoreError> {
         fs::create_dir_all(&dir).map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
         let mut found: Vec<SnapshotFile> = Vec::new();
         let entries = fs::read_dir(&dir).map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
@@ -86,6 +88,11 @@ impl SnapshotStore {
                 continue;
             }
             match verify_file(&path, shard) {
+                Ok(meta) if meta.last_log_id.map(|id| id.index) > applied => {
+                    tracing::info!(shard, path = %path.display(), %meta, ?applied,
+                        "removing a snapshot ahead of the state machine (its install was cut short)");
+                    remove_file_logged(&path);
+                }
                 Ok(meta) => found.push(SnapshotFile { path, meta }),
                 Err(e) => {
                     tracing::warn!(shard, path = %path.display(), error = %e, "removing unusable snapshot file");
@@ -513,34 +520,33 @@ fn install_blocking(
     use std::io::Seek;
     let shard = view.shard;
     data.seek(io::SeekFrom::Start(0)).map_err(|e| StoreError::io("rewinding received snapshot", e))?;
-    let (tmp_path, final_path) = store.new_paths(meta.last_log_id.as_ref());
-    let copy = File::create(&tmp_path).map_err(|e| StoreError::io(format!("creating {}", tmp_path.display()), e))?;
-    let result = install_records(view, meta, data, BufWriter::with_capacity(IO_BUFFER_BYTES, copy), &tmp_path);
+    let paths = store.new_paths(meta.last_log_id.as_ref());
+    let copy = File::create(&paths.0).map_err(|e| StoreError::io(format!("creating {}", paths.0.display()), e))?;
+    let result = install_records(view, store, meta, data, BufWriter::with_capacity(IO_BUFFER_BYTES, copy), &paths);
     match result {
-        Ok(records) => {
-            // The switch must be durable before the file is: a snapshot file newer than the
-            // state machine would be taken at restart for state this node does not have.
-            view.db.sync_wal()?;
-            fs::rename(&tmp_path, &final_path)
-                .map_err(|e| StoreError::io(format!("renaming {}", tmp_path.display()), e))?;
-            fsync_dir(&store.dir)?;
-            Ok((records, final_path))
-        }
+        Ok(records) => Ok((records, paths.1)),
         Err(e) => {
-            remove_file_logged(&tmp_path);
+            remove_file_logged(&paths.0);
+            remove_file_logged(&paths.1);
             tracing::warn!(shard, error = %e, "snapshot install failed; the shard keeps its previous state");
             Err(e)
         }
     }
 }
 
+/// Streams the records into the next generation while copying the file to `paths.0`, renames
+/// the copy to `paths.1`, then switches generations in one synced batch. The file is in place
+/// before the switch; one that is ahead of the state machine after a crash is discarded at open
+/// (see [`SnapshotStore::open`]), so the current snapshot never covers state this node lacks.
 fn install_records(
     view: &ShardView,
+    store: &SnapshotStore,
     meta: &SnapshotMeta,
     data: File,
     copy: BufWriter<File>,
-    copy_path: &Path,
+    paths: &(PathBuf, PathBuf),
 ) -> Result<u64, StoreError> {
+    let (copy_path, final_path) = (&paths.0, &paths.1);
     let shard = view.shard;
     let db = &view.db;
     let old_generation = *view.read_generation();
@@ -587,6 +593,8 @@ fn install_records(
     tee.copy.flush().map_err(|e| StoreError::io(format!("writing {}", copy_path.display()), e))?;
     let copy_file = tee.copy.into_inner().map_err(|e| StoreError::io("writing snapshot copy", e.into_error()))?;
     copy_file.sync_all().map_err(|e| StoreError::io(format!("syncing {}", copy_path.display()), e))?;
+    fs::rename(copy_path, final_path).map_err(|e| StoreError::io(format!("renaming {}", copy_path.display()), e))?;
+    fsync_dir(&store.dir)?;
 
     // The switch: one batch makes the new generation, last-applied and membership current and
     // drops the old generation.
@@ -609,6 +617,9 @@ fn install_records(
     let mut generation = view.generation.write().unwrap_or_else(|p| p.into_inner());
     db.write(switch)?;
     *generation = new_generation;
+    drop(generation);
+    // Durable before openraft (and a purge waiting for this install) relies on it.
+    db.sync_wal()?;
     Ok(records)
 }
 

@@ -321,7 +321,8 @@ impl ShardStateMachine {
             }
         };
         snapshot::remove_other_generations(&db, shard, generation)?;
-        let snapshots = Arc::new(SnapshotStore::open(db.snapshot_dir(shard), shard)?);
+        let applied = db.read_state(shard, StateKey::Applied, codec::decode_log_id)?.map(|id| id.index);
+        let snapshots = Arc::new(SnapshotStore::open(db.snapshot_dir(shard), shard, applied)?);
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         let view = Arc::new(ShardView { shard, db, generation: RwLock::new(generation), events });
         Ok(ShardStateMachine { view, snapshots, cache: ApplyCache::default() })

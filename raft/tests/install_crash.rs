@@ -165,3 +165,32 @@ async fn a_kill_during_a_snapshot_install_leaves_a_state_raft_restarts_from() {
     }
     assert_eq!(restart_and_check(dir.path(), "after a failed install").await, (Some(40), Some(40)));
 }
+
+/// A kill between an install's rename of the snapshot file and its switch leaves a file ahead
+/// of the state machine: it is discarded at open, not taken as the current snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_file_ahead_of_the_state_machine_is_discarded_at_open() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader = open_node_db(leader_dir.path(), 1, &DbOptions::default());
+    write_and_apply(&leader, 40).await;
+    build_snapshot(&leader).await;
+    let snap_files = |db: &NodeDb| -> Vec<std::path::PathBuf> {
+        let dir = db.snapshot_dir(SHARD);
+        let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        files.retain(|p| p.extension().is_some_and(|e| e == "snap"));
+        files
+    };
+    let ahead = snap_files(&leader).pop().expect("the leader's snapshot file");
+
+    let dir = tempfile::tempdir().unwrap();
+    let planted = {
+        let db = open_node_db(dir.path(), FOLLOWER, &DbOptions::default());
+        write_and_apply(&db, 5).await;
+        build_snapshot(&db).await;
+        let planted = db.snapshot_dir(SHARD).join(ahead.file_name().unwrap());
+        std::fs::copy(&ahead, &planted).unwrap();
+        planted
+    };
+    assert_eq!(restart_and_check(dir.path(), "with a snapshot ahead of applied").await, (None, Some(5)));
+    assert!(!planted.exists(), "the snapshot ahead of the state machine is removed");
+}
