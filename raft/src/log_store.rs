@@ -10,9 +10,10 @@
 //!   store, as in production). openraft 0.9 purges the log up to a received snapshot right after
 //!   *queueing* its install, so a crash before the install finished would otherwise leave the
 //!   log purged past the state machine: a state openraft refuses to start from. Such a purge
-//!   waits for the install. (Deferring part of it instead is not enough: the entries openraft
-//!   appends after the install would then follow a hole in the log.) Waiting holds up the
-//!   shard's Raft core, which has nothing else to do for this replica until the install is done.
+//!   waits for the install under way (and fails at once if none is, or when it fails).
+//!   (Deferring part of it instead is not enough: the entries openraft appends after the
+//!   install would then follow a hole in the log.) Waiting holds up the shard's Raft core,
+//!   which has nothing else to do for this replica until the install is done.
 //! - All writes of a shard are issued in the order openraft calls them, and each is in RocksDB
 //!   before the call returns, so the WAL keeps them in that order.
 
@@ -37,9 +38,6 @@ use crate::types::{Entry, LogId, LogState, ShardId, StorageError, TypeConfig, Vo
 /// once per follower, right after it was appended) does not go back to RocksDB.
 const CACHE_MAX_ENTRIES: usize = 1024;
 const CACHE_MAX_BYTES: usize = 1 << 20;
-
-/// Longest a purge waits for the snapshot install that covers it before failing.
-const PURGE_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A contiguous run of the newest log entries. Invariant: `entries[i].log_id.index ==
 /// entries[0].log_id.index + i`, and each entry equals the one in RocksDB.
@@ -129,36 +127,54 @@ impl ShardLogStore {
         ShardLogStore { shard, db, cache: Arc::default(), snapshots: Some(snapshots) }
     }
 
-    /// Waits until the durable snapshot covers `upto` (see the module invariants). Fails if
-    /// the install that would cover it failed, or nothing covers it for `PURGE_WAIT_LIMIT`.
+    /// Waits until the durable snapshot covers `upto` (see the module invariants): only while
+    /// a snapshot install is under way; fails at once otherwise, or when the install fails or
+    /// the state machine is gone.
     async fn wait_for_snapshot(&self, upto: LogId) -> Result<(), StoreError> {
         let Some(snapshots) = &self.snapshots else {
             return Ok(());
         };
         let mut progress = snapshots.progress();
         let covered = |p: &SnapshotProgress| p.current >= Some(upto.index);
-        if covered(&progress.borrow()) {
-            return Ok(());
+        let hopeless = |p: &SnapshotProgress| !p.receiving || p.closed || p.failed_install >= Some(upto.index);
+        let refused = |p: &SnapshotProgress| {
+            let reason = if p.failed_install >= Some(upto.index) {
+                "the snapshot install that covers it failed"
+            } else if p.closed {
+                "the state machine stopped"
+            } else {
+                "the current snapshot does not cover it and no snapshot install is under way"
+            };
+            StoreError::PurgeUncovered { shard: self.shard, upto: upto.index, reason: reason.into() }
+        };
+        {
+            let p = progress.borrow();
+            if covered(&p) {
+                return Ok(());
+            }
+            if hopeless(&p) {
+                return Err(refused(&p));
+            }
         }
         tracing::info!(shard = self.shard, %upto, "purge waits for the snapshot install that covers it");
-        let waited = tokio::time::timeout(
-            PURGE_WAIT_LIMIT,
-            progress.wait_for(|p| covered(p) || p.failed_install >= Some(upto.index)),
-        )
-        .await;
-        match waited {
-            Ok(Ok(p)) if covered(&p) => Ok(()),
-            Ok(_) => Err(StoreError::PurgeUncovered {
-                shard: self.shard,
-                upto: upto.index,
-                reason: "the snapshot install that covers it failed".into(),
-            }),
+        match progress.wait_for(|p| covered(p) || hopeless(p)).await {
+            Ok(p) if covered(&p) => Ok(()),
+            Ok(p) => Err(refused(&p)),
             Err(_) => Err(StoreError::PurgeUncovered {
                 shard: self.shard,
                 upto: upto.index,
-                reason: format!("no snapshot covers it after {} s", PURGE_WAIT_LIMIT.as_secs()),
+                reason: "the snapshot store is gone".into(),
             }),
         }
+    }
+
+    /// The index of the newest entry, or of the last purged one if the log is empty.
+    pub(crate) fn last_index(&self) -> Result<Option<u64>, StoreError> {
+        let last = match self.last_entry_id()? {
+            Some(id) => Some(id),
+            None => self.last_purged()?,
+        };
+        Ok(last.map(|id| id.index))
     }
 
     fn cache(&self) -> MutexGuard<'_, EntryCache> {

@@ -98,7 +98,16 @@ pub fn open_shard_storage(db: &Arc<NodeDb>, shard: ShardId) -> Result<(ShardLogS
         )));
     }
     let state_machine = ShardStateMachine::open(db.clone(), shard)?;
-    let log = ShardLogStore::linked(db.clone(), shard, state_machine.snapshots());
+    let snapshots = state_machine.snapshots();
+    let log = ShardLogStore::linked(db.clone(), shard, snapshots.clone());
+    // The state machine ahead of both the log and the current snapshot: an install whose
+    // switch reached the disk without its snapshot file. openraft would purge the log up to
+    // the applied index at start-up, which needs a snapshot that covers it: build one.
+    let applied = state_machine.reader().applied()?.map(|id| id.index);
+    if applied > snapshots.current_index() && applied > log.last_index()? {
+        tracing::warn!(shard, ?applied, snapshot = ?snapshots.current_index(), "state machine ahead of its log and snapshot: building a snapshot");
+        crate::snapshot::build(db, shard, &snapshots)?;
+    }
     Ok((log, state_machine))
 }
 

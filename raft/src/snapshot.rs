@@ -59,11 +59,18 @@ pub struct SnapshotStore {
     progress: tokio::sync::watch::Sender<SnapshotProgress>,
 }
 
-/// The index of the current snapshot, and of the newest snapshot whose install failed.
+/// What a purge past the current snapshot waits on (see `ShardLogStore::purge`).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct SnapshotProgress {
+    /// The index of the current snapshot.
     pub current: Option<u64>,
+    /// The index of the newest snapshot whose install failed.
     pub failed_install: Option<u64>,
+    /// A snapshot is being received or installed (from the first chunk to the end of its
+    /// install): only then can the current snapshot move past what is purged.
+    pub receiving: bool,
+    /// The state machine is gone (its task ended): no install will come.
+    pub closed: bool,
 }
 
 #[derive(Clone)]
@@ -107,7 +114,7 @@ impl SnapshotStore {
         }
         let progress = SnapshotProgress {
             current: current.as_ref().and_then(|f| f.meta.last_log_id).map(|id| id.index),
-            failed_install: None,
+            ..SnapshotProgress::default()
         };
         let (progress, _) = tokio::sync::watch::channel(progress);
         Ok(SnapshotStore { dir, current: Mutex::new(current), progress })
@@ -117,9 +124,19 @@ impl SnapshotStore {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Follows the current snapshot's index and failed installs.
+    /// Follows the current snapshot's index and the installs under way.
     pub(crate) fn progress(&self) -> tokio::sync::watch::Receiver<SnapshotProgress> {
         self.progress.subscribe()
+    }
+
+    /// The state machine using this store is gone.
+    pub(crate) fn close(&self) {
+        self.progress.send_modify(|p| p.closed = true);
+    }
+
+    /// The index of the current snapshot, if any.
+    pub(crate) fn current_index(&self) -> Option<u64> {
+        self.progress.borrow().current
     }
 
     /// The current snapshot, opened for reading.
@@ -163,6 +180,7 @@ impl SnapshotStore {
             .create_new(true)
             .open(&path)
             .map_err(|e| StoreError::io(format!("creating {}", path.display()), e))?;
+        self.progress.send_modify(|p| p.receiving = true);
         Ok(tokio::fs::File::from_std(file))
     }
 
@@ -501,11 +519,15 @@ pub(crate) async fn install(
         Ok(done) => done,
         Err(e) => {
             let index = meta.last_log_id.map(|id| id.index);
-            store.progress.send_modify(|p| p.failed_install = p.failed_install.max(index));
+            store.progress.send_modify(|p| {
+                p.failed_install = p.failed_install.max(index);
+                p.receiving = false;
+            });
             return Err(e);
         }
     };
     store.set_current(path, meta.clone());
+    store.progress.send_modify(|p| p.receiving = false);
     store.remove_received();
     tracing::info!(shard = view.shard, %meta, records, elapsed_ms = started.elapsed().as_millis() as u64, "installed snapshot");
     Ok(())
@@ -526,8 +548,10 @@ fn install_blocking(
     match result {
         Ok(records) => Ok((records, paths.1)),
         Err(e) => {
+            // The renamed file (if it got that far) stays: if the switch did reach the disk it
+            // is the snapshot of the state, and if not, it is ahead of the state machine and
+            // discarded at the next open.
             remove_file_logged(&paths.0);
-            remove_file_logged(&paths.1);
             tracing::warn!(shard, error = %e, "snapshot install failed; the shard keeps its previous state");
             Err(e)
         }

@@ -645,6 +645,13 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     }
 }
 
+impl Drop for ShardStateMachine {
+    fn drop(&mut self) {
+        // A purge waiting for an install must not wait for one that cannot come.
+        self.snapshots.close();
+    }
+}
+
 /// Used by tests and benchmarks to build commands.
 pub fn append_op(room: &str, sender: &str, client_id: &[u8], client_seq: u64, body: impl Into<Bytes>) -> op::Kind {
     op::Kind::Append(AppendMessage {

@@ -134,7 +134,7 @@ async fn shard_workload(db: Arc<NodeDb>, shard: ShardId, seed: u64) {
             snapshot_at = snapshot.meta.last_log_id.map_or(0, |id| id.index);
             println!("S {shard} {snapshot_at}");
         }
-        if rng.random_bool(0.05) && applied > 10 {
+        if rng.random_bool(0.05) && applied > 10 && snapshot_at > 0 {
             // Like openraft: never past the snapshot (a purge past it waits for an install).
             let upto = (applied - rng.random_range(0..10)).min(snapshot_at);
             let purged = log.read_range(upto, upto + 1).unwrap();

@@ -194,3 +194,34 @@ async fn a_snapshot_file_ahead_of_the_state_machine_is_discarded_at_open() {
     assert_eq!(restart_and_check(dir.path(), "with a snapshot ahead of applied").await, (None, Some(5)));
     assert!(!planted.exists(), "the snapshot ahead of the state machine is removed");
 }
+
+/// An install whose switch reached the disk but whose snapshot file did not (a failed sync, a
+/// lost file): the state machine is ahead of both the log and every snapshot. Opening the
+/// store builds a snapshot of it, so that openraft's start-up purge up to the applied index is
+/// covered, and the shard starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_machine_ahead_of_its_log_and_snapshots_gets_a_snapshot_at_open() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader = open_node_db(leader_dir.path(), 1, &DbOptions::default());
+    write_and_apply(&leader, 40).await;
+    let mut from_leader = build_snapshot(&leader).await;
+    let mut bytes = Vec::new();
+    from_leader.snapshot.read_to_end(&mut bytes).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = open_node_db(dir.path(), FOLLOWER, &DbOptions::default());
+        write_and_apply(&db, 5).await;
+        let (_log, mut sm) = open_shard_storage(&db, SHARD).unwrap();
+        let mut received = sm.begin_receiving_snapshot().await.unwrap();
+        received.write_all(&bytes).await.unwrap();
+        received.flush().await.unwrap();
+        sm.install_snapshot(&from_leader.meta, received).await.unwrap();
+        // The snapshot file is lost; the log still ends at 5, the state machine is at 40.
+        for file in std::fs::read_dir(db.snapshot_dir(SHARD)).unwrap() {
+            std::fs::remove_file(file.unwrap().path()).unwrap();
+        }
+    }
+    let (_, snapshot) = restart_and_check(dir.path(), "state machine ahead of log and snapshots").await;
+    assert_eq!(snapshot, Some(40), "a snapshot of the state machine was built at open");
+}
