@@ -36,7 +36,7 @@ use chorus_raft::{NodeId, ShardId};
 use openraft::ServerState;
 use rand::Rng;
 
-use crate::node::Node;
+use crate::node::{Node, ticker};
 
 /// How often followers check whether their leaders are still claimed.
 const CHECK_EVERY: Duration = Duration::from_millis(100);
@@ -147,13 +147,8 @@ pub fn serve_heartbeat(node: &Node, request: pb::NodeHeartbeatRequest) -> pb::No
 /// that need one. Ends on shutdown.
 pub async fn send_heartbeats(node: Arc<Node>) {
     let interval = Duration::from_millis(node.config.tuning.leader_heartbeat_ms);
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = node.peers_shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
+    let mut ticker = ticker(interval);
+    while node.next_tick(&mut ticker).await {
         let mut leading = Vec::new();
         let mut lagging = Vec::new();
         for (&shard, replica) in &node.shards {
@@ -217,14 +212,9 @@ pub async fn watch_leaders(node: Arc<Node>) {
     let (min, max) = (node.config.tuning.election_timeout_min_ms, node.config.tuning.election_timeout_max_ms);
     let random_timeout = || Duration::from_millis(rand::rng().random_range(min..max.max(min + 1)));
     let mut timers: HashMap<ShardId, Timer> = HashMap::new();
-    let mut ticker = tokio::time::interval(CHECK_EVERY);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = ticker(CHECK_EVERY);
     let mut elections = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = node.peers_shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
+    while node.next_tick(&mut ticker).await {
         while elections.try_join_next().is_some() {}
         let now = Instant::now();
         let due: Vec<(ShardId, u64, Instant)> = node.liveness.with_claims(|claimed| {

@@ -120,6 +120,15 @@ impl Node {
 
     /// Largest request frame: a batch of sends, or one message body at the limit, plus room
     /// for the other fields.
+    /// Waits for the next tick of `ticker` (see [`ticker`]); false once the node's peer side
+    /// shuts down. For the node's background loops: `while node.next_tick(&mut t).await { .. }`.
+    pub async fn next_tick(&self, ticker: &mut tokio::time::Interval) -> bool {
+        tokio::select! {
+            _ = self.peers_shutdown.cancelled() => false,
+            _ = ticker.tick() => true,
+        }
+    }
+
     pub fn max_request_frame(&self) -> usize {
         self.config.limits.max_body_bytes.max(MAX_BATCH_FRAME_BYTES) + 64 * 1024
     }
@@ -132,6 +141,13 @@ pub struct RunningNode {
     peer_server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     /// Cancelled when a shard's Raft stopped on its own (see [`watch_shards`]).
     failed: CancellationToken,
+}
+
+/// A ticker for the node's background loops: a late tick is delayed, not made up for.
+pub fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
 }
 
 /// Opens the data dir, starts every hosted shard, the peer server and the client endpoint.
@@ -232,13 +248,8 @@ const SHARD_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// for that shard while its peers still count on it. The node then stops (and exits with an
 /// error), so that its supervisor restarts it. Ends on shutdown.
 async fn watch_shards(node: Arc<Node>, failed: CancellationToken) {
-    let mut ticker = tokio::time::interval(SHARD_CHECK_EVERY);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = node.peers_shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
+    let mut ticker = ticker(SHARD_CHECK_EVERY);
+    while node.next_tick(&mut ticker).await {
         // The metrics channel closes when the core's task ends.
         let stopped: Vec<ShardId> = node
             .shards
