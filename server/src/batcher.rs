@@ -68,7 +68,7 @@ impl Batcher {
         let size = op.encoded_len() + 8;
         let pending = Pending { op, size, reply };
         let queue = self.queue(node, shard);
-        match queue.alone().filter(|_| lone) {
+        match lone.then(|| queue.alone()).flatten() {
             Some(slot) => propose(node.clone(), shard, vec![pending], slot).await,
             None => queue.send(pending).await.map_err(|_| ServiceError::ShuttingDown)?,
         }
