@@ -128,10 +128,13 @@ mod tests {
         assert_eq!(rx.try_recv().ok(), Some(3));
     }
 
-    #[tokio::test]
-    async fn batches_wait_for_a_free_slot_and_gather_meanwhile() {
-        let (tx, rx, slots) = BatchQueue::new(16, 1);
-        let (batches_tx, mut batches) = mpsc::unbounded_channel();
+    type Dispatched = mpsc::UnboundedReceiver<(Vec<usize>, OwnedSemaphorePermit)>;
+
+    /// A queue with `in_flight` slots whose dispatcher hands each batch (and its slot) to the
+    /// test; items weigh their value, batches hold up to 10 items and 100 units.
+    fn dispatching(in_flight: usize) -> (BatchQueue<usize>, Dispatched, tokio::task::JoinHandle<()>) {
+        let (tx, rx, slots) = BatchQueue::new(16, in_flight);
+        let (batches_tx, batches) = mpsc::unbounded_channel();
         let run = tokio::spawn(dispatch_batches(
             rx,
             slots,
@@ -140,6 +143,12 @@ mod tests {
             |&n: &usize| n,
             move |batch, slot| batches_tx.send((batch, slot)).is_ok(),
         ));
+        (tx, batches, run)
+    }
+
+    #[tokio::test]
+    async fn batches_wait_for_a_free_slot_and_gather_meanwhile() {
+        let (tx, mut batches, run) = dispatching(1);
         tx.send(1).await.unwrap();
         let (first, slot) = batches.recv().await.unwrap();
         assert_eq!(first, vec![1]);
@@ -159,16 +168,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lone_item_may_skip_the_queue_but_never_overtakes_one() {
-        let (tx, rx, slots) = BatchQueue::new(16, 2);
-        let (batches_tx, mut batches) = mpsc::unbounded_channel();
-        let run = tokio::spawn(dispatch_batches(
-            rx,
-            slots,
-            10,
-            100,
-            |&n: &usize| n,
-            move |batch, slot| batches_tx.send((batch, slot)).is_ok(),
-        ));
+        let (tx, mut batches, run) = dispatching(2);
         // Nothing queued, slots free: the submitter goes alone.
         let alone = tx.alone().expect("a free slot");
         // One slot left: a queued item takes it.

@@ -18,7 +18,8 @@ use bytes::Bytes;
 use chorus_proto::storage::{Command, Op};
 use chorus_raft::state_machine::{append_op, create_room_op};
 use chorus_raft::{
-    DbOptions, Entry, LogId, Membership, NodeDb, RaftTuning, ShardId, Snapshot, open_shard_storage, start_shard,
+    DbOptions, Entry, LogId, Membership, NodeDb, RaftTuning, ShardId, ShardLogStore, ShardStateMachine, Snapshot,
+    SnapshotMeta, open_shard_storage, start_shard,
 };
 use common::{Router, TestNetwork, open_node_db};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
@@ -50,6 +51,32 @@ async fn write_and_apply(db: &Arc<NodeDb>, last: u64) {
 async fn build_snapshot(db: &Arc<NodeDb>) -> Snapshot {
     let (_, mut sm) = open_shard_storage(db, SHARD).unwrap();
     sm.get_snapshot_builder().await.build_snapshot().await.unwrap()
+}
+
+/// A leader's replica with entries `0..=last` applied: its data dir and database.
+async fn leader_at(last: u64) -> (tempfile::TempDir, Arc<NodeDb>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open_node_db(dir.path(), 1, &DbOptions::default());
+    write_and_apply(&db, last).await;
+    (dir, db)
+}
+
+/// A new snapshot of `db`'s replica, as the metadata and bytes a follower receives.
+async fn snapshot_bytes(db: &Arc<NodeDb>) -> (SnapshotMeta, Vec<u8>) {
+    let mut snapshot = build_snapshot(db).await;
+    let mut bytes = Vec::new();
+    snapshot.snapshot.read_to_end(&mut bytes).await.unwrap();
+    (snapshot.meta, bytes)
+}
+
+/// Opens the follower's storage and receives `bytes` into a fresh snapshot file, as openraft
+/// does before it installs one.
+async fn receive(db: &Arc<NodeDb>, bytes: &[u8]) -> (ShardLogStore, ShardStateMachine, Box<tokio::fs::File>) {
+    let (log, mut sm) = open_shard_storage(db, SHARD).unwrap();
+    let mut received = sm.begin_receiving_snapshot().await.unwrap();
+    received.write_all(bytes).await.unwrap();
+    received.flush().await.unwrap();
+    (log, sm, received)
 }
 
 /// Restarts the follower from its data dir, as after kill -9: opens the database, starts a
@@ -86,14 +113,9 @@ async fn log_state(dir: &Path) -> (Option<u64>, Option<u64>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_during_a_snapshot_install_leaves_a_state_raft_restarts_from() {
-    let leader_dir = tempfile::tempdir().unwrap();
-    let leader = open_node_db(leader_dir.path(), 1, &DbOptions::default());
-    write_and_apply(&leader, 40).await;
-    let mut from_leader = build_snapshot(&leader).await;
-    assert_eq!(from_leader.meta.last_log_id.map(|id| id.index), Some(40));
-    let mut bytes = Vec::new();
-    from_leader.snapshot.read_to_end(&mut bytes).await.unwrap();
-    let meta = from_leader.meta;
+    let (_leader_dir, leader) = leader_at(40).await;
+    let (meta, bytes) = snapshot_bytes(&leader).await;
+    assert_eq!(meta.last_log_id.map(|id| id.index), Some(40));
     let upto = meta.last_log_id.unwrap();
 
     // The follower has applied and snapshotted a prefix of the same log.
@@ -107,19 +129,12 @@ async fn a_kill_during_a_snapshot_install_leaves_a_state_raft_restarts_from() {
 
     // openraft's order: receive the file, queue the install, purge the log to the snapshot
     // (on the Raft core), install (on the state-machine task).
-    let receive = |db: Arc<NodeDb>, bytes: Vec<u8>| async move {
-        let (log, mut sm) = open_shard_storage(&db, SHARD).unwrap();
-        let mut received = sm.begin_receiving_snapshot().await.unwrap();
-        received.write_all(&bytes).await.unwrap();
-        received.flush().await.unwrap();
-        (log, sm, received)
-    };
 
     // Killed after the purge was issued, before the install: the purge is still waiting and
     // nothing was purged.
     {
         let db = open_node_db(dir.path(), FOLLOWER, &DbOptions::default());
-        let (mut log, _sm, _received) = receive(db.clone(), bytes.clone()).await;
+        let (mut log, _sm, _received) = receive(&db, &bytes).await;
         let purge = tokio::spawn(async move { log.purge(upto).await });
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!purge.is_finished(), "a purge past the snapshot must wait for its install");
@@ -133,7 +148,7 @@ async fn a_kill_during_a_snapshot_install_leaves_a_state_raft_restarts_from() {
     // follows the snapshot without a hole.
     {
         let db = open_node_db(dir.path(), FOLLOWER, &DbOptions::default());
-        let (mut log, mut sm, received) = receive(db.clone(), bytes.clone()).await;
+        let (mut log, mut sm, received) = receive(&db, &bytes).await;
         let mut purging = log.clone();
         let purge = tokio::spawn(async move { purging.purge(upto).await });
         sm.install_snapshot(&meta, received).await.unwrap();
@@ -146,18 +161,16 @@ async fn a_kill_during_a_snapshot_install_leaves_a_state_raft_restarts_from() {
     // An install that fails leaves the state as it was, and the purge waiting for it fails
     // (openraft then stops the shard; the node restarts it) instead of purging.
     write_and_apply(&leader, 60).await;
-    let mut newer = build_snapshot(&leader).await;
-    let mut corrupt = Vec::new();
-    newer.snapshot.read_to_end(&mut corrupt).await.unwrap();
+    let (newer, mut corrupt) = snapshot_bytes(&leader).await;
     let middle = corrupt.len() / 2;
     corrupt[middle] ^= 0xAA;
     {
         let db = open_node_db(dir.path(), FOLLOWER, &DbOptions::default());
-        let (mut log, mut sm, received) = receive(db.clone(), corrupt).await;
-        let newer_upto = newer.meta.last_log_id.unwrap();
+        let (mut log, mut sm, received) = receive(&db, &corrupt).await;
+        let newer_upto = newer.last_log_id.unwrap();
         let mut purging = log.clone();
         let purge = tokio::spawn(async move { purging.purge(newer_upto).await });
-        sm.install_snapshot(&newer.meta, received).await.unwrap_err();
+        sm.install_snapshot(&newer, received).await.unwrap_err();
         let refused = tokio::time::timeout(Duration::from_secs(10), purge).await.unwrap().unwrap();
         let err = refused.unwrap_err().to_string();
         assert!(err.contains("install that covers it failed"), "{err}");
@@ -170,9 +183,7 @@ async fn a_kill_during_a_snapshot_install_leaves_a_state_raft_restarts_from() {
 /// of the state machine: it is discarded at open, not taken as the current snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_file_ahead_of_the_state_machine_is_discarded_at_open() {
-    let leader_dir = tempfile::tempdir().unwrap();
-    let leader = open_node_db(leader_dir.path(), 1, &DbOptions::default());
-    write_and_apply(&leader, 40).await;
+    let (_leader_dir, leader) = leader_at(40).await;
     build_snapshot(&leader).await;
     let snap_files = |db: &NodeDb| -> Vec<std::path::PathBuf> {
         let dir = db.snapshot_dir(SHARD);
@@ -201,22 +212,15 @@ async fn a_snapshot_file_ahead_of_the_state_machine_is_discarded_at_open() {
 /// covered, and the shard starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_machine_ahead_of_its_log_and_snapshots_gets_a_snapshot_at_open() {
-    let leader_dir = tempfile::tempdir().unwrap();
-    let leader = open_node_db(leader_dir.path(), 1, &DbOptions::default());
-    write_and_apply(&leader, 40).await;
-    let mut from_leader = build_snapshot(&leader).await;
-    let mut bytes = Vec::new();
-    from_leader.snapshot.read_to_end(&mut bytes).await.unwrap();
+    let (_leader_dir, leader) = leader_at(40).await;
+    let (meta, bytes) = snapshot_bytes(&leader).await;
 
     let dir = tempfile::tempdir().unwrap();
     {
         let db = open_node_db(dir.path(), FOLLOWER, &DbOptions::default());
         write_and_apply(&db, 5).await;
-        let (_log, mut sm) = open_shard_storage(&db, SHARD).unwrap();
-        let mut received = sm.begin_receiving_snapshot().await.unwrap();
-        received.write_all(&bytes).await.unwrap();
-        received.flush().await.unwrap();
-        sm.install_snapshot(&from_leader.meta, received).await.unwrap();
+        let (_log, mut sm, received) = receive(&db, &bytes).await;
+        sm.install_snapshot(&meta, received).await.unwrap();
         // The snapshot file is lost; the log still ends at 5, the state machine is at 40.
         for file in std::fs::read_dir(db.snapshot_dir(SHARD)).unwrap() {
             std::fs::remove_file(file.unwrap().path()).unwrap();
