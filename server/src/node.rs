@@ -175,15 +175,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let peer_ip = config.peer_addr.ip();
     let local_ip = (!peer_ip.is_unspecified()).then_some(peer_ip);
     let peers = Arc::new(
-        PeerClients::new(
-            node_id,
-            &layout.cluster_id,
-            &layout.nodes,
-            local_ip,
-            Duration::from_millis(500),
-            Duration::from_millis(config.tuning.heartbeat_interval_ms),
-        )
-        .context("setting up peer connections")?,
+        PeerClients::new(node_id, &layout.cluster_id, &layout.nodes, local_ip, Duration::from_millis(500))
+            .context("setting up peer connections")?,
     );
     let mut shards = BTreeMap::new();
     for shard in layout.shards_of(node_id) {

@@ -13,12 +13,12 @@
 
 pub mod convert;
 pub mod service;
+pub mod stream;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chorus_proto::batching::dispatch_batches;
 use chorus_proto::peer::{self as pb, peer_client::PeerClient as RawPeerClient};
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, SnapshotMismatch, Timeout,
@@ -38,6 +38,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::codec;
 use crate::types::{NodeAddr, NodeId, ShardId, TypeConfig};
+use stream::ReplicationStream;
 
 /// The metadata header carrying the sender's cluster id on every peer request.
 pub const CLUSTER_ID_HEADER: &str = "chorus-cluster-id";
@@ -65,77 +66,9 @@ impl Interceptor for IdentityInterceptor {
 
 pub type PeerClient = RawPeerClient<InterceptedService<Channel, IdentityInterceptor>>;
 
-/// Most AppendEntries carried by one coalesced RPC.
-const MAX_COALESCED: usize = 1024;
-/// Coalesced RPCs in flight to one peer at once, so that a commit update never waits behind a
-/// batch held up by a slow shard on the peer; meanwhile new requests queue and go together.
-const COALESCED_IN_FLIGHT: usize = 4;
-/// Empty AppendEntries waiting for one peer; beyond it, senders wait (backpressure).
-const COALESCE_QUEUE: usize = 4096;
-
-type CoalescedReply = Result<pb::AppendEntriesReply, tonic::Status>;
-
-/// Sends the empty AppendEntries (heartbeats and commit-index updates) of every shard to one
-/// peer, many per RPC: whatever queued while the previous RPCs were out goes in the next one.
-/// There is no waiting to fill a batch, so a lone heartbeat is not delayed; when the node
-/// triggers the heartbeats of all its shards at once, they share one RPC per peer.
-struct Coalescer {
-    queue: tokio::sync::mpsc::Sender<(pb::AppendEntriesRequest, tokio::sync::oneshot::Sender<CoalescedReply>)>,
-}
-
-impl Coalescer {
-    fn start(client: PeerClient, timeout: Duration) -> Coalescer {
-        let (queue, rx) = tokio::sync::mpsc::channel::<(
-            pb::AppendEntriesRequest,
-            tokio::sync::oneshot::Sender<CoalescedReply>,
-        )>(COALESCE_QUEUE);
-        // Empty AppendEntries only: no byte limit needed. Ends when the PeerClients (the only
-        // senders) are dropped.
-        tokio::spawn(dispatch_batches(
-            rx,
-            Arc::new(tokio::sync::Semaphore::new(COALESCED_IN_FLIGHT)),
-            MAX_COALESCED,
-            usize::MAX,
-            |_| 0,
-            move |batch, slot| {
-                let mut client = client.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    send_coalesced(&mut client, batch, timeout).await;
-                });
-                true
-            },
-        ));
-        Coalescer { queue }
-    }
-}
-
-/// One AppendEntriesBatch RPC; every waiter gets its own reply or the RPC's failure.
-async fn send_coalesced(
-    client: &mut PeerClient,
-    batch: Vec<(pb::AppendEntriesRequest, tokio::sync::oneshot::Sender<CoalescedReply>)>,
-    timeout: Duration,
-) {
-    let (requests, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-    let fail_all = |waiters: Vec<tokio::sync::oneshot::Sender<CoalescedReply>>, status: tonic::Status| {
-        waiters.into_iter().for_each(|w| drop(w.send(Err(status.clone()))));
-    };
-    let call = client.append_entries_batch(with_timeout(pb::AppendEntriesBatchRequest { requests }, timeout));
-    match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(reply)) => {
-            let replies = reply.into_inner().replies;
-            if replies.len() != waiters.len() {
-                fail_all(waiters, tonic::Status::internal("peer answered a batch with the wrong number of replies"));
-                return;
-            }
-            for (waiter, reply) in waiters.into_iter().zip(replies) {
-                let _ = waiter.send(Ok(reply));
-            }
-        }
-        Ok(Err(status)) => fail_all(waiters, status),
-        Err(_) => fail_all(waiters, tonic::Status::deadline_exceeded("coalesced AppendEntries timed out")),
-    }
-}
+/// AppendEntries up to this size go on the peer's replication stream; larger ones (catch-up
+/// batches) as RPCs of their own, so that they never hold up the small ones behind them.
+const STREAMED_BYTES: usize = 256 << 10;
 
 /// Why the peer clients could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -150,22 +83,20 @@ pub enum PeerSetupError {
 pub struct PeerClients {
     self_id: NodeId,
     clients: BTreeMap<NodeId, (String, PeerClient)>,
-    coalescers: BTreeMap<NodeId, Coalescer>,
+    streams: BTreeMap<NodeId, ReplicationStream>,
 }
 
 impl PeerClients {
     /// `peers` maps node ids to their peer addresses (`host:port`); our own entry is skipped.
     /// Connections leave from `local_ip` when given (the address this node's peer endpoint
-    /// listens on), so that peers, and packet filters, see where they come from. Empty
-    /// AppendEntries are coalesced per peer, each RPC bounded by `heartbeat_timeout`. Must be
-    /// called inside a tokio runtime.
+    /// listens on), so that peers, and packet filters, see where they come from. Starts the
+    /// replication stream of each peer, so must be called inside a tokio runtime.
     pub fn new(
         self_id: NodeId,
         cluster_id: &str,
         peers: &BTreeMap<NodeId, String>,
         local_ip: Option<std::net::IpAddr>,
         connect_timeout: Duration,
-        heartbeat_timeout: Duration,
     ) -> Result<PeerClients, PeerSetupError> {
         let cluster_id: AsciiMetadataValue =
             MetadataValue::try_from(cluster_id).map_err(|_| PeerSetupError::BadClusterId(cluster_id.to_owned()))?;
@@ -191,19 +122,11 @@ impl PeerClients {
                 .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES + (1 << 20));
             clients.insert(id, (addr.clone(), client));
         }
-        let coalescers = clients
+        let streams = clients
             .iter()
-            .map(|(id, (_, client))| (*id, Coalescer::start(client.clone(), heartbeat_timeout)))
+            .map(|(id, (_, client))| (*id, ReplicationStream::start(client.clone(), connect_timeout)))
             .collect();
-        Ok(PeerClients { self_id, clients, coalescers })
-    }
-
-    /// Sends an empty AppendEntries through `node`'s coalescer.
-    async fn coalesced(&self, node: NodeId, request: pb::AppendEntriesRequest) -> Option<CoalescedReply> {
-        let coalescer = self.coalescers.get(&node)?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        coalescer.queue.send((request, tx)).await.ok()?;
-        rx.await.ok()
+        Ok(PeerClients { self_id, clients, streams })
     }
 
     pub fn self_id(&self) -> NodeId {
@@ -316,7 +239,6 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        let mut client = self.client()?;
         let request = convert::append_request_to_pb(self.shard, &rpc);
         if request.encoded_len() > MAX_PEER_MESSAGE_BYTES && request.entries.len() > 1 {
             // Tell openraft how many entries fit; it resends fewer.
@@ -329,14 +251,14 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(hint)));
         }
         let ttl = option.hard_ttl();
-        let reply = if request.entries.is_empty() {
-            // Heartbeats and commit updates of all shards travel together.
-            match tokio::time::timeout(ttl, self.peers.coalesced(self.target, request)).await {
-                Err(_) => return Err(self.timeout(RPCTypes::AppendEntries, ttl)),
-                Ok(None) => return Err(unreachable(format!("no route to node {}", self.target))),
-                Ok(Some(reply)) => reply.map_err(|s| self.status_error(RPCTypes::AppendEntries, ttl, s))?,
-            }
+        let stream = self.peers.streams.get(&self.target).filter(|_| request.encoded_len() <= STREAMED_BYTES);
+        let reply = if let Some(stream) = stream {
+            tokio::time::timeout(ttl, stream.call(request))
+                .await
+                .map_err(|_| self.timeout(RPCTypes::AppendEntries, ttl))?
+                .map_err(|s| self.status_error(RPCTypes::AppendEntries, ttl, s))?
         } else {
+            let mut client = self.client()?;
             tokio::time::timeout(ttl, client.append_entries(with_timeout(request, ttl)))
                 .await
                 .map_err(|_| self.timeout(RPCTypes::AppendEntries, ttl))?

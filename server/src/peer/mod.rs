@@ -26,25 +26,80 @@ pub struct PeerService {
 
 impl PeerService {
     fn raft(&self, shard: ShardId) -> Result<&ChorusRaft, String> {
-        self.node
-            .shards
-            .get(&shard)
-            .map(|r| &r.raft)
-            .ok_or_else(|| format!("shard {shard} is not hosted on node {}", self.node.id))
+        hosted(&self.node, shard)
     }
+}
 
-    /// One shard's AppendEntries; an accepted one tells liveness that the shard has a leader.
-    async fn append_entries_of(&self, request: pb::AppendEntriesRequest) -> pb::AppendEntriesReply {
-        use pb::append_entries_reply::Result as R;
-        let shard = request.shard;
-        let reply = match self.raft(shard) {
-            Ok(raft) => raft_rpc::append_entries(raft, request).await,
-            Err(e) => return pb::AppendEntriesReply { result: Some(R::Failure(failure(e))) },
-        };
-        if let Some(R::Success(_) | R::PartialSuccess(_) | R::Conflict(_)) = &reply.result {
-            self.node.liveness.appended(shard, std::time::Instant::now());
+fn hosted(node: &Node, shard: ShardId) -> Result<&ChorusRaft, String> {
+    node.shards.get(&shard).map(|r| &r.raft).ok_or_else(|| format!("shard {shard} is not hosted on node {}", node.id))
+}
+
+/// One shard's AppendEntries; an accepted one tells liveness that the shard has a leader.
+async fn append_entries_of(node: &Node, request: pb::AppendEntriesRequest) -> pb::AppendEntriesReply {
+    use pb::append_entries_reply::Result as R;
+    let shard = request.shard;
+    let reply = match hosted(node, shard) {
+        Ok(raft) => raft_rpc::append_entries(raft, request).await,
+        Err(e) => return pb::AppendEntriesReply { result: Some(R::Failure(failure(e))) },
+    };
+    if let Some(R::Success(_) | R::PartialSuccess(_) | R::Conflict(_)) = &reply.result {
+        node.liveness.appended(shard, std::time::Instant::now());
+    }
+    reply
+}
+
+/// Reply frames handed to the HTTP/2 stream and not yet written.
+const REPLY_FRAMES_BUFFERED: usize = 16;
+
+/// Serves one peer's replication stream until it ends or the node stops: every request is
+/// handed to its shard at once (shards proceed independently), and the replies that are ready
+/// leave together in one frame.
+async fn serve_replication(
+    node: Arc<Node>,
+    mut requests: tonic::Streaming<pb::ReplicateFrame>,
+    replies: mpsc::Sender<Result<pb::ReplicateReplyFrame, Status>>,
+) {
+    let mut running = futures::stream::FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            _ = node.peers_shutdown.cancelled() => return,
+            frame = requests.message(), if open => match frame {
+                Ok(Some(frame)) => {
+                    for tagged in frame.requests {
+                        let node = node.clone();
+                        running.push(async move {
+                            let reply = match tagged.request {
+                                Some(request) => append_entries_of(&node, request).await,
+                                None => pb::AppendEntriesReply {
+                                    result: Some(pb::append_entries_reply::Result::Failure(failure(
+                                        "a replication frame entry without a request".into(),
+                                    ))),
+                                },
+                            };
+                            pb::TaggedAppendEntriesReply { id: tagged.id, reply: Some(reply) }
+                        });
+                    }
+                }
+                Ok(None) => open = false,
+                Err(status) => {
+                    tracing::debug!(error = %status, "replication stream from a peer failed");
+                    return;
+                }
+            },
+            Some(first) = running.next(), if !running.is_empty() => {
+                let mut ready = vec![first];
+                while let Some(Some(reply)) = futures::FutureExt::now_or_never(running.next()) {
+                    ready.push(reply);
+                }
+                if replies.send(Ok(pb::ReplicateReplyFrame { replies: ready })).await.is_err() {
+                    return;
+                }
+            }
         }
-        reply
+        if !open && running.is_empty() {
+            return;
+        }
     }
 }
 
@@ -52,6 +107,8 @@ fn failure(message: String) -> pb::RemoteFailure {
     pb::RemoteFailure { message }
 }
 
+type ReplicateStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ReplicateReplyFrame, Status>> + Send>>;
 type SubscribeStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SubscribeEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -68,16 +125,18 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesReply>, Status> {
-        Ok(Response::new(self.append_entries_of(request.into_inner()).await))
+        Ok(Response::new(append_entries_of(&self.node, request.into_inner()).await))
     }
 
-    async fn append_entries_batch(
+    type ReplicateStream = ReplicateStream;
+
+    async fn replicate(
         &self,
-        request: Request<pb::AppendEntriesBatchRequest>,
-    ) -> Result<Response<pb::AppendEntriesBatchReply>, Status> {
-        let requests = request.into_inner().requests;
-        let replies = futures::future::join_all(requests.into_iter().map(|r| self.append_entries_of(r))).await;
-        Ok(Response::new(pb::AppendEntriesBatchReply { replies }))
+        request: Request<tonic::Streaming<pb::ReplicateFrame>>,
+    ) -> Result<Response<ReplicateStream>, Status> {
+        let (tx, rx) = mpsc::channel(REPLY_FRAMES_BUFFERED);
+        self.node.background_tasks.spawn(serve_replication(self.node.clone(), request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteReply>, Status> {
