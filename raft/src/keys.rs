@@ -57,6 +57,12 @@ pub const SM_TAG_DEDUP_HIGH: u8 = 0x04;
 /// Length of the `shard · gen` prefix of every `sm` key.
 pub const SM_PREFIX_LEN: usize = 8;
 
+/// Prefixes under which keys are written in ascending order, for RocksDB's memtable insert
+/// hints: a shard's log (`shard`), and one room's records of one kind (`shard · gen · tag ·
+/// room id`: messages by seq; dedup records by client, then client seq).
+pub const LOG_HINT_PREFIX: usize = 4;
+pub const SM_HINT_PREFIX: usize = SM_PREFIX_LEN + 1 + 8;
+
 pub fn shard_prefix(shard: ShardId) -> [u8; 4] {
     shard.to_be_bytes()
 }
