@@ -308,6 +308,7 @@ impl RunningNode {
                 Err(_) => tracing::warn!(shard, "shard did not shut down in time; leaving it"),
             }
         }
+        node.peers.stop_streams();
         if let Err(e) = node.db.sync_wal() {
             tracing::error!(error = %e, "final WAL sync failed");
         }

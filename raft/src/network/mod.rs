@@ -143,6 +143,11 @@ impl PeerClients {
         self.clients.get(&node).map(|(a, _)| a.as_str())
     }
 
+    /// Stops the replication streams (node shutdown, once the shards have stopped).
+    pub fn stop_streams(&self) {
+        self.streams.values().for_each(ReplicationStream::stop);
+    }
+
     pub fn ids(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.clients.keys().copied()
     }
@@ -214,6 +219,20 @@ impl GrpcConnection {
         }
     }
 
+    fn append_reply(&self, reply: pb::AppendEntriesReply) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        use pb::append_entries_reply::Result as R;
+        match reply.result {
+            Some(R::Success(_)) => Ok(AppendEntriesResponse::Success),
+            Some(R::PartialSuccess(p)) => {
+                Ok(AppendEntriesResponse::PartialSuccess(p.matching.as_ref().map(codec::log_id_from_pb)))
+            }
+            Some(R::Conflict(_)) => Ok(AppendEntriesResponse::Conflict),
+            Some(R::HigherVote(v)) => Ok(AppendEntriesResponse::HigherVote(codec::vote_from_pb(&v))),
+            Some(R::Failure(f)) => Err(unreachable(format!("node {}: {}", self.target, f.message))),
+            None => Err(malformed("AppendEntries")),
+        }
+    }
+
     fn timeout<E: std::error::Error>(
         &self,
         action: RPCTypes,
@@ -251,31 +270,29 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(hint)));
         }
         let ttl = option.hard_ttl();
-        let stream = self.peers.streams.get(&self.target).filter(|_| request.encoded_len() <= STREAMED_BYTES);
-        let reply = if let Some(stream) = stream {
-            tokio::time::timeout(ttl, stream.call(request))
-                .await
-                .map_err(|_| self.timeout(RPCTypes::AppendEntries, ttl))?
-                .map_err(|s| self.status_error(RPCTypes::AppendEntries, ttl, s))?
-        } else {
-            let mut client = self.client()?;
-            tokio::time::timeout(ttl, client.append_entries(with_timeout(request, ttl)))
-                .await
-                .map_err(|_| self.timeout(RPCTypes::AppendEntries, ttl))?
-                .map_err(|s| self.status_error(RPCTypes::AppendEntries, ttl, s))?
-                .into_inner()
-        };
-        use pb::append_entries_reply::Result as R;
-        match reply.result {
-            Some(R::Success(_)) => Ok(AppendEntriesResponse::Success),
-            Some(R::PartialSuccess(p)) => {
-                Ok(AppendEntriesResponse::PartialSuccess(p.matching.as_ref().map(codec::log_id_from_pb)))
+        let request = match self.peers.streams.get(&self.target) {
+            Some(stream) if request.encoded_len() <= STREAMED_BYTES => {
+                match tokio::time::timeout(ttl, stream.call(request)).await {
+                    Err(_) => return Err(self.timeout(RPCTypes::AppendEntries, ttl)),
+                    // A peer of an earlier version has no replication stream: call it unary.
+                    Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                        convert::append_request_to_pb(self.shard, &rpc)
+                    }
+                    Ok(reply) => {
+                        return self
+                            .append_reply(reply.map_err(|s| self.status_error(RPCTypes::AppendEntries, ttl, s))?);
+                    }
+                }
             }
-            Some(R::Conflict(_)) => Ok(AppendEntriesResponse::Conflict),
-            Some(R::HigherVote(v)) => Ok(AppendEntriesResponse::HigherVote(codec::vote_from_pb(&v))),
-            Some(R::Failure(f)) => Err(unreachable(format!("node {}: {}", self.target, f.message))),
-            None => Err(malformed("AppendEntries")),
-        }
+            _ => request,
+        };
+        let mut client = self.client()?;
+        let reply = tokio::time::timeout(ttl, client.append_entries(with_timeout(request, ttl)))
+            .await
+            .map_err(|_| self.timeout(RPCTypes::AppendEntries, ttl))?
+            .map_err(|s| self.status_error(RPCTypes::AppendEntries, ttl, s))?
+            .into_inner();
+        self.append_reply(reply)
     }
 
     async fn install_snapshot(

@@ -8,8 +8,9 @@
 //!
 //! The stream opens on the first request and again on the first request after it breaks. Its
 //! requests are tagged with ids; a reader task hands each reply to its waiter. When the stream
-//! breaks, every waiter still waiting gets `unavailable`, and openraft retries as after any
-//! failed RPC (Raft messages may be lost, repeated or late: all are safe).
+//! breaks, every waiter still waiting gets `unavailable` (or why the stream could not open), and
+//! openraft retries as after any failed RPC (Raft messages may be lost, repeated or late: all
+//! are safe). A request whose caller gave up (timed out) while it was queued is not sent.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,17 +19,20 @@ use std::time::Duration;
 use chorus_proto::batching::take_ready;
 use chorus_proto::peer as pb;
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::PeerClient;
 
-/// Requests waiting for the stream; beyond it, senders wait (backpressure).
+/// Requests waiting for the stream, in number and in KiB; beyond either, senders wait
+/// (backpressure).
 const QUEUE: usize = 4096;
+const QUEUE_KIB: usize = 64 << 10;
 /// Most requests in one frame, and most bytes (a first request always goes, whatever its size).
+/// Kept small: a frame is decoded only once whole, so a heartbeat behind it waits for it all.
 const FRAME_REQUESTS: usize = 1024;
-const FRAME_BYTES: usize = 4 << 20;
+const FRAME_BYTES: usize = 512 << 10;
 /// Frames handed to the HTTP/2 stream and not yet written.
 const FRAMES_BUFFERED: usize = 16;
 /// Waiters kept after their caller gave up (timed out) before they are swept.
@@ -41,13 +45,17 @@ struct Queued {
     request: pb::AppendEntriesRequest,
     size: usize,
     reply: oneshot::Sender<Reply>,
+    /// Its share of the queue's bytes, given back once it is in a frame.
+    _room: OwnedSemaphorePermit,
 }
 
 /// The sending side of one peer's replication stream. Cheap to clone; the stream's task ends
-/// when the last clone is dropped.
+/// when the last clone is dropped or [`ReplicationStream::stop`] is called.
 #[derive(Clone)]
 pub struct ReplicationStream {
     queue: mpsc::Sender<Queued>,
+    room: Arc<Semaphore>,
+    task: AbortHandle,
 }
 
 impl ReplicationStream {
@@ -55,23 +63,30 @@ impl ReplicationStream {
     /// `open_timeout`.
     pub fn start(client: PeerClient, open_timeout: Duration) -> ReplicationStream {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(client, rx, open_timeout));
-        ReplicationStream { queue }
+        let task = tokio::spawn(run(client, rx, open_timeout)).abort_handle();
+        ReplicationStream { queue, room: Arc::new(Semaphore::new(QUEUE_KIB)), task }
     }
 
     /// Sends `request` and waits for its reply. The caller bounds the wait.
     pub async fn call(&self, request: pb::AppendEntriesRequest) -> Reply {
         let (reply, answer) = oneshot::channel();
         let size = request.encoded_len() + 16;
-        self.queue
-            .send(Queued { request, size, reply })
-            .await
-            .map_err(|_| tonic::Status::unavailable("the replication stream has stopped"))?;
+        let kib = size.div_ceil(1024).min(QUEUE_KIB) as u32;
+        let stopped = || tonic::Status::unavailable("the replication stream has stopped");
+        let room = self.room.clone().acquire_many_owned(kib).await.map_err(|_| stopped())?;
+        self.queue.send(Queued { request, size, reply, _room: room }).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| tonic::Status::unavailable("the replication stream to the peer broke"))?
+    }
+
+    /// Stops the stream's task (node shutdown); requests still waiting fail.
+    pub fn stop(&self) {
+        self.task.abort();
+        self.room.close();
     }
 }
 
-/// Takes what is queued after `first` into one frame, registering each waiter under its id.
+/// Takes what is queued after `first` into one frame, registering each waiter under its id and
+/// leaving out the requests whose callers gave up.
 fn frame(
     first: Queued,
     queue: &mut mpsc::Receiver<Queued>,
@@ -87,6 +102,9 @@ fn frame(
     for q in batch.into_iter().chain(carried) {
         // An item over the byte limit comes back as `carried`: it goes in this frame too, as the
         // first of a frame would (the limit keeps frames moderate, it is not a hard cap).
+        if q.reply.is_closed() {
+            continue;
+        }
         *next_id += 1;
         waiting.insert(*next_id, q.reply);
         requests.push(pb::TaggedAppendEntries { id: *next_id, request: Some(q.request) });
@@ -94,11 +112,11 @@ fn frame(
     pb::ReplicateFrame { requests }
 }
 
-/// Answers every waiter left with `unavailable`.
-fn fail_all(waiters: &Waiters, why: &str) {
+/// Answers every waiter left with `status`.
+fn fail_all(waiters: &Waiters, status: tonic::Status) {
     let left: Vec<_> = waiters.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
     for (_, waiter) in left {
-        let _ = waiter.send(Err(tonic::Status::unavailable(why.to_owned())));
+        let _ = waiter.send(Err(status.clone()));
     }
 }
 
@@ -115,11 +133,14 @@ async fn run(client: PeerClient, mut queue: mpsc::Receiver<Queued>, open_timeout
         let replies = match tokio::time::timeout(open_timeout, client.replicate(ReceiverStream::new(outgoing))).await {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => {
-                fail_all(&waiters, &format!("cannot open the replication stream: {}", status.message()));
+                // Keeps the code: `unimplemented` (a peer of an earlier version) makes the caller
+                // fall back to unary calls.
+                let why = format!("cannot open the replication stream: {}", status.message());
+                fail_all(&waiters, tonic::Status::new(status.code(), why));
                 continue;
             }
             Err(_) => {
-                fail_all(&waiters, "opening the replication stream timed out");
+                fail_all(&waiters, tonic::Status::unavailable("opening the replication stream timed out"));
                 continue;
             }
         };
@@ -138,7 +159,7 @@ async fn run(client: PeerClient, mut queue: mpsc::Receiver<Queued>, open_timeout
             }
         }
         drop(reader);
-        fail_all(&waiters, "the replication stream to the peer broke");
+        fail_all(&waiters, tonic::Status::unavailable("the replication stream to the peer broke"));
     }
 }
 
@@ -179,7 +200,9 @@ mod tests {
 
     fn queued(shard: u32, size: usize) -> (Queued, oneshot::Receiver<Reply>) {
         let (reply, answer) = oneshot::channel();
-        (Queued { request: pb::AppendEntriesRequest { shard, ..Default::default() }, size, reply }, answer)
+        let room = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let request = pb::AppendEntriesRequest { shard, ..Default::default() };
+        (Queued { request, size, reply, _room: room }, answer)
     }
 
     fn shards(frame: &pb::ReplicateFrame) -> Vec<u32> {
@@ -227,20 +250,36 @@ mod tests {
         assert_eq!(rx.try_recv().map(|q| q.request.shard).ok(), Some(3), "the rest waits for the next frame");
     }
 
+    #[test]
+    fn a_request_whose_caller_gave_up_while_queued_is_not_sent() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let (gone, answer) = queued(2, 10);
+        drop(answer);
+        tx.try_send(gone).unwrap();
+        let waiters = Waiters::default();
+        let (first, _a) = queued(1, 10);
+        let f = frame(first, &mut rx, &waiters, &mut 0);
+        assert_eq!(shards(&f), vec![1]);
+        assert_eq!(waiters.lock().unwrap().len(), 1);
+    }
+
     #[tokio::test]
     async fn waiters_whose_callers_gave_up_are_swept_and_the_rest_fail_when_the_stream_breaks() {
         let (_tx, mut rx) = mpsc::channel(1);
         let waiters = Waiters::default();
         let mut next_id = 0;
+        let mut answers = Vec::new();
         for _ in 0..=SWEEP_ABOVE {
             let (q, answer) = queued(1, 10);
-            drop(answer);
             frame(q, &mut rx, &waiters, &mut next_id);
+            answers.push(answer);
         }
+        // Their callers time out after the requests were sent.
+        drop(answers);
         let (q, answer) = queued(2, 10);
         frame(q, &mut rx, &waiters, &mut next_id);
         assert_eq!(waiters.lock().unwrap().len(), 1, "only the live waiter is left");
-        fail_all(&waiters, "gone");
+        fail_all(&waiters, tonic::Status::unavailable("gone"));
         let status = answer.await.unwrap().unwrap_err();
         assert_eq!((status.code(), status.message()), (tonic::Code::Unavailable, "gone"));
         assert!(waiters.lock().unwrap().is_empty());

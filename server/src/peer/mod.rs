@@ -92,8 +92,10 @@ async fn serve_replication(
                 while let Some(Some(reply)) = futures::FutureExt::now_or_never(running.next()) {
                     ready.push(reply);
                 }
-                if replies.send(Ok(pb::ReplicateReplyFrame { replies: ready })).await.is_err() {
-                    return;
+                let frame = Ok(pb::ReplicateReplyFrame { replies: ready });
+                tokio::select! {
+                    _ = node.peers_shutdown.cancelled() => return,
+                    sent = replies.send(frame) => if sent.is_err() { return },
                 }
             }
         }
@@ -126,6 +128,15 @@ impl Peer for PeerService {
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesReply>, Status> {
         Ok(Response::new(append_entries_of(&self.node, request.into_inner()).await))
+    }
+
+    async fn append_entries_batch(
+        &self,
+        request: Request<pb::AppendEntriesBatchRequest>,
+    ) -> Result<Response<pb::AppendEntriesBatchReply>, Status> {
+        let requests = request.into_inner().requests;
+        let replies = futures::future::join_all(requests.into_iter().map(|r| append_entries_of(&self.node, r))).await;
+        Ok(Response::new(pb::AppendEntriesBatchReply { replies }))
     }
 
     type ReplicateStream = ReplicateStream;
