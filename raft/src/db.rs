@@ -79,6 +79,12 @@ impl NodeDb {
         db_opts.set_bytes_per_sync(1 << 20);
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_log_file_size(16 << 20);
+        // A writer waiting for its write group's leader spins (sched_yield) for up to 100 µs
+        // before it sleeps; with every core busy, the spinning takes the CPU from the threads it
+        // waits for. And a group's memtable inserts are made by one thread, so that each keeps
+        // its prefix's insert hint (see `with_insert_hints`; concurrent inserts ignore hints).
+        db_opts.set_enable_write_thread_adaptive_yield(false);
+        db_opts.set_allow_concurrent_memtable_write(false);
 
         let cf_opts = |bloom: bool, compression: DBCompressionType| {
             let mut block = BlockBasedOptions::default();
@@ -257,6 +263,9 @@ mod tests {
         assert_eq!(hints.get(CF_LOG).map(String::as_str), Some("rocksdb.FixedPrefix.4"));
         assert_eq!(hints.get(CF_SM).map(String::as_str), Some("rocksdb.FixedPrefix.17"));
         assert_eq!(hints.get(CF_STATE).map(String::as_str), Some("nullptr"));
+        // Concurrent inserts would ignore the hints.
+        assert!(text.lines().any(|l| l.trim() == "allow_concurrent_memtable_write=false"));
+        assert!(text.lines().any(|l| l.trim() == "enable_write_thread_adaptive_yield=false"));
     }
 
     fn identity(cluster: &str, node: u64, shards: u32) -> ClusterIdentity {
