@@ -24,6 +24,10 @@ pub const FORMAT_VERSION: u32 = 1;
 /// `keys.rs`). RocksDB then keeps, per prefix, where the last insert into the memtable went and
 /// starts the next one there, instead of searching the skiplist from its top: fewer cache
 /// misses on the hottest write path. Keys shorter than `prefix` are inserted as usual.
+///
+/// The options come back as a copy made by RocksDB: the base's table factory (and its block
+/// cache) carries over, but anything whose lifetime rust-rocksdb tracks on the Rust side (a
+/// comparator, compaction filter or logger) would not; set such things after this call.
 fn with_insert_hints(mut options: rocksdb::Options, prefix: usize) -> Result<rocksdb::Options, StoreError> {
     let setting = format!("memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.{prefix}");
     options.get_options_from_string(&setting).map_err(|e| StoreError::Config(format!("{setting}: {e}")))

@@ -118,8 +118,6 @@ impl Node {
         };
     }
 
-    /// Largest request frame: a batch of sends, or one message body at the limit, plus room
-    /// for the other fields.
     /// Waits for the next tick of `ticker` (see [`ticker`]); false once the node's peer side
     /// shuts down. For the node's background loops: `while node.next_tick(&mut t).await { .. }`.
     pub async fn next_tick(&self, ticker: &mut tokio::time::Interval) -> bool {
@@ -129,6 +127,8 @@ impl Node {
         }
     }
 
+    /// Largest request frame: a batch of sends, or one message body at the limit, plus room
+    /// for the other fields.
     pub fn max_request_frame(&self) -> usize {
         self.config.limits.max_body_bytes.max(MAX_BATCH_FRAME_BYTES) + 64 * 1024
     }

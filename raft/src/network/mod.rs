@@ -259,7 +259,9 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let request = convert::append_request_to_pb(self.shard, &rpc);
-        if request.encoded_len() > MAX_PEER_MESSAGE_BYTES && request.entries.len() > 1 {
+        // Walks every entry: computed once per request.
+        let encoded_len = request.encoded_len();
+        if encoded_len > MAX_PEER_MESSAGE_BYTES && request.entries.len() > 1 {
             // Tell openraft how many entries fit; it resends fewer.
             let mut size = 0;
             let fits = request.entries.iter().take_while(|e| {
@@ -271,8 +273,8 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
         }
         let ttl = option.hard_ttl();
         let request = match self.peers.streams.get(&self.target) {
-            Some(stream) if request.encoded_len() <= STREAMED_BYTES => {
-                match tokio::time::timeout(ttl, stream.call(request)).await {
+            Some(stream) if encoded_len <= STREAMED_BYTES => {
+                match tokio::time::timeout(ttl, stream.call(request, encoded_len)).await {
                     Err(_) => return Err(self.timeout(RPCTypes::AppendEntries, ttl)),
                     // A peer of an earlier version has no replication stream: call it unary.
                     Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {

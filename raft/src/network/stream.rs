@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use chorus_proto::batching::take_ready;
 use chorus_proto::peer as pb;
-use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
@@ -67,10 +66,12 @@ impl ReplicationStream {
         ReplicationStream { queue, room: Arc::new(Semaphore::new(QUEUE_KIB)), task }
     }
 
-    /// Sends `request` and waits for its reply. The caller bounds the wait.
-    pub async fn call(&self, request: pb::AppendEntriesRequest) -> Reply {
+    /// Sends `request`, whose encoding takes `encoded_len` bytes, and waits for its reply. The
+    /// caller bounds the wait.
+    pub async fn call(&self, request: pb::AppendEntriesRequest, encoded_len: usize) -> Reply {
         let (reply, answer) = oneshot::channel();
-        let size = request.encoded_len() + 16;
+        // Tagged, in a repeated field: a few bytes more.
+        let size = encoded_len + 16;
         let kib = size.div_ceil(1024).min(QUEUE_KIB) as u32;
         let stopped = || tonic::Status::unavailable("the replication stream has stopped");
         let room = self.room.clone().acquire_many_owned(kib).await.map_err(|_| stopped())?;

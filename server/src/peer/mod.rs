@@ -24,12 +24,7 @@ pub struct PeerService {
     node: Arc<Node>,
 }
 
-impl PeerService {
-    fn raft(&self, shard: ShardId) -> Result<&ChorusRaft, String> {
-        hosted(&self.node, shard)
-    }
-}
-
+/// The Raft of `shard`, or why this node cannot serve it.
 fn hosted(node: &Node, shard: ShardId) -> Result<&ChorusRaft, String> {
     node.shards.get(&shard).map(|r| &r.raft).ok_or_else(|| format!("shard {shard} is not hosted on node {}", node.id))
 }
@@ -152,7 +147,7 @@ impl Peer for PeerService {
 
     async fn vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteReply>, Status> {
         let request = request.into_inner();
-        let reply = match self.raft(request.shard) {
+        let reply = match hosted(&self.node, request.shard) {
             Ok(raft) => raft_rpc::vote(raft, request).await,
             Err(e) => pb::VoteReply { result: Some(pb::vote_reply::Result::Failure(failure(e))) },
         };
@@ -164,7 +159,7 @@ impl Peer for PeerService {
         request: Request<pb::InstallSnapshotRequest>,
     ) -> Result<Response<pb::InstallSnapshotReply>, Status> {
         let request = request.into_inner();
-        let reply = match self.raft(request.shard) {
+        let reply = match hosted(&self.node, request.shard) {
             Ok(raft) => raft_rpc::install_snapshot(raft, request).await,
             Err(e) => {
                 pb::InstallSnapshotReply { result: Some(pb::install_snapshot_reply::Result::Failure(failure(e))) }
