@@ -32,5 +32,5 @@ pub use limits::Limits;
 pub use log_store::ShardLogStore;
 pub use routing::ShardRouter;
 pub use shard::{RaftTuning, ShardReplica, StartError, open_shard_storage, start_shard};
-pub use state_machine::{HistoryPage, HistoryQuery, ShardEvent, ShardReader, ShardStateMachine};
+pub use state_machine::{AppliedMessage, HistoryPage, HistoryQuery, ShardEvent, ShardReader, ShardStateMachine};
 pub use types::*;

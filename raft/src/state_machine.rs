@@ -14,7 +14,7 @@
 //! - A room's timestamps never decrease, whatever the leaders' clocks say.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
 use chorus_proto::storage::{
@@ -61,6 +61,9 @@ pub enum ShardEvent {
 pub struct AppliedMessage {
     pub room: String,
     pub message: MessageRecord,
+    /// The message as the serving layer sends it to clients, encoded by whichever live feed
+    /// needs it first: every subscriber of the room on this node then shares one encoding.
+    pub wire: OnceLock<Bytes>,
 }
 
 /// A page of history, oldest message first.
@@ -572,7 +575,7 @@ impl<'a> ApplyBatch<'a> {
             room.first_seq = new_first;
         }
         self.mark_dirty(&a.room);
-        self.appended.push(AppliedMessage { room: a.room, message });
+        self.appended.push(AppliedMessage { room: a.room, message, wire: OnceLock::new() });
         Ok(Ok(OpOutcome::Appended { seq, ts_ms, duplicate: false }))
     }
 

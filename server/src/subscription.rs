@@ -10,11 +10,13 @@
 //! A node that does not host the room's shard relays the feed of a replica over gRPC and
 //! resumes from its cursor on another replica if that one fails.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use chorus_proto::client::{self, event};
-use chorus_proto::peer as pb;
-use chorus_raft::{HistoryQuery, ShardEvent, ShardId, ShardReader};
+use chorus_proto::{framing, peer as pb};
+use chorus_raft::{AppliedMessage, HistoryQuery, ShardEvent, ShardId, ShardReader};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -31,11 +33,59 @@ pub fn message_event(message: client::Message) -> client::Event {
     client::Event { kind: Some(event::Kind::Message(message)) }
 }
 
+/// What a feed hands to its consumer (a client's stream writer, or a relay to another node).
+#[derive(Debug)]
+pub enum Outgoing {
+    /// An event made for this feed alone: a history message, a gap, an error.
+    Event(client::Event),
+    /// A live message as the shard applied it. Every feed of the room on this node shares the
+    /// apply batch, and the message is encoded for clients once, however many subscribe.
+    Live { batch: Arc<Vec<AppliedMessage>>, index: usize },
+}
+
+impl From<client::Event> for Outgoing {
+    fn from(event: client::Event) -> Outgoing {
+        Outgoing::Event(event)
+    }
+}
+
+impl Outgoing {
+    /// Appends the event as one client-protocol frame.
+    pub fn append_frame(&self, frames: &mut BytesMut) {
+        match self {
+            Outgoing::Event(event) => framing::append_frame(frames, event),
+            Outgoing::Live { batch, index } => match batch.get(*index) {
+                Some(applied) => frames.extend_from_slice(live_frame(applied)),
+                None => debug_assert!(false, "live message {index} of a batch of {}", batch.len()),
+            },
+        }
+    }
+
+    pub fn into_event(self) -> client::Event {
+        match self {
+            Outgoing::Event(event) => event,
+            Outgoing::Live { batch, index } => match batch.get(index) {
+                Some(applied) => message_event(message_to_pb(&applied.room, applied.message.clone())),
+                None => {
+                    ServiceError::Internal(format!("live message {index} of a batch of {}", batch.len())).to_event(None)
+                }
+            },
+        }
+    }
+}
+
+/// The frame of a live message, encoded on first use and shared from then on.
+fn live_frame(applied: &AppliedMessage) -> &Bytes {
+    applied
+        .wire
+        .get_or_init(|| framing::encode_frame(&message_event(message_to_pb(&applied.room, applied.message.clone()))))
+}
+
 /// Sends one event unless the feed is cancelled or its consumer gone; false means stop.
-async fn send(out: &mpsc::Sender<client::Event>, cancel: &CancellationToken, event: client::Event) -> bool {
+async fn send(out: &mpsc::Sender<Outgoing>, cancel: &CancellationToken, event: impl Into<Outgoing>) -> bool {
     tokio::select! {
         _ = cancel.cancelled() => false,
-        sent = out.send(event) => sent.is_ok(),
+        sent = out.send(event.into()) => sent.is_ok(),
     }
 }
 
@@ -45,7 +95,7 @@ pub async fn follow_local(
     reader: ShardReader,
     room: String,
     mut cursor: u64,
-    out: mpsc::Sender<client::Event>,
+    out: mpsc::Sender<Outgoing>,
     cancel: CancellationToken,
 ) -> Result<(), ServiceError> {
     let mut events = reader.subscribe();
@@ -91,7 +141,7 @@ pub async fn follow_local(
             };
             match event {
                 Ok(ShardEvent::Appended(batch)) => {
-                    for applied in batch.iter().filter(|m| m.room == room) {
+                    for (index, applied) in batch.iter().enumerate().filter(|(_, m)| m.room == room) {
                         let seq = applied.message.seq;
                         if seq <= cursor {
                             continue;
@@ -100,8 +150,7 @@ pub async fn follow_local(
                             break 'live; // a gap in what we saw: read it from history
                         }
                         cursor = seq;
-                        let message = message_to_pb(&room, applied.message.clone());
-                        if !send(&out, &cancel, message_event(message)).await {
+                        if !send(&out, &cancel, Outgoing::Live { batch: batch.clone(), index }).await {
                             return Ok(());
                         }
                     }
@@ -120,7 +169,7 @@ pub async fn follow_remote(
     shard: ShardId,
     room: String,
     mut cursor: u64,
-    out: mpsc::Sender<client::Event>,
+    out: mpsc::Sender<Outgoing>,
     cancel: CancellationToken,
 ) -> Result<(), ServiceError> {
     let replicas = node.layout.replicas(shard);
@@ -204,12 +253,70 @@ pub async fn follow(
     node: &Node,
     room: String,
     after: u64,
-    out: mpsc::Sender<client::Event>,
+    out: mpsc::Sender<Outgoing>,
     cancel: CancellationToken,
 ) -> Result<(), ServiceError> {
     let shard = node.layout.router.shard_for_room(&room);
     match node.shards.get(&shard) {
         Some(replica) => follow_local(replica.reader.clone(), room, after, out, cancel).await,
         None => follow_remote(node, shard, room, after, out, cancel).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use chorus_proto::storage::MessageRecord;
+
+    use super::*;
+
+    fn applied(room: &str, seq: u64) -> AppliedMessage {
+        let message = MessageRecord {
+            seq,
+            ts_ms: 1_700_000_000_000 + seq,
+            sender: "ann".into(),
+            client_id: Bytes::from_static(b"client-1"),
+            client_seq: seq,
+            body: Bytes::from(format!("message {seq}")),
+        };
+        AppliedMessage { room: room.into(), message, wire: OnceLock::new() }
+    }
+
+    #[test]
+    fn a_live_message_is_sent_as_the_event_it_stands_for_and_encoded_once() {
+        let batch = Arc::new(vec![applied("a", 7), applied("b", 3)]);
+        let expected = message_event(message_to_pb("b", batch[1].message.clone()));
+
+        let mut first = BytesMut::new();
+        Outgoing::Live { batch: batch.clone(), index: 1 }.append_frame(&mut first);
+        assert_eq!(first.freeze(), framing::encode_frame(&expected));
+        let cached = batch[1].wire.get().expect("encoded on first use").clone();
+
+        // A second subscriber of the room shares that encoding rather than making its own.
+        let mut second = BytesMut::new();
+        Outgoing::Live { batch: batch.clone(), index: 1 }.append_frame(&mut second);
+        assert_eq!(second.freeze(), cached);
+        assert_eq!(batch[1].wire.get().map(|b| b.as_ptr()), Some(cached.as_ptr()));
+        assert!(batch[0].wire.get().is_none(), "only what a feed sent is encoded");
+
+        // Relayed to another node, it is the same event.
+        assert_eq!(Outgoing::Live { batch, index: 1 }.into_event(), expected);
+    }
+
+    #[test]
+    fn events_of_one_feed_are_framed_as_they_are() {
+        let gap = client::Event {
+            kind: Some(event::Kind::Gap(client::Gap {
+                room: "a".into(),
+                from_seq: 1,
+                to_seq: 4,
+                reason: "retention".into(),
+            })),
+        };
+        let mut frames = BytesMut::new();
+        Outgoing::from(gap.clone()).append_frame(&mut frames);
+        assert_eq!(frames.freeze(), framing::encode_frame(&gap));
+        assert_eq!(Outgoing::from(gap.clone()).into_event(), gap);
     }
 }

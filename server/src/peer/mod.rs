@@ -206,7 +206,7 @@ impl Peer for PeerService {
             kind: Some(client::event::Kind::Subscribed(client::Subscribed { rooms: vec![cursor.clone()] })),
         };
         // The channel is empty: this cannot block.
-        let _ = tx.try_send(subscribed);
+        let _ = tx.try_send(subscribed.into());
         self.node.client_tasks.spawn(async move {
             let _permit = permit;
             let out = tx.clone();
@@ -217,10 +217,11 @@ impl Peer for PeerService {
                 Ok(()) => None,
             };
             if let Some(event) = last {
-                let _ = out.send(event).await;
+                let _ = out.send(event.into()).await;
             }
         });
-        let stream = ReceiverStream::new(rx).map(|event| Ok(pb::SubscribeEvent { event: Some(event) }));
+        let stream =
+            ReceiverStream::new(rx).map(|outgoing| Ok(pb::SubscribeEvent { event: Some(outgoing.into_event()) }));
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -69,12 +69,14 @@ pub async fn handle(node: Arc<Node>, subscribe: Subscribe, mut send: quinn::Send
         feeds.spawn(async move {
             let room = cursor.room.clone();
             if let Err(e) = subscription::follow(&node, cursor.room, cursor.after_seq, tx.clone(), cancel).await {
-                let _ = tx.send(e.to_event(Some(&room))).await;
+                let _ = tx.send(e.to_event(Some(&room)).into()).await;
             }
         });
     }
     drop(tx);
     let mut last_write: Option<tokio::time::Instant> = None;
+    // Reused across writes: each write hands QUIC the filled part without copying it.
+    let mut frames = BytesMut::with_capacity(COALESCE_BYTES);
     let closing_reason = loop {
         tokio::select! {
             _ = node.clients_shutdown.cancelled() => break Some("node shutting down"),
@@ -86,8 +88,7 @@ pub async fn handle(node: Arc<Node>, subscribe: Subscribe, mut send: quinn::Send
                 Some(event) => {
                     // Events that are already waiting leave in the same write (one QUIC write
                     // and wake-up for many messages when a subscriber's rooms are busy).
-                    let mut frames = BytesMut::new();
-                    framing::append_frame(&mut frames, &event);
+                    event.append_frame(&mut frames);
                     if let Some(due) = hold_until(last_write, tokio::time::Instant::now()) {
                         tokio::select! {
                             _ = tokio::time::sleep_until(due) => {}
@@ -96,10 +97,10 @@ pub async fn handle(node: Arc<Node>, subscribe: Subscribe, mut send: quinn::Send
                     }
                     while frames.len() < COALESCE_BYTES {
                         let Ok(more) = rx.try_recv() else { break };
-                        framing::append_frame(&mut frames, &more);
+                        more.append_frame(&mut frames);
                     }
                     last_write = Some(tokio::time::Instant::now());
-                    if send.write_all(&frames).await.is_err() {
+                    if send.write_chunk(frames.split().freeze()).await.is_err() {
                         break None;
                     }
                 }
