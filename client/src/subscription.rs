@@ -7,8 +7,12 @@ use std::time::Duration;
 
 use chorus_proto::client::{self as pb, event};
 use chorus_proto::framing;
+use tokio::io::BufReader;
 
 use crate::{Client, ClientError, MAX_RESPONSE_FRAME, Message};
+
+/// Bytes read from a subscription stream at a time (frames larger than this are read directly).
+const READ_BUFFER: usize = 64 * 1024;
 
 /// What a subscription yields.
 #[derive(Debug)]
@@ -31,7 +35,9 @@ pub enum SubscriptionEvent {
 pub struct Subscription {
     client: Client,
     cursors: BTreeMap<String, u64>,
-    stream: Option<(quinn::Connection, quinn::SendStream, quinn::RecvStream)>,
+    /// The stream's receive half is read through a buffer: a node writes many small events at
+    /// once, and reading each frame straight from QUIC would take two stream reads per event.
+    stream: Option<(quinn::Connection, quinn::SendStream, BufReader<quinn::RecvStream>)>,
     failures: u32,
     resuming: bool,
 }
@@ -67,7 +73,9 @@ impl Subscription {
             }
             if self.stream.is_none() {
                 match self.client.open_subscription(&self.cursors).await {
-                    Ok(stream) => self.stream = Some(stream),
+                    Ok((connection, send, recv)) => {
+                        self.stream = Some((connection, send, BufReader::with_capacity(READ_BUFFER, recv)))
+                    }
                     Err(e) if e.retryable() => {
                         self.broken(false).await;
                         continue;
