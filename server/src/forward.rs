@@ -149,9 +149,11 @@ async fn propose_here(
     let Some(replica) = node.shards.get(&shard) else {
         return Attempt::Redirect(None);
     };
-    let metrics = replica.raft.metrics().borrow().clone();
-    if metrics.current_leader != Some(node.id) {
-        return Attempt::Redirect(metrics.current_leader);
+    // Only the leader field: cloning the whole metrics (membership, replication maps) on every
+    // proposal would allocate for nothing.
+    let leader = replica.raft.metrics().borrow().current_leader;
+    if leader != Some(node.id) {
+        return Attempt::Redirect(leader);
     }
     // A leader that has not heard from a quorum of its shard's nodes for an election timeout
     // has probably been deposed or cut off: do not append to a log that may never commit.
