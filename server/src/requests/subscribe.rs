@@ -22,7 +22,7 @@ const COALESCE_BYTES: usize = 64 * 1024;
 /// A busy subscriber (written to within this long) gets its next write this long after the
 /// previous one, with everything that arrived meanwhile: one QUIC packet for several messages
 /// instead of one each. An idle subscriber is written to at once.
-const COALESCE_WINDOW: Duration = Duration::from_millis(2);
+const COALESCE_WINDOW: Duration = Duration::from_millis(5);
 
 /// Most rooms in one subscription.
 pub const MAX_ROOMS_PER_SUBSCRIPTION: usize = 256;
