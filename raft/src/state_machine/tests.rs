@@ -161,6 +161,40 @@ async fn dedup_state_is_bounded_by_the_window() {
     assert_eq!(f.sm.reader().last_seq("r").unwrap(), total);
 }
 
+/// Appends client_seqs `from..=to` of `client` to `room`, 500 to a command.
+async fn append_range(f: &mut Fixture, room: &str, client: &[u8], from: u64, to: u64) {
+    let mut next = from;
+    while next <= to {
+        let end = (next + 499).min(to);
+        let ops = (next..=end).map(|s| append_op(room, "a", client, s, "")).collect();
+        for r in f.apply_cmd(5, ops).await {
+            assert!(matches!(r, Ok(OpOutcome::Appended { duplicate: false, .. })), "{r:?}");
+        }
+        next = end + 1;
+    }
+}
+
+#[tokio::test]
+async fn the_dedup_window_holds_when_the_apply_cache_is_empty() {
+    let mut f = Fixture::new();
+    f.create("r").await;
+    append_range(&mut f, "r", b"c", 1, 5000).await;
+    // A reopened state machine (as after a restart) has an empty apply cache.
+    f.sm = ShardStateMachine::open(f.db.clone(), SHARD).unwrap();
+    assert!(matches!(f.send("r", "c", 5000, "").await, Ok(OpOutcome::Appended { seq: 5000, duplicate: true, .. })));
+    let oldest = 5000 - DEDUP_WINDOW + 1;
+    assert_eq!(
+        f.send("r", "c", oldest - 1, "").await,
+        Err(CommandError::ClientSeqTooOld { client_seq: oldest - 1, oldest_accepted: oldest, window: DEDUP_WINDOW })
+    );
+    assert!(matches!(f.send("r", "c", 5001, "").await, Ok(OpOutcome::Appended { seq: 5001, duplicate: false, .. })));
+    // Another client of the room, and the same client in another room, start from nothing.
+    assert!(matches!(f.send("r", "d", 1, "").await, Ok(OpOutcome::Appended { duplicate: false, .. })));
+    f.create("s").await;
+    f.sm = ShardStateMachine::open(f.db.clone(), SHARD).unwrap();
+    assert!(matches!(f.send("s", "c", 1, "").await, Ok(OpOutcome::Appended { seq: 1, duplicate: false, .. })));
+}
+
 #[tokio::test]
 async fn bad_input_gets_its_specific_error_and_writes_nothing() {
     let mut f = Fixture::new();
