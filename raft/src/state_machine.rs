@@ -51,8 +51,9 @@ const EVENT_CHANNEL_CAPACITY: usize = 1024;
 /// What the state machine tells live subscribers.
 #[derive(Debug, Clone)]
 pub enum ShardEvent {
-    /// Messages appended by one apply batch, in order.
-    Appended(Arc<Vec<AppliedMessage>>),
+    /// Messages appended by one apply batch, in order. Each is shared on its own, so that a
+    /// reader holding one message does not hold the whole batch.
+    Appended(Arc<Vec<Arc<AppliedMessage>>>),
     /// A snapshot replaced the shard's state: re-read positions from history.
     SnapshotInstalled,
 }
@@ -400,7 +401,7 @@ struct ApplyBatch<'a> {
     dedup_high: HashMap<Vec<u8>, u64>,
     dedup: HashMap<Vec<u8>, DedupRecord>,
     next_room_id: Option<u64>,
-    appended: Vec<AppliedMessage>,
+    appended: Vec<Arc<AppliedMessage>>,
 }
 
 impl<'a> ApplyBatch<'a> {
@@ -575,7 +576,7 @@ impl<'a> ApplyBatch<'a> {
             room.first_seq = new_first;
         }
         self.mark_dirty(&a.room);
-        self.appended.push(AppliedMessage { room: a.room, message, wire: OnceLock::new() });
+        self.appended.push(Arc::new(AppliedMessage { room: a.room, message, wire: OnceLock::new() }));
         Ok(Ok(OpOutcome::Appended { seq, ts_ms, duplicate: false }))
     }
 
@@ -584,7 +585,8 @@ impl<'a> ApplyBatch<'a> {
     #[allow(clippy::type_complexity)]
     fn finish(
         mut self,
-    ) -> Result<(WriteBatch, Vec<AppliedMessage>, HashMap<String, RoomRecord>, HashMap<Vec<u8>, u64>), StoreError> {
+    ) -> Result<(WriteBatch, Vec<Arc<AppliedMessage>>, HashMap<String, RoomRecord>, HashMap<Vec<u8>, u64>), StoreError>
+    {
         let sm = self.view.db.cf_sm()?;
         for name in &self.dirty_rooms {
             if let Some(room) = self.rooms.get(name) {

@@ -38,9 +38,9 @@ pub fn message_event(message: client::Message) -> client::Event {
 pub enum Outgoing {
     /// An event made for this feed alone: a history message, a gap, an error.
     Event(client::Event),
-    /// A live message as the shard applied it. Every feed of the room on this node shares the
-    /// apply batch, and the message is encoded for clients once, however many subscribe.
-    Live { batch: Arc<Vec<AppliedMessage>>, index: usize },
+    /// A live message as the shard applied it, shared by every feed of the room on this node
+    /// and encoded for clients once, however many subscribe.
+    Live(Arc<AppliedMessage>),
 }
 
 impl From<client::Event> for Outgoing {
@@ -54,22 +54,14 @@ impl Outgoing {
     pub fn append_frame(&self, frames: &mut BytesMut) {
         match self {
             Outgoing::Event(event) => framing::append_frame(frames, event),
-            Outgoing::Live { batch, index } => match batch.get(*index) {
-                Some(applied) => frames.extend_from_slice(live_frame(applied)),
-                None => debug_assert!(false, "live message {index} of a batch of {}", batch.len()),
-            },
+            Outgoing::Live(applied) => frames.extend_from_slice(live_frame(applied)),
         }
     }
 
     pub fn into_event(self) -> client::Event {
         match self {
             Outgoing::Event(event) => event,
-            Outgoing::Live { batch, index } => match batch.get(index) {
-                Some(applied) => message_event(message_to_pb(&applied.room, applied.message.clone())),
-                None => {
-                    ServiceError::Internal(format!("live message {index} of a batch of {}", batch.len())).to_event(None)
-                }
-            },
+            Outgoing::Live(applied) => message_event(message_to_pb(&applied.room, applied.message.clone())),
         }
     }
 }
@@ -141,7 +133,7 @@ pub async fn follow_local(
             };
             match event {
                 Ok(ShardEvent::Appended(batch)) => {
-                    for (index, applied) in batch.iter().enumerate().filter(|(_, m)| m.room == room) {
+                    for applied in batch.iter().filter(|m| m.room == room) {
                         let seq = applied.message.seq;
                         if seq <= cursor {
                             continue;
@@ -150,7 +142,7 @@ pub async fn follow_local(
                             break 'live; // a gap in what we saw: read it from history
                         }
                         cursor = seq;
-                        if !send(&out, &cancel, Outgoing::Live { batch: batch.clone(), index }).await {
+                        if !send(&out, &cancel, Outgoing::Live(applied.clone())).await {
                             return Ok(());
                         }
                     }
@@ -271,7 +263,7 @@ mod tests {
 
     use super::*;
 
-    fn applied(room: &str, seq: u64) -> AppliedMessage {
+    fn applied(room: &str, seq: u64) -> Arc<AppliedMessage> {
         let message = MessageRecord {
             seq,
             ts_ms: 1_700_000_000_000 + seq,
@@ -280,28 +272,28 @@ mod tests {
             client_seq: seq,
             body: Bytes::from(format!("message {seq}")),
         };
-        AppliedMessage { room: room.into(), message, wire: OnceLock::new() }
+        Arc::new(AppliedMessage { room: room.into(), message, wire: OnceLock::new() })
     }
 
     #[test]
     fn a_live_message_is_sent_as_the_event_it_stands_for_and_encoded_once() {
-        let batch = Arc::new(vec![applied("a", 7), applied("b", 3)]);
+        let batch = [applied("a", 7), applied("b", 3)];
         let expected = message_event(message_to_pb("b", batch[1].message.clone()));
 
         let mut first = BytesMut::new();
-        Outgoing::Live { batch: batch.clone(), index: 1 }.append_frame(&mut first);
+        Outgoing::Live(batch[1].clone()).append_frame(&mut first);
         assert_eq!(first.freeze(), framing::encode_frame(&expected));
         let cached = batch[1].wire.get().expect("encoded on first use").clone();
 
         // A second subscriber of the room shares that encoding rather than making its own.
         let mut second = BytesMut::new();
-        Outgoing::Live { batch: batch.clone(), index: 1 }.append_frame(&mut second);
+        Outgoing::Live(batch[1].clone()).append_frame(&mut second);
         assert_eq!(second.freeze(), cached);
         assert_eq!(batch[1].wire.get().map(|b| b.as_ptr()), Some(cached.as_ptr()));
         assert!(batch[0].wire.get().is_none(), "only what a feed sent is encoded");
 
         // Relayed to another node, it is the same event.
-        assert_eq!(Outgoing::Live { batch, index: 1 }.into_event(), expected);
+        assert_eq!(Outgoing::Live(batch[1].clone()).into_event(), expected);
     }
 
     #[test]
