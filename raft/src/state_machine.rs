@@ -10,10 +10,12 @@
 //! - One apply call is one RocksDB write batch: messages, dedup records, room records, the
 //!   last-applied log id and the membership land together or not at all.
 //! - A `(room, client_id, client_seq)` is appended at most once. Its outcome is remembered while
-//!   `client_seq` is within the newest [`DEDUP_WINDOW`] client_seqs of that client in that room.
+//!   `client_seq` is within the newest [`DEDUP_WINDOW`] client_seqs of that client in that room;
+//!   records below the window are deleted a block at a time, so at most
+//!   `DEDUP_WINDOW + EXPIRY_BLOCK` client_seqs' records are kept per client and room.
 //! - A room's timestamps never decrease, whatever the leaders' clocks say.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
@@ -43,6 +45,10 @@ pub const DEDUP_WINDOW: u64 = 4096;
 
 /// Most messages or rooms returned by one query.
 pub const MAX_PAGE: usize = 1000;
+
+/// Dedup records below the window are deleted once the window's edge has left a whole block of
+/// this many client_seqs: one range lookup per block per client and room, not one per append.
+const EXPIRY_BLOCK: u64 = 1024;
 
 /// Capacity of a shard's event channel. A subscriber further behind than this many apply
 /// batches gets `Lagged` and reads what it missed from history instead.
@@ -399,7 +405,8 @@ struct ApplyBatch<'a> {
     rooms: HashMap<String, RoomRecord>,
     dirty_rooms: Vec<String>,
     dedup_high: HashMap<Vec<u8>, u64>,
-    dedup: HashMap<Vec<u8>, DedupRecord>,
+    /// Dedup records written by this batch, in key order (expiry looks them up by range).
+    dedup: BTreeMap<Vec<u8>, DedupRecord>,
     next_room_id: Option<u64>,
     appended: Vec<Arc<AppliedMessage>>,
 }
@@ -414,7 +421,7 @@ impl<'a> ApplyBatch<'a> {
             rooms: HashMap::new(),
             dirty_rooms: Vec::new(),
             dedup_high: HashMap::new(),
-            dedup: HashMap::new(),
+            dedup: BTreeMap::new(),
             next_room_id: None,
             appended: Vec::new(),
         }
@@ -544,15 +551,7 @@ impl<'a> ApplyBatch<'a> {
         self.dedup.insert(dedup_key, dedup);
         if a.client_seq > high {
             self.dedup_high.insert(high_key, a.client_seq);
-            // Forget the client_seq that just left the window. (Entries skipped by a client that
-            // jumps ahead are never read again: the window check refuses them first.)
-            if let Some(expired) = a.client_seq.checked_sub(DEDUP_WINDOW)
-                && expired > 0
-            {
-                let expired_key = self.keys.dedup(room_id, &a.client_id, expired);
-                self.dedup.remove(&expired_key);
-                self.write.delete_cf(sm, expired_key);
-            }
+            self.expire_dedup(room_id, &a.client_id, high, a.client_seq)?;
         }
         // Retention: keep the newest `retention` messages.
         let mut new_first = first_seq;
@@ -580,6 +579,40 @@ impl<'a> ApplyBatch<'a> {
         Ok(Ok(OpOutcome::Appended { seq, ts_ms, duplicate: false }))
     }
 
+    /// Deletes the dedup records of `client_id` in `room_id` that left the window, a block of
+    /// client_seqs at a time: when the window's lower edge (`high − W`) enters a new block of
+    /// [`EXPIRY_BLOCK`] client_seqs, every record of the blocks it left is deleted. Those are
+    /// found, in RocksDB and among this batch's writes, rather than guessed: a client that
+    /// numbers its sends across rooms has sparse client_seqs in each room, so deleting a fixed
+    /// client_seq would mostly miss (and keep the record that is there forever), and deleting
+    /// every client_seq of the block would write a tombstone per absent key. Records below the
+    /// window are never read (the window check refuses their client_seqs first); this keeps
+    /// their number bounded, by at most a block per client and room. Only the high-water marks
+    /// and the state decide what is deleted, so every replica deletes the same records however
+    /// its entries were grouped into apply calls.
+    fn expire_dedup(&mut self, room_id: u64, client_id: &[u8], old: u64, new: u64) -> Result<(), StoreError> {
+        let (first, last) = match expired_blocks(old, new) {
+            Some(range) => range,
+            None => return Ok(()),
+        };
+        let sm = self.view.db.cf_sm()?;
+        let (lo, hi) = (self.keys.dedup(room_id, client_id, first), self.keys.dedup(room_id, client_id, last));
+        let mut expired: Vec<Vec<u8>> = self.dedup.range(lo.clone()..=hi).map(|(k, _)| k.clone()).collect();
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(lo.clone());
+        // `last <= old < new`, so `last + 1` does not overflow.
+        opts.set_iterate_upper_bound(self.keys.dedup(room_id, client_id, last + 1));
+        for item in self.view.db.rocks().iterator_cf_opt(sm, opts, IteratorMode::From(&lo, Direction::Forward)) {
+            let (key, _) = item?;
+            expired.push(key.into_vec());
+        }
+        for key in expired {
+            self.dedup.remove(&key);
+            self.write.delete_cf(sm, key);
+        }
+        Ok(())
+    }
+
     /// The write batch with every changed record, the messages it appends, and the room
     /// records and high-water marks as of this batch (for the cache, once the batch is written).
     #[allow(clippy::type_complexity)]
@@ -602,6 +635,18 @@ impl<'a> ApplyBatch<'a> {
         // Every room read or changed here is in its state as of this batch: all are cacheable.
         Ok((self.write, self.appended, self.rooms, self.dedup_high))
     }
+}
+
+/// The client_seqs whose dedup records expire when a high-water mark moves from `old` to `new`
+/// (see `ApplyBatch::expire_dedup`): those of the whole blocks the window's edge left, and no
+/// higher than `old` (nothing above it exists yet). `None` when the edge stays in its block.
+fn expired_blocks(old: u64, new: u64) -> Option<(u64, u64)> {
+    let floor = |high: u64| {
+        let edge = high.saturating_sub(DEDUP_WINDOW);
+        edge - edge % EXPIRY_BLOCK
+    };
+    let (first, last) = (floor(old) + 1, floor(new).min(old));
+    (first <= last).then_some((first, last))
 }
 
 fn sm_read_err(e: StoreError) -> StorageError {

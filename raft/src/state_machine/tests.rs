@@ -150,7 +150,9 @@ async fn dedup_state_is_bounded_by_the_window() {
         f.apply_cmd(5, ops).await;
     }
     let dedup_records = f.sm_contents().iter().filter(|(k, _)| k[keys::SM_PREFIX_LEN] == keys::SM_TAG_DEDUP).count();
-    assert_eq!(dedup_records as u64, DEDUP_WINDOW);
+    // The window, plus what is left of the block the window's edge is in.
+    let edge = total - DEDUP_WINDOW;
+    assert_eq!(dedup_records as u64, DEDUP_WINDOW + edge % EXPIRY_BLOCK);
     // Inside the window: remembered. Below it: a clear error, nothing appended.
     let oldest = total - DEDUP_WINDOW + 1;
     assert!(matches!(f.send("r", "c", oldest, "").await, Ok(OpOutcome::Appended { duplicate: true, .. })));
@@ -193,6 +195,78 @@ async fn the_dedup_window_holds_when_the_apply_cache_is_empty() {
     f.create("s").await;
     f.sm = ShardStateMachine::open(f.db.clone(), SHARD).unwrap();
     assert!(matches!(f.send("s", "c", 1, "").await, Ok(OpOutcome::Appended { seq: 1, duplicate: false, .. })));
+}
+
+#[tokio::test]
+async fn dedup_state_stays_bounded_for_a_client_that_sends_to_several_rooms() {
+    // The client library numbers a client's sends across all its rooms, so within one room a
+    // client's client_seqs are sparse. Records below each room's window must still go.
+    let mut f = Fixture::new();
+    let rooms = ["r0", "r1", "r2"];
+    for r in rooms {
+        f.create(r).await;
+    }
+    let room_of = |s: u64| rooms[(s.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 61) as usize % rooms.len()];
+    let total = 5 * DEDUP_WINDOW;
+    let mut next = 1;
+    while next <= total {
+        // Uneven batches, so that some expired records were written by the same batch.
+        let end = (next + 1 + next % 700).min(total);
+        let ops = (next..=end).map(|s| append_op(room_of(s), "a", b"c", s, "")).collect();
+        for r in f.apply_cmd(5, ops).await {
+            assert!(matches!(r, Ok(OpOutcome::Appended { duplicate: false, .. })), "{r:?}");
+        }
+        next = end + 1;
+    }
+    let dedup_records = f.sm_contents().iter().filter(|(k, _)| k[keys::SM_PREFIX_LEN] == keys::SM_TAG_DEDUP).count();
+    // Each room keeps the client's client_seqs within 4,096 of its own newest one, plus what
+    // is left of the block its window's edge is in; without expiry it would be all 20,480.
+    assert!(dedup_records as u64 <= DEDUP_WINDOW + EXPIRY_BLOCK + 64, "{dedup_records} dedup records kept");
+    assert!(dedup_records as u64 >= DEDUP_WINDOW - 64, "{dedup_records} dedup records kept");
+    // Every room still answers retries inside its window, and refuses below it.
+    for s in total - 50..=total {
+        let r = f.send(room_of(s), "c", s, "").await;
+        assert!(matches!(r, Ok(OpOutcome::Appended { duplicate: true, .. })), "{s}: {r:?}");
+    }
+    let last_in = |room: &str| (1..=total).rev().find(|&s| room_of(s) == room).unwrap();
+    for room in rooms {
+        let oldest = last_in(room) - DEDUP_WINDOW + 1;
+        let below = (1..oldest).rev().find(|&s| room_of(s) == room).unwrap();
+        assert!(matches!(f.send(room, "c", below, "").await, Err(CommandError::ClientSeqTooOld { .. })));
+    }
+}
+
+#[test]
+fn expiry_covers_every_client_seq_below_the_window_once_its_block_is_whole() {
+    // A mark moving by small steps and by far jumps: each step expires what the edge's whole
+    // blocks left, nothing above the old mark, and no client_seq twice.
+    let floor = |h: u64| {
+        let edge = h.saturating_sub(DEDUP_WINDOW);
+        edge - edge % EXPIRY_BLOCK
+    };
+    let mut high = 0u64;
+    let mut expired_up_to = 0u64;
+    let mut records = std::collections::BTreeSet::new();
+    for step in [1u64, 1, 3, 64, 1, 7, 4096, 1, 1023, 1025, 10_000, 1, 2, 129, 4095, 4097, 1].iter().cycle().take(3000)
+    {
+        let new = high + step;
+        if let Some((first, last)) = expired_blocks(high, new) {
+            assert_eq!(first, floor(high) + 1, "{high} -> {new}: starts where the last expiry ended");
+            assert!(last <= high && last <= floor(new), "{high} -> {new}: {first}..={last}");
+            assert!(first > expired_up_to, "{high} -> {new}: {first}..={last} again");
+            expired_up_to = last;
+            records.retain(|&s| s < first || s > last);
+        }
+        records.insert(new);
+        high = new;
+        // Every record at or below the block-rounded edge is gone; the window is intact.
+        assert!(records.iter().all(|&s| s > floor(high)), "{high}: a record at or below {} is kept", floor(high));
+        assert!(records.contains(&high));
+    }
+    assert_eq!(expired_blocks(0, 1), None);
+    assert_eq!(expired_blocks(DEDUP_WINDOW + 1023, DEDUP_WINDOW + 1024), Some((1, 1024)));
+    assert_eq!(expired_blocks(DEDUP_WINDOW + 1024, DEDUP_WINDOW + 1025), None);
+    assert_eq!(expired_blocks(5000, 1_000_000), Some((1, 5000)), "a far jump expires all the old window");
 }
 
 #[tokio::test]
@@ -354,7 +428,7 @@ async fn replicas_applying_the_same_entries_are_identical() {
     let mut b = Fixture::new();
     let rooms = ["r0", "r1", "r2", "bad name"];
     let mut entries = Vec::new();
-    for i in 0..200u64 {
+    for i in 0..400u64 {
         let ops = (0..rng.random_range(1..8))
             .map(|_| {
                 let room = rooms[rng.random_range(0..rooms.len())];
@@ -362,19 +436,28 @@ async fn replicas_applying_the_same_entries_are_identical() {
                     create_room_op(room, "x")
                 } else {
                     let client = [b'c', rng.random_range(0..3u8)];
-                    append_op(room, "s", &client, rng.random_range(1..40), vec![0u8; rng.random_range(0..100)])
+                    // Client seqs climb past the dedup window, out of order and with retries,
+                    // spread over the rooms: expiry runs, on sparse client seqs too.
+                    let client_seq = i * 60 + rng.random_range(1..120);
+                    append_op(room, "s", &client, client_seq, vec![0u8; rng.random_range(0..100)])
                 }
             })
             .map(|k| Op { kind: Some(k) })
             .collect();
         entries.push(Command { ts_ms: 1_000 + rng.random_range(0..100) + i, ops });
     }
+    // One replica applies each entry on its own, the other in runs of up to 100 entries (as a
+    // follower catching up does): the result must not depend on how entries are grouped.
     let mut responses = (Vec::new(), Vec::new());
-    for cmd in entries {
+    let mut pending = Vec::new();
+    let count = entries.len();
+    for (n, cmd) in entries.into_iter().enumerate() {
         let ea = a.entry(EntryPayload::Normal(cmd.clone()));
-        let eb = b.entry(EntryPayload::Normal(cmd));
         responses.0.extend(a.sm.apply([ea]).await.unwrap());
-        responses.1.extend(b.sm.apply([eb]).await.unwrap());
+        pending.push(b.entry(EntryPayload::Normal(cmd)));
+        if rng.random_bool(0.02) || pending.len() == 100 || n + 1 == count {
+            responses.1.extend(b.sm.apply(std::mem::take(&mut pending)).await.unwrap());
+        }
     }
     assert_eq!(responses.0, responses.1, "seed {seed}");
     assert_eq!(a.sm_contents(), b.sm_contents(), "seed {seed}");
