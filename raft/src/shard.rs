@@ -57,6 +57,16 @@ impl Default for RaftTuning {
 }
 
 impl RaftTuning {
+    /// How long a follower refuses to vote after it last heard from its leader (openraft's
+    /// leader lease), in ms.
+    pub fn leader_lease_ms(&self) -> u64 {
+        if self.node_liveness {
+            (self.election_timeout_min_ms * 3 / 5).max(self.heartbeat_interval_ms + 2)
+        } else {
+            self.election_timeout_max_ms
+        }
+    }
+
     /// openraft's configuration for `shard`, validated.
     pub fn config(&self, shard: ShardId) -> Result<Arc<Config>, StoreError> {
         // With node liveness, openraft's election timeouts serve only as its leader lease (a
@@ -64,7 +74,7 @@ impl RaftTuning {
         // its vote RPC timeout (`election_timeout_min`): the lease must end before the node's
         // shortest election timeout, or the first election after a leader dies is refused.
         let (election_min, election_max) = if self.node_liveness {
-            let lease = (self.election_timeout_min_ms * 3 / 5).max(self.heartbeat_interval_ms + 2);
+            let lease = self.leader_lease_ms();
             (lease - 1, lease)
         } else {
             (self.election_timeout_min_ms, self.election_timeout_max_ms)

@@ -119,6 +119,13 @@ impl Peer for CountingPeer {
     ) -> Result<Response<pb::NodeHeartbeatReply>, Status> {
         Err(Status::unimplemented("test peer"))
     }
+
+    async fn transfer_leader(
+        &self,
+        _: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderReply>, Status> {
+        Err(Status::unimplemented("test peer"))
+    }
 }
 
 async fn serve(peer: CountingPeer) -> SocketAddr {

@@ -24,6 +24,7 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
     pub const HEARTBEAT_MS: u64 = 250;
     pub const ELECTION_TIMEOUT_MS: u64 = 500;
+    pub const LEADER_BALANCE_MS: u64 = 5000;
     pub const SNAPSHOT_EVERY_ENTRIES: u64 = 20_000;
     pub const LOG_KEPT_AFTER_SNAPSHOT: u64 = 5_000;
     pub const MAX_CONNECTIONS: usize = 4096;
@@ -148,6 +149,13 @@ pub struct RunArgs {
     #[arg(long, env = "CHORUS_ELECTION_TIMEOUT_MS")]
     pub election_timeout_ms: Option<u64>,
 
+    /// How often this node looks for shards it should lead and asks their current leader to
+    /// hand them back, in ms; 0 turns it off. Each shard prefers the first node of its
+    /// placement, so leadership that piled up on the nodes that stayed up while others
+    /// restarted spreads out again. [default: 5000]
+    #[arg(long, env = "CHORUS_LEADER_BALANCE_MS")]
+    pub leader_balance_ms: Option<u64>,
+
     /// Build a shard snapshot after this many applied entries. [default: 20000]
     #[arg(long, env = "CHORUS_SNAPSHOT_EVERY_ENTRIES")]
     pub snapshot_every_entries: Option<u64>,
@@ -194,6 +202,7 @@ pub struct FileConfig {
     pub request_timeout_ms: Option<u64>,
     pub heartbeat_ms: Option<u64>,
     pub election_timeout_ms: Option<u64>,
+    pub leader_balance_ms: Option<u64>,
     pub snapshot_every_entries: Option<u64>,
     pub log_kept_after_snapshot: Option<u64>,
     pub max_connections: Option<usize>,
@@ -234,6 +243,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     pub request_timeout: Duration,
     pub tuning: RaftTuning,
+    /// How often to look for shards this node prefers to lead; `None`: never.
+    pub leader_balance: Option<Duration>,
     pub max_connections: usize,
     pub max_streams_per_connection: u32,
     pub shutdown_grace: Duration,
@@ -388,6 +399,9 @@ fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
             args.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(d::REQUEST_TIMEOUT_MS).max(100),
         ),
         tuning,
+        leader_balance: Some(args.leader_balance_ms.or(file.leader_balance_ms).unwrap_or(d::LEADER_BALANCE_MS))
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis),
         max_connections: args.max_connections.or(file.max_connections).unwrap_or(d::MAX_CONNECTIONS).max(1),
         max_streams_per_connection: args
             .max_streams_per_connection

@@ -171,6 +171,10 @@ async fn propose_here(
             return Attempt::Failed(e.into());
         }
     }
+    // The shard's leadership is moving: wait for the new leader rather than append here.
+    if let Some(new_leader) = crate::balance::wait_for_handover(node, replica, Instant::now() + remaining).await {
+        return Attempt::Redirect(new_leader);
+    }
     command.ts_ms = now_ms();
     match tokio::time::timeout(remaining, replica.raft.client_write(command)).await {
         Ok(Ok(response)) => {

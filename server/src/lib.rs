@@ -11,6 +11,7 @@
 //! - [`peer`]: the gRPC service between nodes; [`bootstrap`]: creating shards once.
 //! - [`status`]: the cluster status table; [`tls`]: certificates.
 
+pub mod balance;
 pub mod batcher;
 pub mod bootstrap;
 pub mod cluster;

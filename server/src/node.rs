@@ -64,6 +64,8 @@ pub struct Node {
     pub fingerprint: String,
     pub batcher: crate::batcher::Batcher,
     pub liveness: Liveness,
+    /// Shards whose writes are held while their leadership moves (see `balance`).
+    pub holds: crate::balance::Holds,
 }
 
 impl Node {
@@ -209,6 +211,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         fingerprint,
         batcher: Default::default(),
         liveness: Default::default(),
+        holds: Default::default(),
         config,
     });
 
@@ -219,6 +222,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     if node.config.tuning.node_liveness {
         node.background_tasks.spawn(liveness::send_heartbeats(node.clone()));
         node.background_tasks.spawn(liveness::watch_leaders(node.clone()));
+    }
+    if let Some(every) = node.config.leader_balance {
+        node.background_tasks.spawn(crate::balance::prefer_leaders(node.clone(), every));
     }
     let failed = CancellationToken::new();
     node.background_tasks.spawn(watch_shards(node.clone(), failed.clone()));

@@ -227,7 +227,8 @@ async fn sends_go_straight_to_shard_leaders_and_fall_back_when_one_dies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_shards_keep_their_leaders_and_a_dead_leaders_shards_move() {
     const SHARDS: u32 = 8;
-    let mut cluster = TestCluster::start(3, 3, SHARDS, &[]);
+    // Without leader balancing: the returning node must not take its shards back here.
+    let mut cluster = TestCluster::start(3, 3, SHARDS, &["--leader-balance-ms", "0"]);
     let before = cluster.wait_ready(1).await;
     // Idle for many election timeouts: no shard holds an election.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -282,6 +283,84 @@ async fn idle_shards_keep_their_leaders_and_a_dead_leaders_shards_move() {
         let room = (0..).map(|i| format!("r{i}")).find(|r| shard_of(r, SHARDS) == shard).unwrap();
         client.create_room(&room, BTreeMap::new(), 0).await.unwrap();
         assert_eq!(client.send(&room, "hello").await.unwrap().seq, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_returns_to_the_preferred_node_after_a_restart_and_no_write_fails() {
+    const SHARDS: u32 = 6;
+    let mut cluster = TestCluster::start(3, 3, SHARDS, &["--leader-balance-ms", "1000"]);
+    // Each shard prefers the first node of its placement: node (shard mod 3) + 1.
+    let preferred = |shard: u32| u64::from(shard % 3) + 1;
+    let status = cluster.wait_ready(2).await;
+    let mine: Vec<u32> = (0..SHARDS).filter(|&s| preferred(s) == 1).collect();
+
+    // Node 1 dies: the others take its shards.
+    cluster.kill(1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = cluster.wait_ready(2).await;
+        if mine.iter().all(|&shard| s.shards[shard as usize].leader != 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 1's shards found no other leader: {:?}", s.shards);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(status.shards.iter().all(|s| s.leader != 0));
+
+    // Writes flow to node 1's shards while it returns and takes them back.
+    let client = cluster.client(&[2, 3], "ann").await;
+    let rooms: Vec<String> = mine
+        .iter()
+        .map(|&shard| (0..).map(|i| format!("pref{i}")).find(|r| shard_of(r, SHARDS) == shard).unwrap())
+        .collect();
+    for room in &rooms {
+        client.create_room(room, BTreeMap::new(), 0).await.unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (client, rooms, stop) = (client.clone(), rooms.clone(), stop.clone());
+        async move {
+            let mut acked: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+            let mut errors = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for room in &rooms {
+                    match client.send(room, format!("m{i}")).await {
+                        Ok(receipt) => acked.entry(room.clone()).or_default().push(receipt.seq),
+                        Err(e) => errors.push(format!("{room}: {e}")),
+                    }
+                }
+                i += 1;
+            }
+            (acked, errors)
+        }
+    });
+    cluster.spawn(1);
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let s = cluster.wait_ready(2).await;
+        if (0..SHARDS).all(|shard| s.shards[shard as usize].leader == preferred(shard)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leadership did not return to the preferred nodes: {:?}",
+            s.shards.iter().map(|s| (s.shard, s.leader)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Some writes after the handover too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (acked, errors) = writer.await.unwrap();
+    assert!(errors.is_empty(), "writes failed during the handover: {errors:?}");
+    for room in &rooms {
+        let seqs = &acked[room];
+        assert_eq!(*seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{room}: acked seqs not 1..n");
+        let history = client.history_all(room, 0, true).await.unwrap();
+        assert_eq!(history.len(), seqs.len(), "{room}: history holds every acked message and nothing else");
+        assert_gap_free(&history, 1, room);
     }
 }
 

@@ -245,6 +245,13 @@ impl Peer for PeerService {
         };
         Ok(Response::new(reply))
     }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderReply>, Status> {
+        Ok(Response::new(crate::balance::serve_transfer(&self.node, request.into_inner()).await))
+    }
 }
 
 /// Refuses requests from nodes of another cluster.
