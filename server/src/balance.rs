@@ -203,7 +203,7 @@ fn preferred_but_following(node: &Node) -> Vec<(ShardId, NodeId, u64)> {
 }
 
 /// Every `every`, asks the leaders of the shards this node prefers to lead to hand them back,
-/// one shard at a time. Ends on shutdown.
+/// all such shards at once. Ends on shutdown.
 pub async fn prefer_leaders(node: Arc<Node>, every: Duration) {
     let mut ticker = ticker(every);
     // What each shard looked like at the previous look: only a leadership that stayed put for
@@ -227,7 +227,13 @@ pub async fn prefer_leaders(node: Arc<Node>, every: Duration) {
             let node = node.clone();
             transfers.spawn(async move { (shard, leader, take_over(&node, shard, leader, term).await) });
         }
-        while let Some(done) = transfers.join_next().await {
+        loop {
+            let done = tokio::select! {
+                // Dropping the set aborts the transfers; a leader's hold ends by itself.
+                _ = node.peers_shutdown.cancelled() => return,
+                done = transfers.join_next() => done,
+            };
+            let Some(done) = done else { break };
             let Ok((shard, leader, outcome)) = done else { continue };
             match outcome {
                 Ok(took) => {
