@@ -641,12 +641,15 @@ impl<'a> ApplyBatch<'a> {
 /// (see `ApplyBatch::expire_dedup`): those of the whole blocks the window's edge left, and no
 /// higher than `old` (nothing above it exists yet). `None` when the edge stays in its block.
 fn expired_blocks(old: u64, new: u64) -> Option<(u64, u64)> {
-    let floor = |high: u64| {
-        let edge = high.saturating_sub(DEDUP_WINDOW);
-        edge - edge % EXPIRY_BLOCK
-    };
-    let (first, last) = (floor(old) + 1, floor(new).min(old));
+    let (first, last) = (expiry_floor(old) + 1, expiry_floor(new).min(old));
     (first <= last).then_some((first, last))
+}
+
+/// With high-water mark `high`, every dedup record at or below this client_seq is expired: the
+/// window's lower edge, rounded down to a whole block.
+fn expiry_floor(high: u64) -> u64 {
+    let edge = high.saturating_sub(DEDUP_WINDOW);
+    edge - edge % EXPIRY_BLOCK
 }
 
 fn sm_read_err(e: StoreError) -> StorageError {

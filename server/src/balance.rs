@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chorus_proto::peer as pb;
-use chorus_raft::{NodeId, ShardId, ShardReplica};
-use openraft::ServerState;
+use chorus_raft::{NodeAddr, NodeId, ShardId, ShardReplica};
+use openraft::{RaftMetrics, ServerState};
 
 use crate::node::{Node, ticker};
 
@@ -113,11 +113,10 @@ fn hold_for(node: &Node) -> Duration {
     Duration::from_millis(tuning.leader_lease_ms() + tuning.election_timeout_min_ms) + LEASE_MARGIN
 }
 
-/// Whether every replica of `shard` other than this node was heard from lately.
+/// Whether every replica of a shard was heard from lately.
 fn all_replicas_alive(node: &Node, replicas: &[NodeId]) -> bool {
     let window = Duration::from_millis(node.config.tuning.election_timeout_min_ms);
-    let peers: Vec<NodeId> = replicas.iter().copied().filter(|&r| r != node.id).collect();
-    node.liveness.alive(&peers, Instant::now(), window) == peers.len()
+    crate::liveness::replicas_alive(node, replicas, window) == replicas.len()
 }
 
 /// Answers a peer that asks to take over a shard this node leads.
@@ -134,7 +133,7 @@ pub async fn serve_transfer(node: &Node, request: pb::TransferLeaderRequest) -> 
     if to == node.id || !replicas.contains(&to) {
         return refuse(format!("node {to} is not another replica of shard {shard}"));
     }
-    if !leads_at(replica, node.id, term) {
+    if !leading_at(&replica.raft.metrics().borrow(), node.id, term) {
         return refuse(format!("node {} does not lead shard {shard} at term {term}", node.id));
     }
     if !all_replicas_alive(node, &replicas) {
@@ -154,9 +153,8 @@ pub async fn serve_transfer(node: &Node, request: pb::TransferLeaderRequest) -> 
     pb::TransferLeaderReply { ready: true, reason: String::new(), hold_ms: hold.as_millis() as u64 }
 }
 
-fn leads_at(replica: &ShardReplica, id: NodeId, term: u64) -> bool {
-    let m = replica.raft.metrics();
-    let m = m.borrow();
+/// Whether these metrics show node `id` leading at `term`.
+fn leading_at(m: &RaftMetrics<NodeId, NodeAddr>, id: NodeId, term: u64) -> bool {
     m.state == ServerState::Leader && m.current_leader == Some(id) && m.current_term == term
 }
 
@@ -167,7 +165,7 @@ async fn wait_caught_up(replica: &ShardReplica, id: NodeId, term: u64, to: NodeI
     loop {
         {
             let m = metrics.borrow_and_update();
-            if m.state != ServerState::Leader || m.current_leader != Some(id) || m.current_term != term {
+            if !leading_at(&m, id, term) {
                 return false;
             }
             let last = m.last_log_index;

@@ -287,9 +287,14 @@ async fn elect_at(node: Arc<Node>, shard: ShardId, term: u64, at: Instant) {
 /// `window`: a leader without one has probably been deposed or cut off, and should not take
 /// writes that may never commit.
 pub fn quorum_alive(node: &Node, replicas: &[NodeId], window: Duration) -> bool {
+    replicas_alive(node, replicas, window) > replicas.len() / 2
+}
+
+/// How many of `replicas` were heard from within `window`, this node included if it is one.
+pub fn replicas_alive(node: &Node, replicas: &[NodeId], window: Duration) -> usize {
     // Liveness only knows peers (this node never hears from itself): count it apart.
     let this_node = usize::from(replicas.contains(&node.id));
-    node.liveness.alive(replicas, Instant::now(), window) + this_node > replicas.len() / 2
+    node.liveness.alive(replicas, Instant::now(), window) + this_node
 }
 
 #[cfg(test)]

@@ -240,10 +240,7 @@ async fn dedup_state_stays_bounded_for_a_client_that_sends_to_several_rooms() {
 fn expiry_covers_every_client_seq_below_the_window_once_its_block_is_whole() {
     // A mark moving by small steps and by far jumps: each step expires what the edge's whole
     // blocks left, nothing above the old mark, and no client_seq twice.
-    let floor = |h: u64| {
-        let edge = h.saturating_sub(DEDUP_WINDOW);
-        edge - edge % EXPIRY_BLOCK
-    };
+    let floor = expiry_floor;
     let mut high = 0u64;
     let mut expired_up_to = 0u64;
     let mut records = std::collections::BTreeSet::new();
