@@ -7,7 +7,8 @@
 #   throughput   200-byte messages, 64 rooms, enough connections x in-flight to saturate;
 #                peak RSS of each node during it
 #   fan-out      1,000 msgs/s with 50 subscribers on other nodes than the sender
-#   failover     kill -9 of a shard leader until writes to that shard succeed again (5 kills)
+#   failover     kill -9 of a shard leader until writes to that shard succeed again (5 kills),
+#                with the writing client connected to another node, then to the killed one
 #   idle         CPU of each node with 256 shards and no traffic, over 30 s
 #   catch-up     a node down while 100k messages are written: time until it serves the same history
 #
@@ -85,6 +86,13 @@ j=$(chorus --json bench failover --kills 5 --kill-cmd "scripts/cluster.sh kill {
       --restart-cmd "scripts/cluster.sh restart {node}")
 FAIL_P50=$(field '["p50_ms"]' <<<"$j"); FAIL_ALL=$(field '["failover_ms"]' <<<"$j")
 say "failover: p50 ${FAIL_P50} ms ($FAIL_ALL)"
+# The same with the probe connected to the node that is killed: the client must also notice
+# that its connection is dead (the QUIC idle timeout) and reconnect to another node.
+FAILC_CMD="chorus bench failover --client-on-leader --kills 5 --kill-cmd 'scripts/cluster.sh kill {node}' --restart-cmd 'scripts/cluster.sh restart {node}'"
+j=$(chorus --json bench failover --client-on-leader --kills 5 --kill-cmd "scripts/cluster.sh kill {node}" \
+      --restart-cmd "scripts/cluster.sh restart {node}")
+FAILC_P50=$(field '["p50_ms"]' <<<"$j"); FAILC_ALL=$(field '["failover_ms"]' <<<"$j")
+say "failover, client on the killed node: p50 ${FAILC_P50} ms ($FAILC_ALL)"
 
 # --- catch-up ---------------------------------------------------------------------------------
 fresh
@@ -138,6 +146,7 @@ Medians of $RUNS runs where several were made.
 | peak RSS per node (throughput run) | ${RSS% } MiB | ≤ 500 MiB | $(verdict "$RSS_MAX <= 500") | VmHWM of each chorusd |
 | fan-out, 1,000 msgs/s, 50 subscribers | p50 $(printf %.2f "$(python3 -c "print($FO_P50/1000)")") ms, p99 $(printf %.2f "$(python3 -c "print($FO_P99/1000)")") ms | p99 ≤ 10 ms | $(verdict "$FO_P99 <= 10000") | \`$FO_CMD\` |
 | leader failover (5 kills) | p50 ${FAIL_P50} ms (all: ${FAIL_ALL}) | p50 ≤ 1 s | $(verdict "$FAIL_P50 <= 1000") | \`$FAIL_CMD\` |
+| leader failover, client connected to the killed leader (5 kills) | p50 ${FAILC_P50} ms (all: ${FAILC_ALL}) | | | \`$FAILC_CMD\` |
 | idle, 256 shards, 30 s | ${IDLE% } % of one core per node | ≤ 3 % | $(verdict "$IDLE_MAX <= 3") | \`CHORUS_NODE_ARGS="--shard-count 256" scripts/cluster.sh up\`, CPU from /proc |
 | catch-up, 100k messages | ${CU_S} s after restart; history $same | | | \`$CU_CMD\` |
 EOF

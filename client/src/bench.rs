@@ -375,6 +375,16 @@ pub struct FailoverReport {
     pub max_ms: u64,
 }
 
+/// Where the failover probe is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// To a node other than the leader: only the shard's failover is measured.
+    Elsewhere,
+    /// To the leader's node, which is killed: the time includes the client noticing that its
+    /// node is gone and reconnecting to another.
+    OnLeader,
+}
+
 /// Kills the leader of `room`'s shard `kills` times (running `kill_cmd` with `{node}`
 /// replaced by its id), and measures until writes succeed again; restarts it with
 /// `restart_cmd` and waits for the cluster to settle between kills.
@@ -384,6 +394,7 @@ pub async fn run_failover(
     kills: usize,
     kill_cmd: &str,
     restart_cmd: &str,
+    probe_at: Probe,
 ) -> Result<FailoverReport, ClientError> {
     let admin = connect(options, 0).await?;
     create_rooms(&admin, room, 1).await?;
@@ -397,11 +408,15 @@ pub async fn run_failover(
         if leader == 0 {
             return Err(ClientError::Protocol(format!("shard {shard} has no leader")));
         }
-        // The probe talks to another node, so that only the shard's failover is measured.
-        let probe_node = status.nodes.iter().find(|n| n.id != leader).map(|n| n.client_addr.clone());
         let mut probe_options = options.clone();
-        if let Some(addr) = probe_node {
-            probe_options.nodes = vec![addr];
+        let (on_leader, others): (Vec<_>, Vec<_>) = status.nodes.iter().partition(|n| n.id == leader);
+        probe_options.nodes = match probe_at {
+            Probe::Elsewhere => others.iter().take(1).map(|n| n.client_addr.clone()).collect(),
+            // The leader's node first; the others to fail over to.
+            Probe::OnLeader => on_leader.iter().chain(&others).map(|n| n.client_addr.clone()).collect(),
+        };
+        if probe_options.nodes.is_empty() {
+            probe_options.nodes = options.nodes.clone();
         }
         probe_options.retry_deadline = Duration::from_secs(30);
         let probe = Client::connect(probe_options).await?;

@@ -1,7 +1,8 @@
 //! The Chorus client library.
 //!
 //! A [`Client`] connects to any node of a list, says hello, and fails over to another node
-//! when its connection breaks. Sends carry this client's id and a fresh `client_seq`; a send
+//! when its connection breaks (or goes silent for [`ClientOptions::idle_timeout`], 2 s by
+//! default: a killed node sends nothing), trying the other nodes before the lost one. Sends carry this client's id and a fresh `client_seq`; a send
 //! whose outcome is unknown is retried with the same pair, so each message is appended exactly
 //! once. A [`Subscription`] resumes after the last message it delivered, on whatever node it
 //! reconnects to: no gap, no duplicate.
@@ -125,7 +126,9 @@ pub struct ClientOptions {
     pub client_name: String,
     pub connect_timeout: Duration,
     /// A connection silent for this long is dead (keep-alives go out four times as often), and
-    /// the client fails over: this bounds how long a killed or cut-off node holds requests.
+    /// the client fails over: this bounds how long a killed or cut-off node holds requests and
+    /// subscriptions. A live node answers a keep-alive within a round trip, so the default (2 s)
+    /// leaves a wide margin; over lossy links, raise it.
     pub idle_timeout: Duration,
     /// How long to wait for one answer (longer than the server's request timeout).
     pub request_timeout: Duration,
@@ -145,7 +148,7 @@ impl ClientOptions {
             user: user.into(),
             client_name: format!("chorus-client/{}", env!("CARGO_PKG_VERSION")),
             connect_timeout: Duration::from_secs(3),
-            idle_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
             retry_deadline: Duration::from_secs(30),
             route_to_leaders: true,
@@ -323,8 +326,10 @@ impl Client {
                     self.routes().set_shard_count(new.hello.shard_count);
                     self.learn_leaders(&new.hello.leaders);
                     *live = Some(new);
-                    // Start the next failover at the node after this one.
-                    self.inner.next_node.store(i, Ordering::Relaxed);
+                    // Start the next failover at the node after this one: when a connection is
+                    // lost, its node is the likeliest to be down, and dialling a dead node costs
+                    // the whole connect timeout (a killed process answers nothing over QUIC).
+                    self.inner.next_node.store(i + 1, Ordering::Relaxed);
                     return Ok(connection);
                 }
                 Err(e) => errors.push(format!("{node}: {e}")),

@@ -225,6 +225,42 @@ async fn sends_go_straight_to_shard_leaders_and_fall_back_when_one_dies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_node_is_killed_reconnects_to_another_node_first() {
+    let mut cluster = TestCluster::start(3, 3, 2, &[]);
+    cluster.wait_ready(1).await;
+    let mut options = cluster.options(&[1, 2, 3], "ann");
+    // Everything through the main connection, to node 1.
+    options.route_to_leaders = false;
+    let client = Client::connect(options).await.unwrap();
+    let node_1 = cluster.nodes[&1].client_addr.clone();
+    assert_eq!(client.current_node().await.as_deref(), Some(node_1.as_str()));
+    client.create_room("r", BTreeMap::new(), 0).await.unwrap();
+    for i in 1..=5u64 {
+        assert_eq!(client.send("r", "before").await.unwrap().seq, i);
+    }
+
+    cluster.kill(1);
+    // Whatever reaches node 1's port from now on lands here: the dead connection's packets,
+    // and the Initial packets (long header) of any attempt to dial node 1 again, which would
+    // cost the whole handshake timeout (a killed process answers nothing over QUIC).
+    let trap = std::net::UdpSocket::bind(&node_1).unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let receipt = client.send("r", "after").await.unwrap();
+    assert_eq!(receipt.seq, 6);
+    let now_on = client.current_node().await.unwrap_or_default();
+    assert_ne!(now_on, node_1, "still on the killed node");
+    let (mut dials, mut old_connection) = (0, 0);
+    let mut packet = [0u8; 2048];
+    while let Ok((n, _)) = trap.recv_from(&mut packet) {
+        if n > 0 && packet[0] & 0x80 != 0 { dials += 1 } else { old_connection += 1 }
+    }
+    assert_eq!(dials, 0, "node 1 was dialled again ({old_connection} packets of the lost connection)");
+    let history = client.history_all("r", 0, true).await.unwrap();
+    assert_gap_free(&history, 1, "r");
+    assert_eq!(history.len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_shards_keep_their_leaders_and_a_dead_leaders_shards_move() {
     const SHARDS: u32 = 8;
     // Without leader balancing: the returning node must not take its shards back here.

@@ -126,6 +126,11 @@ enum BenchMode {
         /// Prefix of the probe room.
         #[arg(long, default_value = "failover-")]
         room: String,
+        /// Connect the probe to the node that is killed (the shard's leader), so that the
+        /// time also includes the client noticing its node is gone and reconnecting
+        /// elsewhere. By default the probe is connected to another node.
+        #[arg(long)]
+        client_on_leader: bool,
     },
 }
 
@@ -275,8 +280,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn bench(options: &chorus_client::ClientOptions, args: BenchArgs, json: bool) -> anyhow::Result<()> {
     use chorus_client::bench;
     match args.mode {
-        Some(BenchMode::Failover { kills, kill_cmd, restart_cmd, room }) => {
-            let report = bench::run_failover(options, &room, kills, &kill_cmd, &restart_cmd).await?;
+        Some(BenchMode::Failover { kills, kill_cmd, restart_cmd, room, client_on_leader }) => {
+            let probe = if client_on_leader { bench::Probe::OnLeader } else { bench::Probe::Elsewhere };
+            let report = bench::run_failover(options, &room, kills, &kill_cmd, &restart_cmd, probe).await?;
             if json {
                 out!("{}", serde_json::to_string(&report)?);
             } else {
