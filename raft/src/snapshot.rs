@@ -18,6 +18,9 @@
 //! - Install is atomic: records go into a fresh state-machine generation; one final batch
 //!   switches the active generation and writes last-applied and membership. A crash before that
 //!   batch leaves the old state untouched (the half-written generation is removed at open).
+//! - Building is background work: a thread of its own at a lower CPU priority, the file synced
+//!   every MiB as it is written (so the log's fsyncs never queue behind a whole snapshot), and
+//!   the build stops once its shard closes.
 //! - Snapshot files are written to a temporary name, fsynced and renamed; a file that does not
 //!   end in a valid trailer is never used. A file ahead of the durable state machine (an install
 //!   cut short between its rename and its switch) is discarded at open, and a built snapshot's
@@ -50,6 +53,8 @@ const MAX_VALUE_BYTES: u32 = 32 << 20;
 /// An install writes to RocksDB in batches of about this size.
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
 const IO_BUFFER_BYTES: usize = 256 * 1024;
+/// A snapshot file being written is synced every this many bytes (see [`PacedFile`]).
+const SYNC_EVERY_BYTES: usize = 1 << 20;
 
 /// The snapshot files of one shard, and which one is current.
 pub struct SnapshotStore {
@@ -233,9 +238,9 @@ impl ShardSnapshotBuilder {
 impl RaftSnapshotBuilder<crate::types::TypeConfig> for ShardSnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let (db, shard, store) = (self.db.clone(), self.shard, self.store.clone());
-        let built = tokio::task::spawn_blocking(move || build(&db, shard, &store))
+        let built = in_background(format!("chorus-snap-{shard}"), move || build(&db, shard, &store))
             .await
-            .map_err(|e| StoreError::io("snapshot build task", io::Error::other(e.to_string())))
+            .map_err(|e| StoreError::io("snapshot build thread", e))
             .and_then(|r| r);
         let (path, meta) = built.map_err(|e| openraft::StorageIOError::write_snapshot(None, &e))?;
         let data = tokio::fs::File::open(&path)
@@ -245,6 +250,38 @@ impl RaftSnapshotBuilder<crate::types::TypeConfig> for ShardSnapshotBuilder {
         Ok(Snapshot { meta, snapshot: Box::new(data) })
     }
 }
+
+/// The nice value of snapshot builds: under contention they get about a tenth of the CPU
+/// that request handling gets (CFS weights 110 against 1024). A build is background work (it
+/// only lets the log be purged), but it scans the whole shard: at ~600,000 records it takes a
+/// core for 0.5-1 s, and at normal priority it made appends on a busy node wait.
+const BUILD_NICE: i32 = 10;
+/// A build checks every this many records whether its shard has closed.
+const CLOSE_CHECK_RECORDS: u64 = 4096;
+
+/// Runs `work` on a thread of its own at nice [`BUILD_NICE`] (Linux: the nice value is per
+/// thread) and waits for its result. The thread ends with `work`; builds stop early once their
+/// store is closed (see [`build`]).
+async fn in_background<T: Send + 'static>(name: String, work: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name(name).spawn(move || {
+        lower_priority();
+        let _ = done.send(work());
+    })?;
+    result.await.map_err(|_| io::Error::other("the snapshot thread panicked"))
+}
+
+#[cfg(target_os = "linux")]
+fn lower_priority() {
+    // SAFETY: setpriority takes no pointers; on Linux, PRIO_PROCESS with who = 0 names the
+    // calling thread. A failure leaves the priority as it was.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, BUILD_NICE) } != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "could not lower the snapshot thread's priority");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority() {}
 
 /// Counts and checksums everything written through it.
 struct ChecksumWriter<W: Write> {
@@ -261,6 +298,44 @@ impl<W: Write> Write for ChecksumWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// A file being written that is synced every [`SYNC_EVERY_BYTES`]. A snapshot file is
+/// hundreds of MiB; synced once at its end, all of it would queue on the disk in front of the
+/// log's fsyncs, and every shard's appends on this node would wait. Measured here with `dd`
+/// writing 140 MiB: a concurrent 200-byte fdatasync waited up to 102 ms behind one sync at
+/// the end, at most 5.4 ms when the file was synced every MiB; the copy took as long.
+struct PacedFile {
+    file: File,
+    unsynced: usize,
+}
+
+impl PacedFile {
+    fn new(file: File) -> PacedFile {
+        PacedFile { file, unsynced: 0 }
+    }
+
+    /// Syncs the rest, data and metadata, and returns the file.
+    fn sync_all(self) -> io::Result<File> {
+        self.file.sync_all()?;
+        Ok(self.file)
+    }
+}
+
+impl Write for PacedFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.unsynced += n;
+        if self.unsynced >= SYNC_EVERY_BYTES {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
     }
 }
 
@@ -295,8 +370,10 @@ pub fn build(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(Path
     let (tmp_path, final_path) = store.new_paths(last_log_id.as_ref());
     let file = File::create(&tmp_path).map_err(|e| StoreError::io(format!("creating {}", tmp_path.display()), e))?;
     let io_err = |e| StoreError::io(format!("writing snapshot {}", tmp_path.display()), e);
-    let mut out =
-        ChecksumWriter { inner: BufWriter::with_capacity(IO_BUFFER_BYTES, file), crc: crc32fast::Hasher::new() };
+    let mut out = ChecksumWriter {
+        inner: BufWriter::with_capacity(IO_BUFFER_BYTES, PacedFile::new(file)),
+        crc: crc32fast::Hasher::new(),
+    };
     let header = SnapshotHeader {
         format_version: FORMAT_VERSION,
         shard,
@@ -324,6 +401,11 @@ pub fn build(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(Path
         out.write_all(relative).map_err(io_err)?;
         out.write_all(&value).map_err(io_err)?;
         records += 1;
+        if records.is_multiple_of(CLOSE_CHECK_RECORDS) && store.progress.borrow().closed {
+            drop(out);
+            remove_file_logged(&tmp_path);
+            return Err(StoreError::io("building a snapshot", io::Error::other("the shard is closing")));
+        }
     }
     drop(snap);
     let trailer = SnapshotTrailer { record_count: records, crc32: out.crc.clone().finalize() };
@@ -331,8 +413,7 @@ pub fn build(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(Path
     inner.write_all(&END_MARKER.to_be_bytes()).map_err(io_err)?;
     write_frame(&mut inner, &trailer.encode_to_vec()).map_err(io_err)?;
     let file = inner.into_inner().map_err(|e| io_err(e.into_error()))?;
-    file.sync_all().map_err(io_err)?;
-    drop(file);
+    drop(file.sync_all().map_err(io_err)?);
     // The applied state it holds must survive a power failure before the snapshot can stand
     // for it (a snapshot ahead of the state machine is a state openraft refuses to start from).
     db.sync_wal()?;
@@ -544,7 +625,8 @@ fn install_blocking(
     data.seek(io::SeekFrom::Start(0)).map_err(|e| StoreError::io("rewinding received snapshot", e))?;
     let paths = store.new_paths(meta.last_log_id.as_ref());
     let copy = File::create(&paths.0).map_err(|e| StoreError::io(format!("creating {}", paths.0.display()), e))?;
-    let result = install_records(view, store, meta, data, BufWriter::with_capacity(IO_BUFFER_BYTES, copy), &paths);
+    let copy = BufWriter::with_capacity(IO_BUFFER_BYTES, PacedFile::new(copy));
+    let result = install_records(view, store, meta, data, copy, &paths);
     match result {
         Ok(records) => Ok((records, paths.1)),
         Err(e) => {
@@ -567,7 +649,7 @@ fn install_records(
     store: &SnapshotStore,
     meta: &SnapshotMeta,
     data: File,
-    copy: BufWriter<File>,
+    copy: BufWriter<PacedFile>,
     paths: &(PathBuf, PathBuf),
 ) -> Result<u64, StoreError> {
     let (copy_path, final_path) = (&paths.0, &paths.1);
@@ -616,7 +698,7 @@ fn install_records(
     db.write(std::mem::take(&mut batch))?;
     tee.copy.flush().map_err(|e| StoreError::io(format!("writing {}", copy_path.display()), e))?;
     let copy_file = tee.copy.into_inner().map_err(|e| StoreError::io("writing snapshot copy", e.into_error()))?;
-    copy_file.sync_all().map_err(|e| StoreError::io(format!("syncing {}", copy_path.display()), e))?;
+    drop(copy_file.sync_all().map_err(|e| StoreError::io(format!("syncing {}", copy_path.display()), e))?);
     fs::rename(copy_path, final_path).map_err(|e| StoreError::io(format!("renaming {}", copy_path.display()), e))?;
     fsync_dir(&store.dir)?;
 
@@ -673,4 +755,34 @@ fn range_has_keys(db: &NodeDb, start: &[u8], end: &[u8]) -> Result<bool, StoreEr
     let mut iter =
         db.rocks().iterator_cf_opt(db.cf_sm()?, opts, IteratorMode::From(start, rocksdb::Direction::Forward));
     Ok(iter.next().transpose()?.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paced_file_syncs_every_mib_and_keeps_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("paced");
+        let mut paced = PacedFile::new(File::create(&path).unwrap());
+        let chunk = vec![7u8; 300 * 1024];
+        for _ in 0..10 {
+            paced.write_all(&chunk).unwrap();
+            assert!(paced.unsynced < SYNC_EVERY_BYTES, "{} bytes written since the last sync", paced.unsynced);
+        }
+        drop(paced.sync_all().unwrap());
+        assert_eq!(fs::read(&path).unwrap().len(), 10 * chunk.len());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn builds_run_at_a_lower_priority_than_requests() {
+        // SAFETY: getpriority takes no pointers; who = 0 is the calling thread.
+        let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        let ours = nice();
+        let theirs = in_background("test-build".into(), nice).await.unwrap();
+        assert!(theirs >= BUILD_NICE.max(ours), "the background thread runs at nice {theirs}, this one at {ours}");
+        assert_eq!(nice(), ours, "the caller's priority is unchanged");
+    }
 }

@@ -600,3 +600,17 @@ async fn retention_keeps_the_newest_messages_and_history_starts_there() {
     let messages = f.sm_contents().iter().filter(|(k, _)| k[keys::SM_PREFIX_LEN] == keys::SM_TAG_MESSAGE).count();
     assert_eq!(messages, 10, "deleted messages are gone from disk");
 }
+
+#[tokio::test]
+async fn a_snapshot_build_stops_once_its_shard_closes() {
+    let mut f = Fixture::new();
+    f.create("r").await;
+    // More records than a build scans between two looks at its store.
+    append_range(&mut f, "r", b"c", 1, 5_000).await;
+    let mut builder = f.sm.get_snapshot_builder().await;
+    f.sm.snapshots.close();
+    assert!(builder.build_snapshot().await.is_err(), "the build went on after its shard closed");
+    assert!(f.sm.get_current_snapshot().await.unwrap().is_none());
+    let left: Vec<_> = std::fs::read_dir(f.db.snapshot_dir(SHARD)).unwrap().collect();
+    assert!(left.is_empty(), "the half-built file was left: {left:?}");
+}
