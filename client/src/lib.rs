@@ -2,10 +2,11 @@
 //!
 //! A [`Client`] connects to any node of a list, says hello, and fails over to another node
 //! when its connection breaks (or goes silent for [`ClientOptions::idle_timeout`], 2 s by
-//! default: a killed node sends nothing), trying the other nodes before the lost one. Sends carry this client's id and a fresh `client_seq`; a send
-//! whose outcome is unknown is retried with the same pair, so each message is appended exactly
-//! once. A [`Subscription`] resumes after the last message it delivered, on whatever node it
-//! reconnects to: no gap, no duplicate.
+//! default: a killed node sends nothing), trying the other nodes before the lost one. Sends
+//! carry this client's id and a fresh `client_seq`; a send whose outcome is unknown is retried
+//! with the same pair, so each message is appended exactly once. A [`Subscription`] resumes
+//! after the last message it delivered, on whatever node it reconnects to: no gap, no
+//! duplicate.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), chorus_client::ClientError> {

@@ -125,10 +125,6 @@ impl SnapshotStore {
         Ok(SnapshotStore { dir, current: Mutex::new(current), progress })
     }
 
-    fn current_file(&self) -> Option<SnapshotFile> {
-        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
     /// Follows the current snapshot's index and the installs under way.
     pub(crate) fn progress(&self) -> tokio::sync::watch::Receiver<SnapshotProgress> {
         self.progress.subscribe()
@@ -146,13 +142,17 @@ impl SnapshotStore {
 
     /// The current snapshot, opened for reading.
     pub(crate) async fn current(&self) -> Result<Option<Snapshot>, StoreError> {
-        let Some(file) = self.current_file() else {
+        // Opened under the lock: a newer snapshot deletes the file it replaces under the same
+        // lock, and an open file stays readable after that.
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(file) = current.as_ref() else {
             return Ok(None);
         };
-        let data = tokio::fs::File::open(&file.path)
-            .await
+        let data = File::open(&file.path)
             .map_err(|e| StoreError::io(format!("opening snapshot {}", file.path.display()), e))?;
-        Ok(Some(Snapshot { meta: file.meta, snapshot: Box::new(data) }))
+        let meta = file.meta.clone();
+        drop(current);
+        Ok(Some(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(data)) }))
     }
 
     /// Makes `path` (a complete, fsynced snapshot file) the current snapshot, unless a newer one
@@ -242,12 +242,8 @@ impl RaftSnapshotBuilder<crate::types::TypeConfig> for ShardSnapshotBuilder {
             .await
             .map_err(|e| StoreError::io("snapshot build thread", e))
             .and_then(|r| r);
-        let (path, meta) = built.map_err(|e| openraft::StorageIOError::write_snapshot(None, &e))?;
-        let data = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| StoreError::io(format!("opening snapshot {}", path.display()), e))
-            .map_err(|e| openraft::StorageIOError::read_snapshot(None, &e))?;
-        Ok(Snapshot { meta, snapshot: Box::new(data) })
+        let (data, meta) = built.map_err(|e| openraft::StorageIOError::write_snapshot(None, &e))?;
+        Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(data)) })
     }
 }
 
@@ -340,8 +336,9 @@ impl Write for PacedFile {
 }
 
 /// Builds a snapshot file of `shard` from a consistent RocksDB snapshot and makes it current.
-/// Returns its path and metadata.
-pub fn build(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(PathBuf, SnapshotMeta), StoreError> {
+/// Returns it opened for reading, and its metadata. It is opened before it becomes current:
+/// from then on a newer snapshot (an install running meanwhile) may replace and delete it.
+pub fn build(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(File, SnapshotMeta), StoreError> {
     let started = std::time::Instant::now();
     let rocks = db.rocks();
     let snap = rocks.snapshot();
@@ -420,8 +417,10 @@ pub fn build(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(Path
     fs::rename(&tmp_path, &final_path).map_err(|e| StoreError::io(format!("renaming {}", tmp_path.display()), e))?;
     fsync_dir(&store.dir)?;
     tracing::info!(shard, %meta, records, elapsed_ms = started.elapsed().as_millis() as u64, "built snapshot");
-    store.set_current(final_path.clone(), meta.clone());
-    Ok((final_path, meta))
+    let data =
+        File::open(&final_path).map_err(|e| StoreError::io(format!("opening snapshot {}", final_path.display()), e))?;
+    store.set_current(final_path, meta.clone());
+    Ok((data, meta))
 }
 
 fn write_frame(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
@@ -773,6 +772,30 @@ mod tests {
         }
         drop(paced.sync_all().unwrap());
         assert_eq!(fs::read(&path).unwrap().len(), 10 * chunk.len());
+    }
+
+    #[test]
+    fn a_built_snapshot_stays_readable_when_a_newer_one_replaces_it_at_once() {
+        use chorus_proto::storage::ClusterIdentity;
+        use openraft::CommittedLeaderId;
+        let dir = tempfile::tempdir().unwrap();
+        let identity = ClusterIdentity { cluster_id: "test".into(), node_id: 1, shard_count: 4, format_version: 0 };
+        let db = NodeDb::open(dir.path(), identity, &crate::db::DbOptions::default()).unwrap();
+        let store = SnapshotStore::open(db.snapshot_dir(1), 1, None).unwrap();
+        let (mut built, meta) = build(&db, 1, &store).unwrap();
+        let built_path = store.current.lock().unwrap().as_ref().unwrap().path.clone();
+
+        // An install finishing meanwhile makes a newer snapshot current, deleting this one
+        // before the builder's caller has read it.
+        let newer_path = store.dir.join("newer.snap");
+        fs::copy(&built_path, &newer_path).unwrap();
+        let newer = SnapshotMeta { last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), 100)), ..meta.clone() };
+        store.set_current(newer_path.clone(), newer);
+        assert!(!built_path.exists());
+
+        let mut bytes = Vec::new();
+        built.read_to_end(&mut bytes).unwrap();
+        assert_eq!(bytes, fs::read(&newer_path).unwrap(), "the built snapshot, read after its file was replaced");
     }
 
     #[cfg(target_os = "linux")]
