@@ -24,7 +24,7 @@ pub mod settings;
 mod subscription;
 pub mod tls;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -199,6 +199,19 @@ const MAX_SENDS_PER_BATCH: usize = 1024;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 const SEND_BATCHES_IN_FLIGHT: usize = 4;
 const SEND_QUEUE: usize = 16 * 1024;
+/// How long a node that failed us is dialled only after the others. Dialling a killed node
+/// costs a whole handshake timeout (it answers nothing over QUIC), and failing over from a
+/// node that cannot help (e.g. a shard without a leader yet) should not lead back to the one
+/// just lost.
+const SUSPECT_FOR: Duration = Duration::from_secs(5);
+
+/// The order in which to dial `count` nodes: round-robin from `start`, those not suspected
+/// (`suspected(i)`) first.
+fn dial_order(count: usize, start: usize, suspected: impl Fn(usize) -> bool) -> Vec<usize> {
+    let rotation = (0..count).map(|k| (start + k) % count);
+    let (clear, suspect): (Vec<usize>, Vec<usize>) = rotation.partition(|&i| !suspected(i));
+    clear.into_iter().chain(suspect).collect()
+}
 
 struct Inner {
     options: ClientOptions,
@@ -215,6 +228,9 @@ struct Inner {
     /// Nodes to try, configured ones first, then those the cluster told us about.
     nodes: std::sync::Mutex<Vec<String>>,
     next_node: AtomicUsize,
+    /// Nodes whose connection was lost, that could not be reached, or that said they cannot
+    /// help, and when: dialled after the others for [`SUSPECT_FOR`].
+    suspects: std::sync::Mutex<HashMap<String, Instant>>,
     client_id: Bytes,
     next_client_seq: AtomicU64,
 }
@@ -270,6 +286,7 @@ impl Client {
                 main_node: AtomicU64::new(0),
                 routes: Default::default(),
                 next_node: AtomicUsize::new(0),
+                suspects: Default::default(),
                 client_id: random_client_id(),
                 next_client_seq: AtomicU64::new(1),
             }),
@@ -313,11 +330,19 @@ impl Client {
         {
             return Ok(l.connection.clone());
         }
-        *live = None;
+        if let Some(lost) = live.take() {
+            self.suspect(&lost.node);
+        }
         let candidates = self.inner.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let order = {
+            let now = Instant::now();
+            let mut suspects = self.inner.suspects.lock().unwrap_or_else(|p| p.into_inner());
+            suspects.retain(|_, since| now.saturating_duration_since(*since) < SUSPECT_FOR);
+            let start = self.inner.next_node.load(Ordering::Relaxed);
+            dial_order(candidates.len(), start, |i| suspects.contains_key(&candidates[i]))
+        };
         let mut errors = Vec::new();
-        for _ in 0..candidates.len() {
-            let i = self.inner.next_node.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        for i in order {
             let node = &candidates[i];
             match self.connect_to(node, false).await {
                 Ok(new) => {
@@ -327,16 +352,23 @@ impl Client {
                     self.routes().set_shard_count(new.hello.shard_count);
                     self.learn_leaders(&new.hello.leaders);
                     *live = Some(new);
-                    // Start the next failover at the node after this one: when a connection is
-                    // lost, its node is the likeliest to be down, and dialling a dead node costs
-                    // the whole connect timeout (a killed process answers nothing over QUIC).
+                    // The next failover starts at the node after this one (and dials this one,
+                    // suspected once lost, after the others).
                     self.inner.next_node.store(i + 1, Ordering::Relaxed);
                     return Ok(connection);
                 }
-                Err(e) => errors.push(format!("{node}: {e}")),
+                Err(e) => {
+                    self.suspect(node);
+                    errors.push(format!("{node}: {e}"));
+                }
             }
         }
         Err(ClientError::NoNode(errors.join("; ")))
+    }
+
+    /// `node` failed us: dial it after the others for a while.
+    fn suspect(&self, node: &str) {
+        self.inner.suspects.lock().unwrap_or_else(|p| p.into_inner()).insert(node.to_owned(), Instant::now());
     }
 
     fn learn_nodes(&self, addrs: &[String]) {
@@ -494,6 +526,7 @@ impl Client {
             && let Some(l) = live.take()
         {
             l.connection.close(0u32.into(), b"failing over");
+            self.suspect(&l.node);
         }
     }
 
@@ -534,6 +567,7 @@ impl Client {
                         // This node cannot help now; another may.
                         if let Some(l) = self.inner.live.lock().await.take() {
                             l.connection.close(0u32.into(), b"failing over");
+                            self.suspect(&l.node);
                         }
                     }
                     let pause = Duration::from_millis((50u64 << attempts.min(4)).min(1000));
@@ -735,5 +769,23 @@ async fn call_on(
         Some(response::Kind::Error(e)) => Err(ClientError::from_wire(e)),
         Some(kind) => Ok(kind),
         None => Err(ClientError::Protocol("empty response".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failover_dials_round_robin_and_suspected_nodes_last() {
+        assert_eq!(dial_order(3, 0, |_| false), vec![0, 1, 2]);
+        assert_eq!(dial_order(3, 2, |_| false), vec![2, 0, 1]);
+        assert_eq!(dial_order(3, 4, |_| false), vec![1, 2, 0]);
+        // Node 1 was just lost and node 2 said it cannot help: node 0 first, then those two in
+        // their round-robin order.
+        assert_eq!(dial_order(3, 1, |i| i != 0), vec![0, 1, 2]);
+        assert_eq!(dial_order(3, 2, |i| i == 2), vec![0, 1, 2]);
+        assert_eq!(dial_order(4, 3, |i| i == 0), vec![3, 1, 2, 0]);
+        assert!(dial_order(0, 5, |_| false).is_empty());
     }
 }
