@@ -199,12 +199,6 @@ const MAX_SENDS_PER_BATCH: usize = 1024;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 const SEND_BATCHES_IN_FLIGHT: usize = 4;
 const SEND_QUEUE: usize = 16 * 1024;
-/// How long a node that failed us is dialled only after the others. Dialling a killed node
-/// costs a whole handshake timeout (it answers nothing over QUIC), and failing over from a
-/// node that cannot help (e.g. a shard without a leader yet) should not lead back to the one
-/// just lost.
-const SUSPECT_FOR: Duration = Duration::from_secs(5);
-
 /// The order in which to dial `count` nodes: round-robin from `start`, those not suspected
 /// (`suspected(i)`) first.
 fn dial_order(count: usize, start: usize, suspected: impl Fn(usize) -> bool) -> Vec<usize> {
@@ -229,7 +223,10 @@ struct Inner {
     nodes: std::sync::Mutex<Vec<String>>,
     next_node: AtomicUsize,
     /// Nodes whose connection was lost, that could not be reached, or that said they cannot
-    /// help, and when: dialled after the others for [`SUSPECT_FOR`].
+    /// help, and when: dialled after the others while they rest ([`routes::REST`], as direct
+    /// connections do). Dialling a killed node costs a whole handshake timeout (it answers
+    /// nothing over QUIC), and failing over from a node that cannot help (a shard without a
+    /// leader yet) should not lead back to the one just lost.
     suspects: std::sync::Mutex<HashMap<String, Instant>>,
     client_id: Bytes,
     next_client_seq: AtomicU64,
@@ -337,7 +334,7 @@ impl Client {
         let order = {
             let now = Instant::now();
             let mut suspects = self.inner.suspects.lock().unwrap_or_else(|p| p.into_inner());
-            suspects.retain(|_, since| now.saturating_duration_since(*since) < SUSPECT_FOR);
+            suspects.retain(|_, since| now.saturating_duration_since(*since) < routes::REST);
             let start = self.inner.next_node.load(Ordering::Relaxed);
             dial_order(candidates.len(), start, |i| suspects.contains_key(&candidates[i]))
         };

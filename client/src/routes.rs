@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use chorus_proto::client::ShardLeader;
 use chorus_proto::routing::shard_for_room;
 
-/// How long a node that could not be reached directly is left alone.
-const REST: Duration = Duration::from_secs(5);
+/// How long a node that failed us (could not be reached, lost, or refused the work) is left
+/// alone.
+pub(crate) const REST: Duration = Duration::from_secs(5);
 /// A direct connection that hears nothing for this long is dead (it pings five times as
 /// often): sends waiting on a killed leader fail over within about this long, not within the
 /// main connection's idle timeout.

@@ -160,25 +160,20 @@ fn leading_at(m: &RaftMetrics<NodeId, NodeAddr>, id: NodeId, term: u64) -> bool 
 
 /// Waits until this leader (at `term`) has applied its whole log and `to` has all of it.
 async fn wait_caught_up(replica: &ShardReplica, id: NodeId, term: u64, to: NodeId) -> bool {
-    let deadline = tokio::time::Instant::now() + CATCH_UP_LIMIT;
-    let mut metrics = replica.raft.metrics();
-    loop {
-        {
-            let m = metrics.borrow_and_update();
-            if !leading_at(&m, id, term) {
-                return false;
-            }
-            let last = m.last_log_index;
-            let matched = m.replication.as_ref().and_then(|r| r.get(&to)).and_then(|l| l.as_ref()).map(|l| l.index);
-            if last.is_some() && m.last_applied.map(|l| l.index) == last && matched == last {
-                return true;
-            }
-        }
-        match tokio::time::timeout_at(deadline, metrics.changed()).await {
-            Ok(Ok(())) => {}
-            _ => return false,
-        }
-    }
+    // Ends early once this node no longer leads at `term`.
+    let seen = replica
+        .raft
+        .wait(Some(CATCH_UP_LIMIT))
+        .metrics(move |m| !leading_at(m, id, term) || caught_up(m, to), "leader applied and replica caught up")
+        .await;
+    seen.is_ok_and(|m| leading_at(&m, id, term) && caught_up(&m, to))
+}
+
+/// Whether these (leader's) metrics show its whole log applied and replicated to `to`.
+fn caught_up(m: &RaftMetrics<NodeId, NodeAddr>, to: NodeId) -> bool {
+    let last = m.last_log_index;
+    let matched = m.replication.as_ref().and_then(|r| r.get(&to)).and_then(|l| l.as_ref()).map(|l| l.index);
+    last.is_some() && m.last_applied.map(|l| l.index) == last && matched == last
 }
 
 /// Shards this node prefers to lead (it comes first in their placement) but follows, with
@@ -295,19 +290,10 @@ async fn take_over(node: &Node, shard: ShardId, leader: NodeId, term: u64) -> Re
     }
     replica.raft.trigger().elect().await.map_err(|e| refused(format!("shard {shard} stopped: {e}")))?;
     // Report how it went; the hold on the old leader ends by itself either way.
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_millis(reply.hold_ms).saturating_sub(ready_at.elapsed());
-    let mut metrics = replica.raft.metrics();
-    loop {
-        {
-            let m = metrics.borrow_and_update();
-            if m.state == ServerState::Leader {
-                return Ok(started.elapsed());
-            }
-        }
-        if !matches!(tokio::time::timeout_at(deadline, metrics.changed()).await, Ok(Ok(()))) {
-            return Err(Failed::Lost(format!("the election for shard {shard} was not won in time")));
-        }
+    let remaining = Duration::from_millis(reply.hold_ms).saturating_sub(ready_at.elapsed());
+    match replica.raft.wait(Some(remaining)).state(ServerState::Leader, "won the transfer election").await {
+        Ok(_) => Ok(started.elapsed()),
+        Err(_) => Err(Failed::Lost(format!("the election for shard {shard} was not won in time"))),
     }
 }
 
