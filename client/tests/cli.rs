@@ -13,15 +13,9 @@ fn target_bin(name: &str) -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
+#[path = "../../server/tests/common/ports.rs"]
+mod ports;
+use ports::free_port;
 
 struct Node {
     child: Child,

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use chorus_client::{Client, ClientOptions, ClusterStatusReply, Trust};
 
+mod ports;
+use ports::free_port;
+
 /// Cluster tests run one at a time: several clusters on two cores make elections flaky.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -34,17 +37,6 @@ pub struct TestCluster {
     initial_cluster: String,
     base_args: Vec<String>,
     _serial: MutexGuard<'static, ()>,
-}
-
-fn free_port() -> u16 {
-    // A port free for both UDP (client) and TCP (peer) use.
-    loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
 }
 
 impl TestCluster {
