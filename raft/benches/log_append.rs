@@ -72,7 +72,7 @@ async fn run(shards: u32, seconds: u64, body_bytes: usize) -> RunResult {
                 let cmd = Command { ts_ms: index, ops: vec![Op { kind: Some(op) }] };
                 let entry = Entry {
                     log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-                    payload: EntryPayload::Normal(cmd),
+                    payload: EntryPayload::Normal(cmd.into()),
                 };
                 let t = Instant::now();
                 log.blocking_append([entry]).await.unwrap();

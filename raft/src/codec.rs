@@ -6,11 +6,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use bytes::Bytes;
 use chorus_proto::storage as pb;
 use openraft::{CommittedLeaderId, EntryPayload};
 use prost::Message;
 
-use crate::types::{Entry, LogId, Membership, NodeAddr, NodeId, StoredMembership, Vote};
+use crate::types::{Entry, LogId, Membership, NodeAddr, NodeId, SharedCommand, StoredMembership, Vote};
 
 /// A record that did not decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,20 +81,27 @@ pub fn stored_membership_from_pb(m: &pb::StoredMembership) -> Result<StoredMembe
     Ok(StoredMembership::new(m.log_id.as_ref().map(log_id_from_pb), membership_from_pb(membership)))
 }
 
+/// The protobuf form of `entry`. A command is embedded as the bytes it was encoded to once (a
+/// reference count, not a copy).
 pub fn entry_to_pb(entry: &Entry) -> pb::LogEntry {
     let payload = match &entry.payload {
         EntryPayload::Blank => pb::log_entry::Payload::Blank(pb::Blank {}),
-        EntryPayload::Normal(cmd) => pb::log_entry::Payload::Command(cmd.clone()),
+        EntryPayload::Normal(cmd) => pb::log_entry::Payload::Command(cmd.encoded().clone()),
         EntryPayload::Membership(m) => pb::log_entry::Payload::Membership(membership_to_pb(m)),
     };
     pb::LogEntry { log_id: Some(log_id_to_pb(&entry.log_id)), payload: Some(payload) }
 }
 
+/// The entry `entry` encodes. A command's bytes are copied into an allocation of their own
+/// first: decoded from a receive buffer they would be a slice of it, and the log cache and the
+/// state machine's live messages would keep the whole buffer alive.
 pub fn entry_from_pb(entry: pb::LogEntry) -> Result<Entry, DecodeError> {
     let log_id = entry.log_id.as_ref().ok_or(DecodeError::Missing("LogEntry.log_id"))?;
     let payload = match entry.payload.ok_or(DecodeError::Missing("LogEntry.payload"))? {
         pb::log_entry::Payload::Blank(_) => EntryPayload::Blank,
-        pb::log_entry::Payload::Command(cmd) => EntryPayload::Normal(cmd),
+        pb::log_entry::Payload::Command(bytes) => {
+            EntryPayload::Normal(SharedCommand::decode(Bytes::copy_from_slice(&bytes))?)
+        }
         pb::log_entry::Payload::Membership(m) => EntryPayload::Membership(membership_from_pb(&m)),
     };
     Ok(Entry { log_id: log_id_from_pb(log_id), payload })
@@ -122,7 +130,6 @@ pub fn decode_stored_membership(bytes: &[u8]) -> Result<StoredMembership, Decode
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use chorus_proto::storage::{AppendMessage, Command, Op, op};
     use proptest::prelude::*;
 
@@ -153,7 +160,7 @@ mod tests {
             arb_membership().prop_map(EntryPayload::Membership),
             (any::<u64>(), "[a-z]{1,10}", proptest::collection::vec(any::<u8>(), 0..300)).prop_map(
                 |(ts_ms, room, body)| {
-                    EntryPayload::Normal(Command {
+                    EntryPayload::Normal(SharedCommand::new(Command {
                         ts_ms,
                         ops: vec![Op {
                             kind: Some(op::Kind::Append(AppendMessage {
@@ -164,7 +171,7 @@ mod tests {
                                 body: Bytes::from(body),
                             })),
                         }],
-                    })
+                    }))
                 }
             ),
         ];
@@ -198,6 +205,29 @@ mod tests {
             let _ = decode_vote(&bytes);
             let _ = decode_stored_membership(&bytes);
         }
+    }
+
+    /// Records written before the command was declared as bytes (`Command command = 4`) are the
+    /// same bytes: they still decode, and re-encode identically.
+    #[test]
+    fn a_command_field_is_the_encoded_message() {
+        let cmd = Command { ts_ms: 7, ops: vec![Op { kind: Some(op::Kind::Append(AppendMessage::default())) }] };
+        let entry = Entry { log_id: LogId::default(), payload: EntryPayload::Normal(SharedCommand::new(cmd.clone())) };
+        let mut by_hand = pb::LogId::default().encode_length_delimited_to_vec();
+        by_hand.insert(0, 0x0a); // field 1, length-delimited
+        by_hand.push(0x22); // field 4, length-delimited
+        by_hand.extend(cmd.encode_length_delimited_to_vec());
+        assert_eq!(encode_entry(&entry), by_hand);
+        assert_eq!(decode_entry(&by_hand).unwrap(), entry);
+    }
+
+    #[test]
+    fn a_malformed_command_is_an_error() {
+        let entry = pb::LogEntry {
+            log_id: Some(pb::LogId::default()),
+            payload: Some(pb::log_entry::Payload::Command(Bytes::from_static(&[0xff]))),
+        };
+        assert!(matches!(decode_entry(&entry.encode_to_vec()), Err(DecodeError::Protobuf(_))));
     }
 
     #[test]

@@ -365,7 +365,7 @@ impl ShardStateMachine {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     CommandResponse::default()
                 }
-                EntryPayload::Normal(cmd) => batch.apply_command(cmd)?,
+                EntryPayload::Normal(cmd) => batch.apply_command(cmd.command())?,
             };
             responses.push(response);
         }
@@ -427,15 +427,15 @@ impl<'a> ApplyBatch<'a> {
         }
     }
 
-    fn apply_command(&mut self, cmd: Command) -> Result<CommandResponse, StoreError> {
-        if let Err(e) = Limits::PROTOCOL.check_batch(&cmd) {
+    fn apply_command(&mut self, cmd: &Command) -> Result<CommandResponse, StoreError> {
+        if let Err(e) = Limits::PROTOCOL.check_batch(cmd) {
             let n = cmd.ops.len().max(1);
             return Ok(CommandResponse { results: vec![Err(e); n] });
         }
         let ts_ms = cmd.ts_ms;
         let mut results = Vec::with_capacity(cmd.ops.len());
-        for op in cmd.ops {
-            let result = match op.kind {
+        for op in &cmd.ops {
+            let result = match &op.kind {
                 None => Err(CommandError::UnknownOperation),
                 Some(op::Kind::CreateRoom(c)) => self.create_room(c, ts_ms)?,
                 Some(op::Kind::Append(a)) => self.append(a, ts_ms)?,
@@ -468,12 +468,12 @@ impl<'a> ApplyBatch<'a> {
         }
     }
 
-    fn create_room(&mut self, c: CreateRoom, ts_ms: u64) -> Result<Result<OpOutcome, CommandError>, StoreError> {
-        if let Err(e) = Limits::PROTOCOL.check_create_room(&c) {
+    fn create_room(&mut self, c: &CreateRoom, ts_ms: u64) -> Result<Result<OpOutcome, CommandError>, StoreError> {
+        if let Err(e) = Limits::PROTOCOL.check_create_room(c) {
             return Ok(Err(e));
         }
         if self.room(&c.room)?.is_some() {
-            return Ok(Err(CommandError::RoomExists { room: c.room }));
+            return Ok(Err(CommandError::RoomExists { room: c.room.clone() }));
         }
         let room_id = match self.next_room_id {
             Some(id) => id,
@@ -483,9 +483,9 @@ impl<'a> ApplyBatch<'a> {
         let record = RoomRecord {
             name: c.room.clone(),
             room_id,
-            creator: c.creator,
+            creator: c.creator.clone(),
             created_ts_ms: ts_ms,
-            metadata: c.metadata,
+            metadata: c.metadata.clone(),
             last_seq: 0,
             last_ts_ms: ts_ms,
             first_seq: 1,
@@ -496,15 +496,15 @@ impl<'a> ApplyBatch<'a> {
         Ok(Ok(OpOutcome::RoomCreated { room_id, ts_ms }))
     }
 
-    fn append(&mut self, a: AppendMessage, ts_ms: u64) -> Result<Result<OpOutcome, CommandError>, StoreError> {
-        if let Err(e) = Limits::PROTOCOL.check_append(&a) {
+    fn append(&mut self, a: &AppendMessage, ts_ms: u64) -> Result<Result<OpOutcome, CommandError>, StoreError> {
+        if let Err(e) = Limits::PROTOCOL.check_append(a) {
             return Ok(Err(e));
         }
         let (room_id, last_seq, last_ts, first_seq, retention) = match self.room(&a.room)? {
             Some(room) => {
                 (room.room_id, room.last_seq, room.last_ts_ms, first_retained(room), room.retention_max_messages)
             }
-            None => return Ok(Err(CommandError::RoomNotFound { room: a.room })),
+            None => return Ok(Err(CommandError::RoomNotFound { room: a.room.clone() })),
         };
 
         // Idempotency: has this (client_id, client_seq) been appended to this room?
@@ -539,10 +539,10 @@ impl<'a> ApplyBatch<'a> {
         let message = MessageRecord {
             seq,
             ts_ms,
-            sender: a.sender,
+            sender: a.sender.clone(),
             client_id: a.client_id.clone(),
             client_seq: a.client_seq,
-            body: a.body,
+            body: a.body.clone(),
         };
         let sm = self.view.db.cf_sm()?;
         self.write.put_cf(sm, self.keys.message(room_id, seq), message.encode_to_vec());
@@ -575,7 +575,7 @@ impl<'a> ApplyBatch<'a> {
             room.first_seq = new_first;
         }
         self.mark_dirty(&a.room);
-        self.appended.push(Arc::new(AppliedMessage { room: a.room, message, wire: OnceLock::new() }));
+        self.appended.push(Arc::new(AppliedMessage { room: a.room.clone(), message, wire: OnceLock::new() }));
         Ok(Ok(OpOutcome::Appended { seq, ts_ms, duplicate: false }))
     }
 

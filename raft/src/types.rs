@@ -1,8 +1,11 @@
 //! The Raft type configuration shared by every shard, declared once; everything else names it.
 
 use std::fmt;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use chorus_proto::storage::Command;
+use prost::Message;
 
 use crate::error::CommandError;
 
@@ -28,7 +31,7 @@ impl fmt::Display for NodeAddr {
 openraft::declare_raft_types!(
     /// The Raft types of a Chorus shard.
     pub TypeConfig:
-        D = Command,
+        D = SharedCommand,
         R = CommandResponse,
         NodeId = NodeId,
         Node = NodeAddr,
@@ -38,6 +41,65 @@ openraft::declare_raft_types!(
         Responder = openraft::impls::OneshotResponder<TypeConfig>,
         AsyncRuntime = openraft::TokioRuntime,
 );
+
+/// The payload of a normal Raft entry: a [`Command`] together with its protobuf encoding, shared.
+///
+/// openraft clones an entry's payload for its log cache, for each follower's replication and for
+/// apply; a command of many operations (two strings each) is dozens of allocations per clone.
+/// Shared, a clone is one reference count. The encoding is made once, on the leader when it
+/// proposes, and kept: the log record and every follower's AppendEntries embed the same bytes,
+/// and a follower keeps the bytes it received (so replicas store identical records).
+#[derive(Clone)]
+pub struct SharedCommand(Arc<Encoded>);
+
+struct Encoded {
+    command: Command,
+    bytes: Bytes,
+}
+
+impl SharedCommand {
+    /// Encodes `command` (once).
+    pub fn new(command: Command) -> Self {
+        let bytes = Bytes::from(command.encode_to_vec());
+        SharedCommand(Arc::new(Encoded { command, bytes }))
+    }
+
+    /// Decodes an encoded command and keeps the bytes it came from. The decoded message's byte
+    /// fields (bodies, client ids) are slices of `bytes`, so `bytes` should be an allocation of
+    /// its own rather than a slice of a larger receive buffer.
+    pub fn decode(bytes: Bytes) -> Result<Self, prost::DecodeError> {
+        let command = Command::decode(bytes.clone())?;
+        Ok(SharedCommand(Arc::new(Encoded { command, bytes })))
+    }
+
+    pub fn command(&self) -> &Command {
+        &self.0.command
+    }
+
+    /// The command's protobuf encoding.
+    pub fn encoded(&self) -> &Bytes {
+        &self.0.bytes
+    }
+}
+
+impl From<Command> for SharedCommand {
+    fn from(command: Command) -> Self {
+        SharedCommand::new(command)
+    }
+}
+
+impl fmt::Debug for SharedCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.command.fmt(f)
+    }
+}
+
+/// Two payloads are equal when their commands are (the encoding follows from the command).
+impl PartialEq for SharedCommand {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.command == other.0.command
+    }
+}
 
 pub type ChorusRaft = openraft::Raft<TypeConfig>;
 pub type Entry = openraft::Entry<TypeConfig>;

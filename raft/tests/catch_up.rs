@@ -8,13 +8,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use chorus_proto::storage::{Command, Op};
 use chorus_raft::state_machine::{append_op, create_room_op};
-use chorus_raft::{HistoryQuery, RaftTuning, ShardEvent};
+use chorus_raft::{HistoryQuery, RaftTuning, ShardEvent, SharedCommand};
 use common::{Router, TestNode, start_cluster};
 
 const SHARD: u32 = 2;
 
-fn command(ops: Vec<chorus_proto::storage::op::Kind>) -> Command {
-    Command { ts_ms: 1, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() }
+fn command(ops: Vec<chorus_proto::storage::op::Kind>) -> SharedCommand {
+    Command { ts_ms: 1, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() }.into()
 }
 
 async fn wait_for_leader(nodes: &[TestNode]) -> usize {

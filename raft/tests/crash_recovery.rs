@@ -71,7 +71,9 @@ fn entry(shard: ShardId, term: u64, index: u64, rng: &mut StdRng) -> Entry {
             let room = format!("room-{shard}");
             let body = Bytes::from(vec![b'x'; rng.random_range(0..3000)]);
             let ops = vec![create_room_op(&room, "w"), append_op(&room, "w", b"writer", index, body)];
-            EntryPayload::Normal(Command { ts_ms: index, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() })
+            EntryPayload::Normal(
+                Command { ts_ms: index, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() }.into(),
+            )
         }
     };
     Entry { log_id, payload }

@@ -35,7 +35,9 @@ fn entry(index: u64) -> Entry {
         EntryPayload::Membership(Membership::new(vec![[1, 2, 3].into()], ()))
     } else {
         let ops = vec![create_room_op("r", "w"), append_op("r", "w", b"writer", index, Bytes::from_static(b"hello"))];
-        EntryPayload::Normal(Command { ts_ms: index, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() })
+        EntryPayload::Normal(
+            Command { ts_ms: index, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() }.into(),
+        )
     };
     Entry { log_id, payload }
 }

@@ -142,7 +142,7 @@ fn request(body_bytes: Option<usize>) -> AppendEntriesRequest<TypeConfig> {
     let entries = body_bytes.map(|n| {
         let op = append_op("room", "alice", b"client", 1, Bytes::from(vec![b'x'; n]));
         let cmd = Command { ts_ms: 1, ops: vec![Op { kind: Some(op) }] };
-        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 1), payload: EntryPayload::Normal(cmd) }
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 1), payload: EntryPayload::Normal(cmd.into()) }
     });
     AppendEntriesRequest {
         vote: Vote::new_committed(1, 1),

@@ -65,7 +65,7 @@ async fn a_100k_message_snapshot_streams_and_installs_with_bounded_memory() {
     let mut next_entry = |ops: Vec<chorus_proto::storage::op::Kind>| {
         index += 1;
         let cmd = Command { ts_ms: index, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() };
-        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd) }
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd.into()) }
     };
     let rooms: Vec<String> = (0..ROOMS).map(|r| format!("room-{r}")).collect();
     src.apply([next_entry(rooms.iter().map(|r| create_room_op(r, "t")).collect())]).await.unwrap();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chorus_proto::client;
 use chorus_proto::peer::{self as pb};
 use chorus_proto::storage::{Command, Op, op};
-use chorus_raft::{HistoryPage, HistoryQuery, NodeId, OpOutcome, ShardId};
+use chorus_raft::{HistoryPage, HistoryQuery, NodeId, OpOutcome, ShardId, SharedCommand};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 
 use crate::error::ServiceError;
@@ -176,7 +176,7 @@ async fn propose_here(
         return Attempt::Redirect(new_leader);
     }
     command.ts_ms = now_ms();
-    match tokio::time::timeout(remaining, replica.raft.client_write(command)).await {
+    match tokio::time::timeout(remaining, replica.raft.client_write(SharedCommand::new(command))).await {
         Ok(Ok(response)) => {
             Attempt::Done(response.data.results.into_iter().map(|r| r.map_err(ServiceError::Command)).collect())
         }

@@ -39,7 +39,7 @@ impl Fixture {
 
     async fn apply_cmd(&mut self, ts_ms: u64, ops: Vec<op::Kind>) -> Vec<Result<OpOutcome, CommandError>> {
         let cmd = Command { ts_ms, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() };
-        let entry = self.entry(EntryPayload::Normal(cmd));
+        let entry = self.entry(EntryPayload::Normal(cmd.into()));
         let mut responses = self.sm.apply([entry]).await.unwrap();
         assert_eq!(responses.len(), 1);
         responses.pop().unwrap().results
@@ -261,8 +261,9 @@ fn expiry_covers_every_client_seq_below_the_window_once_its_block_is_whole() {
         assert!(records.contains(&high));
     }
     assert_eq!(expired_blocks(0, 1), None);
-    assert_eq!(expired_blocks(DEDUP_WINDOW + 1023, DEDUP_WINDOW + 1024), Some((1, 1024)));
-    assert_eq!(expired_blocks(DEDUP_WINDOW + 1024, DEDUP_WINDOW + 1025), None);
+    let b = EXPIRY_BLOCK;
+    assert_eq!(expired_blocks(DEDUP_WINDOW + b - 1, DEDUP_WINDOW + b), Some((1, b)));
+    assert_eq!(expired_blocks(DEDUP_WINDOW + b, DEDUP_WINDOW + b + 1), None);
     assert_eq!(expired_blocks(5000, 1_000_000), Some((1, 5000)), "a far jump expires all the old window");
 }
 
@@ -305,7 +306,7 @@ async fn bad_input_gets_its_specific_error_and_writes_nothing() {
     let results = f.apply_cmd(3_000, ops).await;
     assert!(results.iter().all(|r| matches!(r, Err(CommandError::BatchTooLarge { .. }))));
     // An operation of unknown kind (from a newer version) is refused on its own.
-    let entry = f.entry(EntryPayload::Normal(Command { ts_ms: 1, ops: vec![Op { kind: None }] }));
+    let entry = f.entry(EntryPayload::Normal(Command { ts_ms: 1, ops: vec![Op { kind: None }] }.into()));
     let responses = f.sm.apply([entry]).await.unwrap();
     assert_eq!(responses[0].results, vec![Err(CommandError::UnknownOperation)]);
 
@@ -449,9 +450,9 @@ async fn replicas_applying_the_same_entries_are_identical() {
     let mut pending = Vec::new();
     let count = entries.len();
     for (n, cmd) in entries.into_iter().enumerate() {
-        let ea = a.entry(EntryPayload::Normal(cmd.clone()));
+        let ea = a.entry(EntryPayload::Normal(cmd.clone().into()));
         responses.0.extend(a.sm.apply([ea]).await.unwrap());
-        pending.push(b.entry(EntryPayload::Normal(cmd)));
+        pending.push(b.entry(EntryPayload::Normal(cmd.into())));
         if rng.random_bool(0.02) || pending.len() == 100 || n + 1 == count {
             responses.1.extend(b.sm.apply(std::mem::take(&mut pending)).await.unwrap());
         }
