@@ -1,8 +1,9 @@
 //! The Chorus client library.
 //!
 //! A [`Client`] connects to any node of a list, says hello, and fails over to another node
-//! when its connection breaks (or goes silent for [`ClientOptions::idle_timeout`], 2 s by
-//! default: a killed node sends nothing), trying the other nodes before the lost one. Sends
+//! when its connection breaks, goes silent for [`ClientOptions::idle_timeout`] (2 s by
+//! default: a killed node sends nothing), or receives nothing for half that while a request is
+//! outstanding, trying the other nodes before the lost one. Sends
 //! carry this client's id and a fresh `client_seq`; a send whose outcome is unknown is retried
 //! with the same pair, so each message is appended exactly once. A [`Subscription`] resumes
 //! after the last message it delivered, on whatever node it reconnects to: no gap, no
@@ -129,7 +130,8 @@ pub struct ClientOptions {
     /// A connection silent for this long is dead (keep-alives go out four times as often), and
     /// the client fails over: this bounds how long a killed or cut-off node holds requests and
     /// subscriptions. A live node answers a keep-alive within a round trip, so the default (2 s)
-    /// leaves a wide margin; over lossy links, raise it.
+    /// leaves a wide margin; over lossy links, raise it. A request whose connection receives
+    /// nothing for half of it (two keep-alive intervals) fails over without waiting for the rest.
     pub idle_timeout: Duration,
     /// How long to wait for one answer (longer than the server's request timeout).
     pub request_timeout: Duration,
@@ -424,7 +426,14 @@ impl Client {
         let direct_node = direct.as_ref().map(|(node, _)| *node);
         let result = match direct {
             None => self.call_once(kind).await,
-            Some((node, connection)) => match call_on(&connection, kind, self.inner.options.request_timeout).await {
+            Some((node, connection)) => match call_on(
+                &connection,
+                kind,
+                self.inner.options.request_timeout,
+                self.inner.options.idle_timeout / 2,
+            )
+            .await
+            {
                 Err(e) if e.retryable() => {
                     // The leader's node is gone or refuses work: retries take the main road.
                     self.routes().failed(node);
@@ -509,7 +518,7 @@ impl Client {
             .map_err(|e| ClientError::lost(e, false))?;
         let hello =
             request::Kind::Hello(pb::Hello { user: options.user.clone(), client_name: options.client_name.clone() });
-        match call_on(&connection, hello, options.request_timeout).await? {
+        match call_on(&connection, hello, options.request_timeout, options.idle_timeout / 2).await? {
             response::Kind::Hello(hello) => Ok(Live { connection, node: node.to_owned(), hello }),
             other => Err(ClientError::Protocol(format!("unexpected reply to hello: {other:?}"))),
         }
@@ -530,7 +539,8 @@ impl Client {
     /// One request on the current connection: no retry.
     pub async fn call_once(&self, kind: request::Kind) -> Result<response::Kind, ClientError> {
         let connection = self.connection().await?;
-        let result = call_on(&connection, kind, self.inner.options.request_timeout).await;
+        let result =
+            call_on(&connection, kind, self.inner.options.request_timeout, self.inner.options.idle_timeout / 2).await;
         if let Err(ClientError::Connection { .. } | ClientError::TimedOut(_)) = &result {
             self.drop_connection(&connection).await;
         }
@@ -742,15 +752,40 @@ async fn close_unused_routes(client: std::sync::Weak<Inner>) {
     }
 }
 
+/// Resolves once `received` (a connection's count of datagrams received) has not moved for
+/// `limit`, with how long it stood still; checked every quarter of `limit`.
+async fn silence(received: impl Fn() -> u64, limit: Duration) -> Duration {
+    let tick = limit / 4;
+    let mut seen = received();
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = received();
+        if now != seen {
+            (seen, since) = (now, tokio::time::Instant::now());
+        } else if since.elapsed() >= limit {
+            return since.elapsed();
+        }
+    }
+}
+
 fn unexpected(what: &str, reply: response::Kind) -> ClientError {
     ClientError::Protocol(format!("unexpected reply to {what}: {reply:?}"))
 }
 
 /// Sends one request on its own stream and reads the one response.
+///
+/// A connection that receives nothing for `silent` while the request is outstanding is taken
+/// for dead, without waiting for its idle timeout: a live node acknowledges within a round trip
+/// and QUIC's ACK delay (25 ms) however long the request itself takes, and the keep-alive
+/// (every idle timeout / 4) makes it answer even when nothing else is sent, so `silent` is two
+/// keep-alive intervals; a killed node answers nothing. A false alarm (a node stalled that long)
+/// costs a failover and a retry with the same client_seq, which the dedup window makes harmless.
 async fn call_on(
     connection: &quinn::Connection,
     kind: request::Kind,
     timeout: Duration,
+    silent: Duration,
 ) -> Result<response::Kind, ClientError> {
     let exchange = async {
         // Nothing has left before the stream is open; anything may have after the first write.
@@ -760,6 +795,15 @@ async fn call_on(
         let _ = send.finish();
         let response: Option<pb::Response> = framing::read_message(&mut recv, MAX_RESPONSE_FRAME).await?;
         response.ok_or_else(|| ClientError::lost("the server closed the stream without answering", true))
+    };
+    let exchange = async {
+        tokio::select! {
+            response = exchange => response,
+            silent_for = silence(|| connection.stats().udp_rx.datagrams, silent) => Err(ClientError::lost(
+                format!("the node sent nothing for {} ms with a request outstanding", silent_for.as_millis()),
+                true,
+            )),
+        }
     };
     let response = tokio::time::timeout(timeout, exchange).await.map_err(|_| ClientError::TimedOut(timeout))??;
     match response.kind {
@@ -772,6 +816,30 @@ async fn call_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_silent_only_once_nothing_arrives_for_the_limit() {
+        let received = Arc::new(AtomicU64::new(0));
+        let limit = Duration::from_millis(1000);
+        // Datagrams every 600 ms (a keep-alive's answers): never silent.
+        let ticker = {
+            let received = received.clone();
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let start = tokio::time::Instant::now();
+        let count = received.clone();
+        let silent_for = silence(move || count.load(Ordering::Relaxed), limit).await;
+        // The datagrams stop after 12 s; silence is noticed within a check (limit / 4) of the limit.
+        assert!(ticker.is_finished());
+        assert!(start.elapsed() >= Duration::from_millis(12_000 + 1000), "{:?}", start.elapsed());
+        assert!(start.elapsed() <= Duration::from_millis(12_000 + 1250 + 250), "{:?}", start.elapsed());
+        assert!(silent_for >= limit && silent_for <= limit + limit / 4, "{silent_for:?}");
+    }
 
     #[test]
     fn failover_dials_round_robin_and_suspected_nodes_last() {
