@@ -241,6 +241,11 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
+/// The main connection pings this often when it has nothing else to send.
+fn keep_alive_interval(options: &ClientOptions) -> Duration {
+    options.idle_timeout / 4
+}
+
 fn shutting_down() -> ClientError {
     ClientError::lost("the client is shutting down", false)
 }
@@ -266,7 +271,7 @@ impl Client {
             Ok(Arc::new(transport))
         };
         let mut client_config = quinn::ClientConfig::new(quic.clone());
-        client_config.transport_config(transport(options.idle_timeout, options.idle_timeout / 4)?);
+        client_config.transport_config(transport(options.idle_timeout, keep_alive_interval(&options))?);
         let mut direct_config = quinn::ClientConfig::new(quic);
         let direct_idle = routes::DIRECT_IDLE_TIMEOUT.min(options.idle_timeout);
         direct_config.transport_config(transport(direct_idle, direct_idle / 5)?);
@@ -426,21 +431,16 @@ impl Client {
         let direct_node = direct.as_ref().map(|(node, _)| *node);
         let result = match direct {
             None => self.call_once(kind).await,
-            Some((node, connection)) => match call_on(
-                &connection,
-                kind,
-                self.inner.options.request_timeout,
-                self.inner.options.idle_timeout / 2,
-            )
-            .await
-            {
-                Err(e) if e.retryable() => {
-                    // The leader's node is gone or refuses work: retries take the main road.
-                    self.routes().failed(node);
-                    Err(ClientError::lost(format!("leader node {node}: {e}"), e.indeterminate()))
+            Some((node, connection)) => {
+                match call_on(&connection, kind, self.inner.options.request_timeout, None).await {
+                    Err(e) if e.retryable() => {
+                        // The leader's node is gone or refuses work: retries take the main road.
+                        self.routes().failed(node);
+                        Err(ClientError::lost(format!("leader node {node}: {e}"), e.indeterminate()))
+                    }
+                    other => other,
                 }
-                other => other,
-            },
+            }
         };
         match result {
             Ok(response::Kind::SentBatch(reply)) if reply.results.len() == count => {
@@ -518,10 +518,16 @@ impl Client {
             .map_err(|e| ClientError::lost(e, false))?;
         let hello =
             request::Kind::Hello(pb::Hello { user: options.user.clone(), client_name: options.client_name.clone() });
-        match call_on(&connection, hello, options.request_timeout, options.idle_timeout / 2).await? {
+        let keep_alive = (!direct).then(|| self.keep_alive());
+        match call_on(&connection, hello, options.request_timeout, keep_alive).await? {
             response::Kind::Hello(hello) => Ok(Live { connection, node: node.to_owned(), hello }),
             other => Err(ClientError::Protocol(format!("unexpected reply to hello: {other:?}"))),
         }
+    }
+
+    /// The main connection's keep-alive interval.
+    fn keep_alive(&self) -> Duration {
+        keep_alive_interval(&self.inner.options)
     }
 
     /// Forgets the current connection (if it is still `connection`), so the next call fails
@@ -539,8 +545,7 @@ impl Client {
     /// One request on the current connection: no retry.
     pub async fn call_once(&self, kind: request::Kind) -> Result<response::Kind, ClientError> {
         let connection = self.connection().await?;
-        let result =
-            call_on(&connection, kind, self.inner.options.request_timeout, self.inner.options.idle_timeout / 2).await;
+        let result = call_on(&connection, kind, self.inner.options.request_timeout, Some(self.keep_alive())).await;
         if let Err(ClientError::Connection { .. } | ClientError::TimedOut(_)) = &result {
             self.drop_connection(&connection).await;
         }
@@ -752,6 +757,15 @@ async fn close_unused_routes(client: std::sync::Weak<Inner>) {
     }
 }
 
+/// How long a connection whose keep-alive goes out every `keep_alive` may receive nothing before
+/// it is taken for dead (see [`call_on`]): two intervals, or one plus three round trips and
+/// QUIC's ACK delay (25 ms) where round trips are long, because quinn's keep-alive timer
+/// restarts when a packet arrives, so a live node's answer comes an interval plus a round trip
+/// after the last one.
+fn silent_limit(keep_alive: Duration, rtt: Duration) -> Duration {
+    (2 * keep_alive).max(keep_alive + 3 * rtt + Duration::from_millis(25))
+}
+
 /// Resolves once `received` (a connection's count of datagrams received) has not moved for
 /// `limit`, with how long it stood still; checked every quarter of `limit`.
 async fn silence(received: impl Fn() -> u64, limit: Duration) -> Duration {
@@ -775,33 +789,42 @@ fn unexpected(what: &str, reply: response::Kind) -> ClientError {
 
 /// Sends one request on its own stream and reads the one response.
 ///
-/// A connection that receives nothing for `silent` while the request is outstanding is taken
-/// for dead, without waiting for its idle timeout: a live node acknowledges within a round trip
-/// and QUIC's ACK delay (25 ms) however long the request itself takes, and the keep-alive
-/// (every idle timeout / 4) makes it answer even when nothing else is sent, so `silent` is two
-/// keep-alive intervals; a killed node answers nothing. A false alarm (a node stalled that long)
-/// costs a failover and a retry with the same client_seq, which the dedup window makes harmless.
+/// With `keep_alive` (the connection's keep-alive interval), a connection that receives nothing
+/// for [`silent_limit`] while the request is outstanding is taken for dead, without waiting for
+/// its idle timeout: a live node acknowledges within a round trip and QUIC's ACK delay (25 ms)
+/// however long the request itself takes, and the keep-alive makes it answer even when nothing
+/// else is sent; a killed node answers nothing. A false alarm (a node stalled that long) costs a
+/// failover and a retry with the same client_seq, which the dedup window makes harmless. Direct
+/// connections to leaders pass `None`: their idle timeout (500 ms) is shorter anyway.
 async fn call_on(
     connection: &quinn::Connection,
     kind: request::Kind,
     timeout: Duration,
-    silent: Duration,
+    keep_alive: Option<Duration>,
 ) -> Result<response::Kind, ClientError> {
+    let opened = std::sync::atomic::AtomicBool::new(false);
     let exchange = async {
         // Nothing has left before the stream is open; anything may have after the first write.
         let (mut send, mut recv) = connection.open_bi().await.map_err(|e| ClientError::lost(e, false))?;
+        opened.store(true, Ordering::Relaxed);
         let request = pb::Request { kind: Some(kind) };
         framing::write_message(&mut send, &request).await.map_err(|e| ClientError::lost(e, true))?;
         let _ = send.finish();
         let response: Option<pb::Response> = framing::read_message(&mut recv, MAX_RESPONSE_FRAME).await?;
         response.ok_or_else(|| ClientError::lost("the server closed the stream without answering", true))
     };
+    let watchdog = async {
+        match keep_alive.filter(|k| !k.is_zero()) {
+            Some(k) => silence(|| connection.stats().udp_rx.datagrams, silent_limit(k, connection.rtt())).await,
+            None => std::future::pending().await,
+        }
+    };
     let exchange = async {
         tokio::select! {
             response = exchange => response,
-            silent_for = silence(|| connection.stats().udp_rx.datagrams, silent) => Err(ClientError::lost(
+            silent_for = watchdog => Err(ClientError::lost(
                 format!("the node sent nothing for {} ms with a request outstanding", silent_for.as_millis()),
-                true,
+                opened.load(Ordering::Relaxed),
             )),
         }
     };
@@ -816,6 +839,16 @@ async fn call_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_silence_limit_outlasts_a_keep_alive_answer() {
+        let k = Duration::from_millis(500);
+        assert_eq!(silent_limit(k, Duration::from_millis(1)), Duration::from_secs(1));
+        // A keep-alive's answer comes an interval plus a round trip after the last packet.
+        for rtt in [0, 50, 200, 475, 1000, 3000].map(Duration::from_millis) {
+            assert!(silent_limit(k, rtt) > k + 2 * rtt, "{rtt:?}: {:?}", silent_limit(k, rtt));
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_is_silent_only_once_nothing_arrives_for_the_limit() {
