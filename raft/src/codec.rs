@@ -92,16 +92,25 @@ pub fn entry_to_pb(entry: &Entry) -> pb::LogEntry {
     pb::LogEntry { log_id: Some(log_id_to_pb(&entry.log_id)), payload: Some(payload) }
 }
 
-/// The entry `entry` encodes. A command's bytes are copied into an allocation of their own
-/// first: decoded from a receive buffer they would be a slice of it, and the log cache and the
-/// state machine's live messages would keep the whole buffer alive.
+/// The entry `entry` encodes. Its command keeps the bytes it was decoded from: pass an entry
+/// whose byte fields own their allocations (decoding from a `&[u8]` makes such copies), or use
+/// [`entry_from_received_pb`].
 pub fn entry_from_pb(entry: pb::LogEntry) -> Result<Entry, DecodeError> {
+    entry_from_pb_with(entry, |bytes| bytes)
+}
+
+/// [`entry_from_pb`] for an entry decoded from a receive buffer: its command's bytes are
+/// copied into an allocation of their own first. As slices of the buffer, the log cache and
+/// the state machine's live messages would keep the whole buffer alive.
+pub fn entry_from_received_pb(entry: pb::LogEntry) -> Result<Entry, DecodeError> {
+    entry_from_pb_with(entry, |bytes| Bytes::copy_from_slice(&bytes))
+}
+
+fn entry_from_pb_with(entry: pb::LogEntry, own: impl FnOnce(Bytes) -> Bytes) -> Result<Entry, DecodeError> {
     let log_id = entry.log_id.as_ref().ok_or(DecodeError::Missing("LogEntry.log_id"))?;
     let payload = match entry.payload.ok_or(DecodeError::Missing("LogEntry.payload"))? {
         pb::log_entry::Payload::Blank(_) => EntryPayload::Blank,
-        pb::log_entry::Payload::Command(bytes) => {
-            EntryPayload::Normal(SharedCommand::decode(Bytes::copy_from_slice(&bytes))?)
-        }
+        pb::log_entry::Payload::Command(bytes) => EntryPayload::Normal(SharedCommand::decode(own(bytes))?),
         pb::log_entry::Payload::Membership(m) => EntryPayload::Membership(membership_from_pb(&m)),
     };
     Ok(Entry { log_id: log_id_from_pb(log_id), payload })

@@ -35,7 +35,8 @@ use crate::snapshot::{SnapshotProgress, SnapshotStore};
 use crate::types::{Entry, LogId, LogState, ShardId, StorageError, TypeConfig, Vote};
 
 /// Newest entries kept in memory per shard, so that replication (which reads every entry
-/// once per follower, right after it was appended) does not go back to RocksDB.
+/// once per follower, right after it was appended) does not go back to RocksDB. Bytes are
+/// counted as twice the encoded size: a cached entry holds its command decoded and encoded.
 const CACHE_MAX_ENTRIES: usize = 1024;
 const CACHE_MAX_BYTES: usize = 1 << 20;
 
@@ -323,7 +324,8 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
         for entry in entries {
             let bytes = codec::encode_entry(&entry);
             batch.put_cf(cf, keys::log_key(self.shard, entry.log_id.index), &bytes);
-            written.push((entry, bytes.len()));
+            // In memory an entry holds its decoded command as well as the encoding.
+            written.push((entry, 2 * bytes.len()));
         }
         // Written (and so readable) now; reported flushed only after the group-commit sync.
         if let Err(e) = self.db.write(batch) {

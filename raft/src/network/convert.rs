@@ -28,7 +28,7 @@ pub fn append_request_from_pb(req: pb::AppendEntriesRequest) -> Result<AppendEnt
     Ok(AppendEntriesRequest {
         vote: vote_from(req.vote.as_ref(), "AppendEntriesRequest.vote")?,
         prev_log_id: req.prev_log_id.as_ref().map(codec::log_id_from_pb),
-        entries: req.entries.into_iter().map(codec::entry_from_pb).collect::<Result<_, _>>()?,
+        entries: req.entries.into_iter().map(codec::entry_from_received_pb).collect::<Result<_, _>>()?,
         leader_commit: req.leader_commit.as_ref().map(codec::log_id_from_pb),
     })
 }

@@ -141,7 +141,8 @@ async fn pipelined_sends_may_apply_out_of_client_order() {
 async fn dedup_state_is_bounded_by_the_window() {
     let mut f = Fixture::new();
     f.create("r").await;
-    let total = DEDUP_WINDOW * 2 + 10;
+    // Three windows: the edge leaves two whole blocks, the second not starting at client_seq 1.
+    let total = DEDUP_WINDOW * 3 + 10;
     let mut client_seq = 0;
     while client_seq < total {
         let batch_end = (client_seq + 500).min(total);
