@@ -131,7 +131,8 @@ pub struct ClientOptions {
     /// the client fails over: this bounds how long a killed or cut-off node holds requests and
     /// subscriptions. A live node answers a keep-alive within a round trip, so the default (2 s)
     /// leaves a wide margin; over lossy links, raise it. A request whose connection receives
-    /// nothing for half of it (two keep-alive intervals) fails over without waiting for the rest.
+    /// nothing for half of it (two keep-alive intervals; more where round trips are long) fails
+    /// over without waiting for the rest.
     pub idle_timeout: Duration,
     /// How long to wait for one answer (longer than the server's request timeout).
     pub request_timeout: Duration,
@@ -518,16 +519,11 @@ impl Client {
             .map_err(|e| ClientError::lost(e, false))?;
         let hello =
             request::Kind::Hello(pb::Hello { user: options.user.clone(), client_name: options.client_name.clone() });
-        let keep_alive = (!direct).then(|| self.keep_alive());
+        let keep_alive = (!direct).then(|| keep_alive_interval(options));
         match call_on(&connection, hello, options.request_timeout, keep_alive).await? {
             response::Kind::Hello(hello) => Ok(Live { connection, node: node.to_owned(), hello }),
             other => Err(ClientError::Protocol(format!("unexpected reply to hello: {other:?}"))),
         }
-    }
-
-    /// The main connection's keep-alive interval.
-    fn keep_alive(&self) -> Duration {
-        keep_alive_interval(&self.inner.options)
     }
 
     /// Forgets the current connection (if it is still `connection`), so the next call fails
@@ -545,7 +541,13 @@ impl Client {
     /// One request on the current connection: no retry.
     pub async fn call_once(&self, kind: request::Kind) -> Result<response::Kind, ClientError> {
         let connection = self.connection().await?;
-        let result = call_on(&connection, kind, self.inner.options.request_timeout, Some(self.keep_alive())).await;
+        let result = call_on(
+            &connection,
+            kind,
+            self.inner.options.request_timeout,
+            Some(keep_alive_interval(&self.inner.options)),
+        )
+        .await;
         if let Err(ClientError::Connection { .. } | ClientError::TimedOut(_)) = &result {
             self.drop_connection(&connection).await;
         }

@@ -44,8 +44,8 @@ openraft::declare_raft_types!(
 
 /// The payload of a normal Raft entry: a [`Command`] together with its protobuf encoding, shared.
 ///
-/// openraft clones an entry's payload for its log cache, for each follower's replication and for
-/// apply; a command of many operations (two strings each) is dozens of allocations per clone.
+/// An entry's payload is cloned into the log store's entry cache, out of it for each follower's
+/// replication and for apply; a command of many operations (two strings each) is dozens of allocations per clone.
 /// Shared, a clone is one reference count. The encoding is made once, on the leader when it
 /// proposes, and kept: the log record and every follower's AppendEntries embed the same bytes,
 /// and a follower keeps the bytes it received (so replicas store identical records).
