@@ -93,6 +93,12 @@ j=$(chorus --json bench failover --client-on-leader --kills 5 --kill-cmd "script
       --restart-cmd "scripts/cluster.sh restart {node}")
 FAILC_P50=$(field '["p50_ms"]' <<<"$j"); FAILC_ALL=$(field '["failover_ms"]' <<<"$j")
 say "failover, client on the killed node: p50 ${FAILC_P50} ms ($FAILC_ALL)"
+# And delivery to a client that only subscribes, on the node that is killed.
+FAILS_CMD="chorus bench failover --subscriber-on-leader --kills 5 --kill-cmd 'scripts/cluster.sh kill {node}' --restart-cmd 'scripts/cluster.sh restart {node}'"
+j=$(chorus --json bench failover --subscriber-on-leader --kills 5 --kill-cmd "scripts/cluster.sh kill {node}" \
+      --restart-cmd "scripts/cluster.sh restart {node}")
+FAILS_P50=$(field '["p50_ms"]' <<<"$j"); FAILS_ALL=$(field '["failover_ms"]' <<<"$j")
+say "failover, subscriber on the killed node: p50 ${FAILS_P50} ms ($FAILS_ALL)"
 
 # --- catch-up ---------------------------------------------------------------------------------
 fresh
@@ -147,6 +153,7 @@ Medians of $RUNS runs where several were made.
 | fan-out, 1,000 msgs/s, 50 subscribers | p50 $(printf %.2f "$(python3 -c "print($FO_P50/1000)")") ms, p99 $(printf %.2f "$(python3 -c "print($FO_P99/1000)")") ms | p99 ≤ 10 ms | $(verdict "$FO_P99 <= 10000") | \`$FO_CMD\` |
 | leader failover (5 kills) | p50 ${FAIL_P50} ms (all: ${FAIL_ALL}) | p50 ≤ 1 s | $(verdict "$FAIL_P50 <= 1000") | \`$FAIL_CMD\` |
 | leader failover, client connected to the killed leader (5 kills) | p50 ${FAILC_P50} ms (all: ${FAILC_ALL}) | | | \`$FAILC_CMD\` |
+| leader failover, delivery to a subscriber connected to the killed leader (5 kills) | p50 ${FAILS_P50} ms (all: ${FAILS_ALL}) | | | \`$FAILS_CMD\` |
 | idle, 256 shards, 30 s | ${IDLE% } % of one core per node | ≤ 3 % | $(verdict "$IDLE_MAX <= 3") | \`CHORUS_NODE_ARGS="--shard-count 256" scripts/cluster.sh up\`, CPU from /proc |
 | catch-up, 100k messages | ${CU_S} s after restart; history $same | | | \`$CU_CMD\` |
 EOF

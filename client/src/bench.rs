@@ -383,10 +383,14 @@ pub enum Probe {
     /// To the leader's node, which is killed: the time includes the client noticing that its
     /// node is gone and reconnecting to another.
     OnLeader,
+    /// A subscriber that only listens, on the leader's node, while a writer elsewhere keeps
+    /// sending: the time until the subscriber receives a message sent after the kill.
+    SubscriberOnLeader,
 }
 
 /// Kills the leader of `room`'s shard `kills` times (running `kill_cmd` with `{node}`
-/// replaced by its id), and measures until writes succeed again; restarts it with
+/// replaced by its id), and measures until writes succeed again (or, with
+/// [`Probe::SubscriberOnLeader`], until they are delivered again); restarts it with
 /// `restart_cmd` and waits for the cluster to settle between kills.
 pub async fn run_failover(
     options: &ClientOptions,
@@ -408,21 +412,50 @@ pub async fn run_failover(
         if leader == 0 {
             return Err(ClientError::Protocol(format!("shard {shard} has no leader")));
         }
-        let mut probe_options = options.clone();
         let (on_leader, others): (Vec<_>, Vec<_>) = status.nodes.iter().partition(|n| n.id == leader);
-        probe_options.nodes = match probe_at {
-            Probe::Elsewhere => others.iter().take(1).map(|n| n.client_addr.clone()).collect(),
-            // The leader's node first; the others to fail over to.
-            Probe::OnLeader => on_leader.iter().chain(&others).map(|n| n.client_addr.clone()).collect(),
+        let addrs = |nodes: Vec<&&crate::pb::NodeStatus>| {
+            let addrs: Vec<String> = nodes.iter().map(|n| n.client_addr.clone()).collect();
+            if addrs.is_empty() { options.nodes.clone() } else { addrs }
         };
-        if probe_options.nodes.is_empty() {
-            probe_options.nodes = options.nodes.clone();
-        }
+        // The leader's node first; the others to fail over to.
+        let leader_first = addrs(on_leader.iter().chain(&others).collect());
+        let elsewhere = addrs(others.iter().take(1).collect());
+        let mut probe_options = options.clone();
+        probe_options.nodes = if probe_at == Probe::OnLeader { leader_first.clone() } else { elsewhere };
         probe_options.retry_deadline = Duration::from_secs(30);
         let probe = Client::connect(probe_options).await?;
-        probe.send(&room, body(64)).await?;
+        let last_seq = probe.send(&room, body(64)).await?.seq;
         let killed = Arc::new(Mutex::new(None::<Instant>));
-        let recovered = {
+        let killed_unix_ns = Arc::new(AtomicU64::new(u64::MAX));
+        let recovered = if probe_at == Probe::SubscriberOnLeader {
+            let mut watcher_options = options.clone();
+            watcher_options.nodes = leader_first;
+            let watcher = Client::connect(watcher_options).await?;
+            let mut subscription = watcher.subscribe([(room.clone(), last_seq)]);
+            let (probe, room) = (probe.clone(), room.clone());
+            let writer = tokio::spawn(async move {
+                loop {
+                    let _ = probe.send(&room, body(64)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+            let killed_unix_ns = killed_unix_ns.clone();
+            tokio::spawn(async move {
+                let _writer = tokio_util::task::AbortOnDropHandle::new(writer);
+                let _watcher = watcher;
+                loop {
+                    // Bodies carry their send time (unix ns): wait for one sent after the kill.
+                    if let Ok(SubscriptionEvent::Message(m)) = subscription.next().await
+                        && let Some(sent) = m.body.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
+                    {
+                        let kill = killed_unix_ns.load(Ordering::Relaxed);
+                        if sent > kill {
+                            return Duration::from_nanos(now_unix_ns().saturating_sub(kill));
+                        }
+                    }
+                }
+            })
+        } else {
             let (probe, room, killed) = (probe.clone(), room.clone(), killed.clone());
             tokio::spawn(async move {
                 loop {
@@ -445,11 +478,13 @@ pub async fn run_failover(
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))??;
         *killed.lock().await = Some(Instant::now());
+        killed_unix_ns.store(now_unix_ns(), Ordering::Relaxed);
         let took = tokio::time::timeout(Duration::from_secs(60), recovered)
             .await
             .map_err(|_| ClientError::TimedOut(Duration::from_secs(60)))?
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        eprintln!("failover {}: killed node {leader}, writes to shard {shard} resumed after {:?}", round + 1, took);
+        let what = if probe_at == Probe::SubscriberOnLeader { "delivery to its subscriber" } else { "writes" };
+        eprintln!("failover {}: killed node {leader}, {what} to shard {shard} resumed after {:?}", round + 1, took);
         results.push(took.as_millis() as u64);
         let command = restart_cmd.to_owned();
         tokio::task::spawn_blocking(move || run_command(&command, leader))

@@ -131,6 +131,11 @@ enum BenchMode {
         /// elsewhere. By default the probe is connected to another node.
         #[arg(long)]
         client_on_leader: bool,
+        /// Measure delivery instead: a client that only subscribes is connected to the node
+        /// that is killed, a writer to another; the time is until the subscriber receives a
+        /// message sent after the kill.
+        #[arg(long, conflicts_with = "client_on_leader")]
+        subscriber_on_leader: bool,
     },
 }
 
@@ -280,8 +285,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn bench(options: &chorus_client::ClientOptions, args: BenchArgs, json: bool) -> anyhow::Result<()> {
     use chorus_client::bench;
     match args.mode {
-        Some(BenchMode::Failover { kills, kill_cmd, restart_cmd, room, client_on_leader }) => {
-            let probe = if client_on_leader { bench::Probe::OnLeader } else { bench::Probe::Elsewhere };
+        Some(BenchMode::Failover { kills, kill_cmd, restart_cmd, room, client_on_leader, subscriber_on_leader }) => {
+            let probe = match (client_on_leader, subscriber_on_leader) {
+                (true, _) => bench::Probe::OnLeader,
+                (_, true) => bench::Probe::SubscriberOnLeader,
+                _ => bench::Probe::Elsewhere,
+            };
             let report = bench::run_failover(options, &room, kills, &kill_cmd, &restart_cmd, probe).await?;
             if json {
                 out!("{}", serde_json::to_string(&report)?);
