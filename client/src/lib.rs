@@ -2,8 +2,8 @@
 //!
 //! A [`Client`] connects to any node of a list, says hello, and fails over to another node
 //! when its connection breaks, goes silent for [`ClientOptions::idle_timeout`] (2 s by
-//! default: a killed node sends nothing), or receives nothing for half that while a request is
-//! outstanding, trying the other nodes before the lost one. Sends
+//! default: a killed node sends nothing), or receives nothing for half that while a request or
+//! a subscription waits on it, trying the other nodes before the lost one. Sends
 //! carry this client's id and a fresh `client_seq`; a send whose outcome is unknown is retried
 //! with the same pair, so each message is appended exactly once. A [`Subscription`] resumes
 //! after the last message it delivered, on whatever node it reconnects to: no gap, no
@@ -130,9 +130,9 @@ pub struct ClientOptions {
     /// A connection silent for this long is dead (keep-alives go out four times as often), and
     /// the client fails over: this bounds how long a killed or cut-off node holds requests and
     /// subscriptions. A live node answers a keep-alive within a round trip, so the default (2 s)
-    /// leaves a wide margin; over lossy links, raise it. A request whose connection receives
-    /// nothing for half of it (two keep-alive intervals; more where round trips are long) fails
-    /// over without waiting for the rest.
+    /// leaves a wide margin; over lossy links, raise it. A request or subscription whose
+    /// connection receives nothing for half of it (two keep-alive intervals; more where round
+    /// trips are long) fails over without waiting for the rest.
     pub idle_timeout: Duration,
     /// How long to wait for one answer (longer than the server's request timeout).
     pub request_timeout: Duration,

@@ -9,7 +9,7 @@ use chorus_proto::client::{self as pb, event};
 use chorus_proto::framing;
 use tokio::io::BufReader;
 
-use crate::{Client, ClientError, MAX_RESPONSE_FRAME, Message};
+use crate::{Client, ClientError, MAX_RESPONSE_FRAME, Message, keep_alive_interval, silence, silent_limit};
 
 /// Bytes read from a subscription stream at a time (frames larger than this are read directly).
 const READ_BUFFER: usize = 64 * 1024;
@@ -83,13 +83,20 @@ impl Subscription {
                     Err(e) => return Err(e),
                 }
             }
-            let Some((_, _, recv)) = self.stream.as_mut() else { continue };
-            let event = match framing::read_message::<pb::Event, _>(recv, MAX_RESPONSE_FRAME).await {
-                Ok(Some(event)) => event,
-                Ok(None) | Err(_) => {
-                    self.broken(true).await;
-                    continue;
-                }
+            let Some((connection, _, recv)) = self.stream.as_mut() else { continue };
+            // A node that dies sends nothing more, not even an end of stream: the same watchdog
+            // as a request's (see `call_on`) notices it after two keep-alive intervals, where the
+            // connection's idle timeout would take four. Polled only when no event is ready.
+            let keep_alive = keep_alive_interval(self.client.options());
+            let watchdog = silence(|| connection.stats().udp_rx.datagrams, silent_limit(keep_alive, connection.rtt()));
+            let read = tokio::select! {
+                biased;
+                read = framing::read_message::<pb::Event, _>(recv, MAX_RESPONSE_FRAME) => read.ok().flatten(),
+                _ = watchdog, if !keep_alive.is_zero() => None,
+            };
+            let Some(event) = read else {
+                self.broken(true).await;
+                continue;
             };
             match event.kind {
                 Some(event::Kind::Subscribed(_)) => {

@@ -503,6 +503,51 @@ async fn sigterm_closes_subscriptions_with_a_reason_and_subscribers_resume_elsew
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_whose_node_is_killed_resumes_before_the_idle_timeout() {
+    let mut cluster = TestCluster::start(3, 3, 1, &[]);
+    cluster.wait_ready(1).await;
+    // A long idle timeout, so that the watchdog (half of it) and the idle timeout are far
+    // apart: the subscription must resume well before the connection would time out.
+    let idle_timeout = Duration::from_secs(16);
+    let mut options = cluster.options(&[2, 3], "watcher");
+    options.idle_timeout = idle_timeout;
+    let watcher = Client::connect(options).await.unwrap();
+    let watched = watcher.current_node().await.unwrap();
+    let (&victim, _) = cluster.nodes.iter().find(|(_, n)| n.client_addr == watched).unwrap();
+    let admin = cluster.client(&[1], "admin").await;
+    admin.create_room("r", BTreeMap::new(), 0).await.unwrap();
+    admin.send("r", "1").await.unwrap();
+    // The watcher only subscribes: no request of its own would notice the dead node.
+    let mut subscription = watcher.subscribe([("r".to_string(), 0)]);
+    assert_eq!(seqs(&collect(&mut subscription, 1, Duration::from_secs(10)).await), vec![1]);
+
+    cluster.kill(victim);
+    let killed_at = Instant::now();
+    let mut resumed_after = None;
+    let mut rest = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rest.is_empty() && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(30), subscription.next()).await {
+            Ok(Ok(SubscriptionEvent::Resumed { .. })) => {
+                resumed_after = Some(killed_at.elapsed());
+                admin.send("r", "2").await.unwrap();
+            }
+            Ok(Ok(SubscriptionEvent::Message(m))) => rest.push(m),
+            Ok(Ok(other)) => panic!("unexpected {other:?}"),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => break,
+        }
+    }
+    let resumed_after = resumed_after.expect("the subscription should resume on another node");
+    assert!(
+        resumed_after < idle_timeout * 3 / 4,
+        "resumed {resumed_after:?} after the kill: the watchdog should fire after ~{:?}",
+        idle_timeout / 2
+    );
+    assert_eq!(seqs(&rest), vec![2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_gaps_are_announced_to_subscribers() {
     let cluster = TestCluster::start(1, 1, 1, &[]);
     cluster.wait_ready(1).await;
