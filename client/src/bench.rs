@@ -7,7 +7,8 @@
 //!   omission. Optional subscribers (on other nodes than the senders) measure fan-out latency:
 //!   send → delivered, using the send time carried in each body.
 //! - **failover**: repeatedly kills the leader of a shard (with an operator-supplied command)
-//!   while a probe writes to it, and measures how long until writes succeed again.
+//!   while a probe writes to it, and measures how long until writes succeed again (or, with a
+//!   subscriber on the killed node, until it receives messages again).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -369,7 +370,8 @@ pub async fn run_load(options: &ClientOptions, config: &LoadConfig) -> Result<Lo
 #[derive(Debug, Clone, Serialize)]
 pub struct FailoverReport {
     pub kills: usize,
-    /// Milliseconds from each kill until a write invoked after it succeeded.
+    /// Milliseconds from each kill until a write invoked after it succeeded (with
+    /// [`Probe::SubscriberOnLeader`]: until a message sent after it was delivered).
     pub failover_ms: Vec<u64>,
     pub p50_ms: u64,
     pub max_ms: u64,
@@ -445,13 +447,17 @@ pub async fn run_failover(
                 let _watcher = watcher;
                 loop {
                     // Bodies carry their send time (unix ns): wait for one sent after the kill.
-                    if let Ok(SubscriptionEvent::Message(m)) = subscription.next().await
-                        && let Some(sent) = m.body.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
-                    {
-                        let kill = killed_unix_ns.load(Ordering::Relaxed);
-                        if sent > kill {
-                            return Duration::from_nanos(now_unix_ns().saturating_sub(kill));
-                        }
+                    let m = match subscription.next().await? {
+                        SubscriptionEvent::Message(m) => m,
+                        SubscriptionEvent::RoomError { error, .. } => return Err(error),
+                        SubscriptionEvent::Gap(_) | SubscriptionEvent::Resumed { .. } => continue,
+                    };
+                    let Some(sent) = m.body.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else {
+                        continue;
+                    };
+                    let kill = killed_unix_ns.load(Ordering::Relaxed);
+                    if sent > kill {
+                        return Ok(Duration::from_nanos(now_unix_ns().saturating_sub(kill)));
                     }
                 }
             })
@@ -465,11 +471,13 @@ pub async fn run_failover(
                     if let (Ok(_), Some(k)) = (result, kill_time)
                         && invoked > k
                     {
-                        return Instant::now().duration_since(k);
+                        return Ok(Instant::now().duration_since(k));
                     }
                 }
             })
         };
+        // Stopped (with the writer and the watcher it owns) however this round ends.
+        let recovered = tokio_util::task::AbortOnDropHandle::new(recovered);
         tokio::time::sleep(Duration::from_millis(300)).await;
         // The clock starts once the leader is gone (the command returns after the process
         // died); only writes invoked after that count.
@@ -482,7 +490,7 @@ pub async fn run_failover(
         let took = tokio::time::timeout(Duration::from_secs(60), recovered)
             .await
             .map_err(|_| ClientError::TimedOut(Duration::from_secs(60)))?
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            .map_err(|e| ClientError::Protocol(e.to_string()))??;
         let what = if probe_at == Probe::SubscriberOnLeader { "delivery to its subscriber" } else { "writes" };
         eprintln!("failover {}: killed node {leader}, {what} to shard {shard} resumed after {:?}", round + 1, took);
         results.push(took.as_millis() as u64);

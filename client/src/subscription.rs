@@ -66,6 +66,9 @@ impl Subscription {
 
     /// The next event. Keeps reconnecting through failures; returns an error only when the
     /// subscription cannot go on (no rooms left, or an error retrying cannot fix).
+    ///
+    /// Not cancel-safe: a call dropped while it waits may drop a partly read event, and the
+    /// dead-node watchdog restarts with each call, so wrap it in a timeout only to give up.
     pub async fn next(&mut self) -> Result<SubscriptionEvent, ClientError> {
         loop {
             if self.cursors.is_empty() {
