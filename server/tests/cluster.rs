@@ -550,6 +550,84 @@ async fn a_subscriber_whose_node_is_killed_resumes_before_the_idle_timeout() {
     assert_eq!(seqs(&rest), vec![2]);
 }
 
+/// Kill and restart commands for `chorus bench failover`, as an operator would write them:
+/// shell commands over pid files. Kills whatever they started when dropped.
+struct ShellControl {
+    dir: std::path::PathBuf,
+    ids: Vec<u64>,
+}
+
+impl ShellControl {
+    fn new(cluster: &TestCluster) -> ShellControl {
+        let dir = cluster.dir.path().join("control");
+        std::fs::create_dir_all(&dir).unwrap();
+        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        for (&id, node) in &cluster.nodes {
+            std::fs::write(dir.join(format!("pid-{id}")), cluster.pid(id).to_string()).unwrap();
+            let args: Vec<String> = cluster.args_of(id).iter().map(|a| quote(a)).collect();
+            let script = format!(
+                "{} {} >>{} 2>&1 </dev/null &\necho $! >{}\n",
+                quote(common::CHORUSD),
+                args.join(" "),
+                quote(&node.log.display().to_string()),
+                quote(&dir.join(format!("pid-{id}")).display().to_string()),
+            );
+            std::fs::write(dir.join(format!("restart-{id}.sh")), script).unwrap();
+        }
+        ShellControl { dir, ids: cluster.nodes.keys().copied().collect() }
+    }
+
+    /// kill -9, returning once the process is dead (a zombie counts as dead).
+    fn kill_cmd(&self) -> String {
+        let pid_file = self.dir.join("pid-{node}").display().to_string();
+        format!(
+            "pid=$(cat {pid_file}); kill -9 $pid; \
+             while [ -e /proc/$pid ] && [ \"$(cut -d' ' -f3 /proc/$pid/stat)\" != Z ]; do sleep 0.01; done"
+        )
+    }
+
+    fn restart_cmd(&self) -> String {
+        format!("sh {}", self.dir.join("restart-{node}.sh").display())
+    }
+}
+
+impl Drop for ShellControl {
+    fn drop(&mut self) {
+        for id in &self.ids {
+            if let Ok(pid) = std::fs::read_to_string(self.dir.join(format!("pid-{id}"))) {
+                let _ = std::process::Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_failover_measures_from_the_kill_until_writes_and_deliveries_resume() {
+    use chorus_client::bench::{Probe, run_failover};
+    let cluster = TestCluster::start(3, 3, 1, &[]);
+    cluster.wait_ready(1).await;
+    let control = ShellControl::new(&cluster);
+    let options = cluster.options(&[1, 2, 3], "bench");
+    for (probe, at_least) in [
+        // A new leader is elected once the old one has been silent for an election timeout.
+        (Probe::Elsewhere, Duration::from_millis(300)),
+        // A client on the killed node also waits for its watchdog (1 s) before it moves.
+        (Probe::OnLeader, Duration::from_millis(900)),
+        (Probe::SubscriberOnLeader, Duration::from_millis(900)),
+    ] {
+        let report =
+            run_failover(&options, &format!("fo-{probe:?}-"), 1, &control.kill_cmd(), &control.restart_cmd(), probe)
+                .await
+                .unwrap_or_else(|e| panic!("{probe:?}: {e}"));
+        assert_eq!((report.kills, report.failover_ms.len()), (1, 1), "{probe:?}: {report:?}");
+        let took = Duration::from_millis(report.failover_ms[0]);
+        // Only what happened after the kill counts: faster than this would be a message or a
+        // write from before it.
+        assert!(took >= at_least && took < Duration::from_secs(30), "{probe:?}: {took:?}");
+        assert_eq!(report.p50_ms, report.failover_ms[0]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_gaps_are_announced_to_subscribers() {
     let cluster = TestCluster::start(1, 1, 1, &[]);

@@ -155,6 +155,11 @@ impl TestCluster {
         }
     }
 
+    /// Process id of node `id`, which must be running.
+    pub fn pid(&self, id: u64) -> u32 {
+        self.nodes[&id].child.as_ref().expect("node is running").id()
+    }
+
     pub fn is_running(&mut self, id: u64) -> bool {
         let node = self.nodes.get_mut(&id).unwrap();
         match node.child.as_mut() {
