@@ -415,20 +415,18 @@ pub async fn run_failover(
             return Err(ClientError::Protocol(format!("shard {shard} has no leader")));
         }
         let (on_leader, others): (Vec<_>, Vec<_>) = status.nodes.iter().partition(|n| n.id == leader);
-        let addrs = |nodes: Vec<&&crate::pb::NodeStatus>| {
-            let addrs: Vec<String> = nodes.iter().map(|n| n.client_addr.clone()).collect();
-            if addrs.is_empty() { options.nodes.clone() } else { addrs }
-        };
+        let or_configured = |addrs: Vec<String>| if addrs.is_empty() { options.nodes.clone() } else { addrs };
         // The leader's node first; the others to fail over to.
-        let leader_first = addrs(on_leader.iter().chain(&others).collect());
-        let elsewhere = addrs(others.iter().take(1).collect());
+        let leader_first = or_configured(on_leader.iter().chain(&others).map(|n| n.client_addr.clone()).collect());
+        let elsewhere = or_configured(others.iter().take(1).map(|n| n.client_addr.clone()).collect());
         let mut probe_options = options.clone();
         probe_options.nodes = if probe_at == Probe::OnLeader { leader_first.clone() } else { elsewhere };
         probe_options.retry_deadline = Duration::from_secs(30);
         let probe = Client::connect(probe_options).await?;
         let last_seq = probe.send(&room, body(64)).await?.seq;
-        let killed = Arc::new(Mutex::new(None::<Instant>));
-        let killed_unix_ns = Arc::new(AtomicU64::new(u64::MAX));
+        // When the kill returned, in unix ns (the clock bodies carry their send time in);
+        // u64::MAX until then.
+        let killed = Arc::new(AtomicU64::new(u64::MAX));
         let recovered = if probe_at == Probe::SubscriberOnLeader {
             let mut watcher_options = options.clone();
             watcher_options.nodes = leader_first;
@@ -441,7 +439,7 @@ pub async fn run_failover(
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             });
-            let killed_unix_ns = killed_unix_ns.clone();
+            let killed = killed.clone();
             tokio::spawn(async move {
                 let _writer = tokio_util::task::AbortOnDropHandle::new(writer);
                 let _watcher = watcher;
@@ -455,7 +453,7 @@ pub async fn run_failover(
                     let Some(sent) = m.body.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else {
                         continue;
                     };
-                    let kill = killed_unix_ns.load(Ordering::Relaxed);
+                    let kill = killed.load(Ordering::Relaxed);
                     if sent > kill {
                         return Ok(Duration::from_nanos(now_unix_ns().saturating_sub(kill)));
                     }
@@ -465,13 +463,11 @@ pub async fn run_failover(
             let (probe, room, killed) = (probe.clone(), room.clone(), killed.clone());
             tokio::spawn(async move {
                 loop {
-                    let invoked = Instant::now();
+                    let invoked = now_unix_ns();
                     let result = probe.send(&room, body(64)).await;
-                    let kill_time = *killed.lock().await;
-                    if let (Ok(_), Some(k)) = (result, kill_time)
-                        && invoked > k
-                    {
-                        return Ok(Instant::now().duration_since(k));
+                    let kill = killed.load(Ordering::Relaxed);
+                    if result.is_ok() && invoked > kill {
+                        return Ok(Duration::from_nanos(now_unix_ns().saturating_sub(kill)));
                     }
                 }
             })
@@ -485,8 +481,7 @@ pub async fn run_failover(
         tokio::task::spawn_blocking(move || run_command(&command, leader))
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))??;
-        *killed.lock().await = Some(Instant::now());
-        killed_unix_ns.store(now_unix_ns(), Ordering::Relaxed);
+        killed.store(now_unix_ns(), Ordering::Relaxed);
         let took = tokio::time::timeout(Duration::from_secs(60), recovered)
             .await
             .map_err(|_| ClientError::TimedOut(Duration::from_secs(60)))?

@@ -785,6 +785,17 @@ async fn silence(received: impl Fn() -> u64, limit: Duration) -> Duration {
     }
 }
 
+/// Resolves once `connection`, whose keep-alive goes out every `keep_alive`, has received
+/// nothing for [`silent_limit`]: the node is taken for dead. Never resolves without a
+/// keep-alive. Reads the connection's state only once polled, so a caller that races it against
+/// a read that is usually ready (a busy subscription) pays nothing for it.
+async fn connection_silent(connection: &quinn::Connection, keep_alive: Option<Duration>) -> Duration {
+    match keep_alive.filter(|k| !k.is_zero()) {
+        Some(k) => silence(|| connection.stats().udp_rx.datagrams, silent_limit(k, connection.rtt())).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn unexpected(what: &str, reply: response::Kind) -> ClientError {
     ClientError::Protocol(format!("unexpected reply to {what}: {reply:?}"))
 }
@@ -815,16 +826,10 @@ async fn call_on(
         let response: Option<pb::Response> = framing::read_message(&mut recv, MAX_RESPONSE_FRAME).await?;
         response.ok_or_else(|| ClientError::lost("the server closed the stream without answering", true))
     };
-    let watchdog = async {
-        match keep_alive.filter(|k| !k.is_zero()) {
-            Some(k) => silence(|| connection.stats().udp_rx.datagrams, silent_limit(k, connection.rtt())).await,
-            None => std::future::pending().await,
-        }
-    };
     let exchange = async {
         tokio::select! {
             response = exchange => response,
-            silent_for = watchdog => Err(ClientError::lost(
+            silent_for = connection_silent(connection, keep_alive) => Err(ClientError::lost(
                 format!("the node sent nothing for {} ms with a request outstanding", silent_for.as_millis()),
                 opened.load(Ordering::Relaxed),
             )),

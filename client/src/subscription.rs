@@ -9,7 +9,7 @@ use chorus_proto::client::{self as pb, event};
 use chorus_proto::framing;
 use tokio::io::BufReader;
 
-use crate::{Client, ClientError, MAX_RESPONSE_FRAME, Message, keep_alive_interval, silence, silent_limit};
+use crate::{Client, ClientError, MAX_RESPONSE_FRAME, Message, connection_silent, keep_alive_interval};
 
 /// Bytes read from a subscription stream at a time (frames larger than this are read directly).
 const READ_BUFFER: usize = 64 * 1024;
@@ -91,11 +91,10 @@ impl Subscription {
             // as a request's (see `call_on`) notices it after two keep-alive intervals, where the
             // connection's idle timeout would take four. Polled only when no event is ready.
             let keep_alive = keep_alive_interval(self.client.options());
-            let watchdog = silence(|| connection.stats().udp_rx.datagrams, silent_limit(keep_alive, connection.rtt()));
             let read = tokio::select! {
                 biased;
                 read = framing::read_message::<pb::Event, _>(recv, MAX_RESPONSE_FRAME) => read.ok().flatten(),
-                _ = watchdog, if !keep_alive.is_zero() => None,
+                _ = connection_silent(connection, Some(keep_alive)) => None,
             };
             let Some(event) = read else {
                 self.broken(true).await;
