@@ -96,11 +96,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
         )?)),
         false => None,
     };
-    let chorusd_args: Vec<String> =
-        ["--snapshot-every-entries", "500", "--log-kept-after-snapshot", "100", "--log", "info,openraft=warn"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let chorusd_args: Vec<String> = [
+        "--snapshot-every-entries",
+        "500",
+        "--snapshot-log-percent",
+        "0",
+        "--log-kept-after-snapshot",
+        "100",
+        "--log",
+        "info,openraft=warn",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let cluster = ChaosCluster::start(&config.chorusd, &config.out, config.nodes, config.shards, &chorusd_args)?;
     let admin = connect(options(&cluster, 0, "chaos-admin")?).await?;
     wait_converged(&admin, Duration::from_secs(90)).await.context("waiting for the new cluster")?;

@@ -221,6 +221,14 @@ impl NodeDb {
     }
 
     /// Syncs the WAL now, on the calling thread (used at shutdown).
+    /// RocksDB's estimate of the bytes on disk of `shard`'s log entries `from..to`: flushed
+    /// files only (not the memtable), compressed. Cheap: it reads file metadata, not entries.
+    pub(crate) fn approximate_log_bytes(&self, shard: ShardId, from: u64, to: u64) -> Result<u64, StoreError> {
+        let (start, end) = (keys::log_key(shard, from), keys::log_key(shard, to));
+        let range = rocksdb::Range::new(&start, &end);
+        Ok(self.rocks().get_approximate_sizes_cf(self.cf_log()?, &[range]).first().copied().unwrap_or(0))
+    }
+
     pub fn sync_wal(&self) -> Result<(), StoreError> {
         self.db.flush_wal(true)?;
         Ok(())

@@ -5,10 +5,13 @@
 use std::sync::Arc;
 
 use openraft::{Config, RaftNetworkFactory, SnapshotPolicy};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::db::NodeDb;
 use crate::error::StoreError;
 use crate::log_store::ShardLogStore;
+use crate::snapshot_pacing::SnapshotPacing;
 use crate::state_machine::{ShardReader, ShardStateMachine};
 use crate::types::{ChorusRaft, NodeId, ShardId, TypeConfig};
 
@@ -20,8 +23,12 @@ pub struct RaftTuning {
     /// latency (10× or more) and several heartbeats long.
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot after this many entries have been applied since the last one.
+    /// Build a snapshot after at least this many entries have been applied since the last one
+    /// (see `snapshot_pacing`)...
     pub snapshot_every_entries: u64,
+    /// ...and once the log applied since then is this many percent of the last snapshot's size
+    /// (0: after `snapshot_every_entries` alone).
+    pub snapshot_log_percent: u64,
     /// Entries kept in the log behind the latest snapshot, so that a follower slightly behind
     /// catches up from the log rather than by a full snapshot.
     pub log_entries_kept_after_snapshot: u64,
@@ -46,6 +53,7 @@ impl Default for RaftTuning {
             election_timeout_min_ms: 500,
             election_timeout_max_ms: 1000,
             snapshot_every_entries: 20_000,
+            snapshot_log_percent: 50,
             log_entries_kept_after_snapshot: 5_000,
             max_entries_per_append: 256,
             snapshot_chunk_bytes: 1 << 20,
@@ -67,6 +75,11 @@ impl RaftTuning {
         }
     }
 
+    /// When shards build snapshots.
+    pub fn snapshot_pacing(&self) -> SnapshotPacing {
+        SnapshotPacing { min_entries: self.snapshot_every_entries, log_percent: self.snapshot_log_percent }
+    }
+
     /// openraft's configuration for `shard`, validated.
     pub fn config(&self, shard: ShardId) -> Result<Arc<Config>, StoreError> {
         // With node liveness, openraft's election timeouts serve only as its leader lease (a
@@ -86,7 +99,8 @@ impl RaftTuning {
             election_timeout_max: election_max,
             install_snapshot_timeout: self.install_snapshot_timeout_ms,
             max_payload_entries: self.max_entries_per_append,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            // The shard's pacer asks for snapshots (see `snapshot_pacing`).
+            snapshot_policy: SnapshotPolicy::Never,
             snapshot_max_chunk_size: self.snapshot_chunk_bytes,
             max_in_snapshot_log_to_keep: self.log_entries_kept_after_snapshot,
             purge_batch_size: 256,
@@ -127,6 +141,9 @@ pub struct ShardReplica {
     pub shard: ShardId,
     pub raft: ChorusRaft,
     pub reader: ShardReader,
+    /// Dropped with the last clone of the replica: ends its snapshot-request task, which holds
+    /// a handle of the Raft (openraft stops a Raft whose handles are all gone).
+    _snapshot_requests: Arc<oneshot::Sender<()>>,
 }
 
 /// Why a shard replica could not start.
@@ -156,8 +173,31 @@ where
     let config = tuning.config(shard)?;
     let (log, state_machine) = open_shard_storage(db, shard)?;
     let reader = state_machine.reader();
+    let snapshots = state_machine.snapshots();
     let raft = ChorusRaft::new(node_id, config, network, log, state_machine)
         .await
         .map_err(|source| StartError::Raft { shard, source })?;
-    Ok(ShardReplica { shard, raft, reader })
+    let (owner, dropped) = oneshot::channel();
+    if let Some(requests) = snapshots.pacer().take_requests() {
+        let task = request_snapshots(raft.clone(), requests, dropped);
+        tokio::spawn(task.instrument(tracing::info_span!("snapshots", shard)));
+    }
+    snapshots.pacer().configure(tuning.snapshot_pacing());
+    Ok(ShardReplica { shard, raft, reader, _snapshot_requests: Arc::new(owner) })
+}
+
+/// Passes the pacer's requests for a snapshot to openraft. Ends when the Raft has stopped, when
+/// its storage is dropped (openraft drops it as the Raft stops), or when the last clone of its
+/// [`ShardReplica`] is dropped.
+async fn request_snapshots(raft: ChorusRaft, mut requests: mpsc::Receiver<()>, mut dropped: oneshot::Receiver<()>) {
+    loop {
+        tokio::select! {
+            _ = &mut dropped => return,
+            request = requests.recv() => {
+                if request.is_none() || raft.trigger().snapshot().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }

@@ -19,8 +19,9 @@
 //!   switches the active generation and writes last-applied and membership. A crash before that
 //!   batch leaves the old state untouched (the half-written generation is removed at open).
 //! - Building is background work: a thread of its own at a lower CPU priority, the file synced
-//!   every MiB as it is written (so the log's fsyncs never queue behind a whole snapshot), and
-//!   the build stops once its shard closes.
+//!   every MiB as it is written (so the log's fsyncs never queue
+//!   behind a whole snapshot), and the build stops once its shard closes. When to build is the
+//!   pacer's call (`snapshot_pacing`).
 //! - Snapshot files are written to a temporary name, fsynced and renamed; a file that does not
 //!   end in a valid trailer is never used. A file ahead of the durable state machine (an install
 //!   cut short between its rename and its switch) is discarded at open, and a built snapshot's
@@ -41,6 +42,7 @@ use crate::codec;
 use crate::db::NodeDb;
 use crate::error::StoreError;
 use crate::keys::{self, SM_PREFIX_LEN, SmKeys, StateKey};
+use crate::snapshot_pacing::SnapshotPacer;
 use crate::state_machine::ShardView;
 use crate::types::{LogId, ShardId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
 
@@ -62,6 +64,8 @@ pub struct SnapshotStore {
     current: Mutex<Option<SnapshotFile>>,
     /// What a purge waiting for an install watches (see `ShardLogStore::purge`).
     progress: tokio::sync::watch::Sender<SnapshotProgress>,
+    /// When the next snapshot is due (see `snapshot_pacing`).
+    pacer: SnapshotPacer,
 }
 
 /// What a purge past the current snapshot waits on (see `ShardLogStore::purge`).
@@ -122,7 +126,20 @@ impl SnapshotStore {
             ..SnapshotProgress::default()
         };
         let (progress, _) = tokio::sync::watch::channel(progress);
-        Ok(SnapshotStore { dir, current: Mutex::new(current), progress })
+        let store = SnapshotStore { dir, current: Mutex::new(current), progress, pacer: SnapshotPacer::new() };
+        store.pacer.resume(0, 0, store.current_bytes());
+        Ok(store)
+    }
+
+    /// When this shard's next snapshot is due.
+    pub(crate) fn pacer(&self) -> &SnapshotPacer {
+        &self.pacer
+    }
+
+    /// The size of the current snapshot's file (0 when there is none or it cannot be read).
+    pub(crate) fn current_bytes(&self) -> u64 {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().and_then(|f| fs::metadata(&f.path).ok()).map_or(0, |m| m.len())
     }
 
     /// Follows the current snapshot's index and the installs under way.
@@ -238,9 +255,14 @@ impl ShardSnapshotBuilder {
 impl RaftSnapshotBuilder<crate::types::TypeConfig> for ShardSnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let (db, shard, store) = (self.db.clone(), self.shard, self.store.clone());
-        let built = in_background(format!("chorus-snap-{shard}"), move || build(&db, shard, &store))
+        let build_store = store.clone();
+        let built = in_background(format!("chorus-snap-{shard}"), move || build(&db, shard, &build_store))
             .await
-            .map_err(|e| StoreError::io("snapshot build thread", e))
+            .map_err(|e| {
+                // `build` did not run to its end, so it could not tell the pacer.
+                store.pacer().build_failed();
+                StoreError::io("snapshot build thread", e)
+            })
             .and_then(|r| r);
         let (data, meta) = built.map_err(|e| openraft::StorageIOError::write_snapshot(None, &e))?;
         Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(data)) })
@@ -335,10 +357,21 @@ impl Write for PacedFile {
     }
 }
 
-/// Builds a snapshot file of `shard` from a consistent RocksDB snapshot and makes it current.
-/// Returns it opened for reading, and its metadata. It is opened before it becomes current:
-/// from then on a newer snapshot (an install running meanwhile) may replace and delete it.
+/// Builds a snapshot file of `shard` from a consistent RocksDB snapshot, makes it current and
+/// tells the pacer what it covers. Returns the file
+/// opened for reading, and its metadata. It is opened before it becomes current: from then on a
+/// newer snapshot (an install running meanwhile) may replace and delete it.
 pub fn build(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(File, SnapshotMeta), StoreError> {
+    let mark = store.pacer.build_started();
+    let built = build_file(db, shard, store);
+    match &built {
+        Ok((file, _)) => store.pacer.built(mark, file.metadata().map_or(0, |m| m.len())),
+        Err(_) => store.pacer.build_failed(),
+    }
+    built
+}
+
+fn build_file(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(File, SnapshotMeta), StoreError> {
     let started = std::time::Instant::now();
     let rocks = db.rocks();
     let snap = rocks.snapshot();
@@ -606,7 +639,9 @@ pub(crate) async fn install(
             return Err(e);
         }
     };
+    let snapshot_bytes = fs::metadata(&path).map_or(0, |m| m.len());
     store.set_current(path, meta.clone());
+    store.pacer.installed(snapshot_bytes);
     store.progress.send_modify(|p| p.receiving = false);
     store.remove_received();
     tracing::info!(shard = view.shard, %meta, records, elapsed_ms = started.elapsed().as_millis() as u64, "installed snapshot");

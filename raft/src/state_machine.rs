@@ -337,6 +337,13 @@ impl ShardStateMachine {
         snapshot::remove_other_generations(&db, shard, generation)?;
         let applied = db.read_state(shard, StateKey::Applied, codec::decode_log_id)?.map(|id| id.index);
         let snapshots = Arc::new(SnapshotStore::open(db.snapshot_dir(shard), shard, applied)?);
+        // The pacer's count resumes with the log applied since the current snapshot.
+        if let Some(applied) = applied {
+            let from = snapshots.current_index().map_or(0, |i| i + 1);
+            let entries_since = (applied + 1).saturating_sub(from);
+            let log_bytes_since = db.approximate_log_bytes(shard, from, applied.saturating_add(1))?;
+            snapshots.pacer().resume(entries_since, log_bytes_since, snapshots.current_bytes());
+        }
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         let view = Arc::new(ShardView { shard, db, generation: RwLock::new(generation), events });
         Ok(ShardStateMachine { view, snapshots, cache: ApplyCache::default() })
@@ -361,6 +368,7 @@ impl ShardStateMachine {
         let mut responses = Vec::new();
         let mut last_applied = None;
         let mut membership = None;
+        let mut log_bytes = 0u64;
         for entry in entries {
             last_applied = Some(entry.log_id);
             let response = match entry.payload {
@@ -369,7 +377,10 @@ impl ShardStateMachine {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     CommandResponse::default()
                 }
-                EntryPayload::Normal(cmd) => batch.apply_command(cmd.command())?,
+                EntryPayload::Normal(cmd) => {
+                    log_bytes += cmd.encoded().len() as u64;
+                    batch.apply_command(cmd.command())?
+                }
             };
             responses.push(response);
         }
@@ -391,6 +402,7 @@ impl ShardStateMachine {
         // so after a crash openraft re-applies exactly what is missing.
         self.view.db.write(write)?;
         self.cache.remember(rooms, dedup_high);
+        self.snapshots.pacer().applied(responses.len() as u64, log_bytes);
         if !appended.is_empty() {
             // No receiver is not an error: nobody is subscribed to this shard right now.
             let _ = self.view.events.send(ShardEvent::Appended(Arc::new(appended)));

@@ -35,6 +35,7 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
         election_timeout_min_ms: 400,
         election_timeout_max_ms: 800,
         snapshot_every_entries: 100,
+        snapshot_log_percent: 0, // a snapshot every 100 entries, however large the shard
         log_entries_kept_after_snapshot: 20,
         snapshot_chunk_bytes: 16 * 1024, // several chunks per snapshot
         ..RaftTuning::default()

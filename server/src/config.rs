@@ -26,6 +26,7 @@ pub mod defaults {
     pub const ELECTION_TIMEOUT_MS: u64 = 500;
     pub const LEADER_BALANCE_MS: u64 = 5000;
     pub const SNAPSHOT_EVERY_ENTRIES: u64 = 20_000;
+    pub const SNAPSHOT_LOG_PERCENT: u64 = 50;
     pub const LOG_KEPT_AFTER_SNAPSHOT: u64 = 5_000;
     pub const MAX_CONNECTIONS: usize = 4096;
     pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
@@ -156,9 +157,15 @@ pub struct RunArgs {
     #[arg(long, env = "CHORUS_LEADER_BALANCE_MS")]
     pub leader_balance_ms: Option<u64>,
 
-    /// Build a shard snapshot after this many applied entries. [default: 20000]
+    /// Build a shard snapshot after at least this many applied entries. [default: 20000]
     #[arg(long, env = "CHORUS_SNAPSHOT_EVERY_ENTRIES")]
     pub snapshot_every_entries: Option<u64>,
+
+    /// ...and once the log written since the last snapshot is this many percent of that
+    /// snapshot's size, so that large shards are not copied every few thousand entries; 0 for
+    /// `--snapshot-every-entries` alone. [default: 50]
+    #[arg(long, env = "CHORUS_SNAPSHOT_LOG_PERCENT")]
+    pub snapshot_log_percent: Option<u64>,
 
     /// Log entries kept behind the latest snapshot, so lagging followers can catch up from the
     /// log. [default: 5000]
@@ -204,6 +211,7 @@ pub struct FileConfig {
     pub election_timeout_ms: Option<u64>,
     pub leader_balance_ms: Option<u64>,
     pub snapshot_every_entries: Option<u64>,
+    pub snapshot_log_percent: Option<u64>,
     pub log_kept_after_snapshot: Option<u64>,
     pub max_connections: Option<usize>,
     pub max_streams_per_connection: Option<u32>,
@@ -375,6 +383,10 @@ fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
             .or(file.snapshot_every_entries)
             .unwrap_or(d::SNAPSHOT_EVERY_ENTRIES)
             .max(1),
+        snapshot_log_percent: args
+            .snapshot_log_percent
+            .or(file.snapshot_log_percent)
+            .unwrap_or(d::SNAPSHOT_LOG_PERCENT),
         node_liveness: true,
         log_entries_kept_after_snapshot: args
             .log_kept_after_snapshot
@@ -444,6 +456,18 @@ mod tests {
         let c = resolve(args(&["--shard-count", "4"]), file).unwrap();
         assert_eq!((c.node_id, c.shard_count, c.replication_factor), (2, 4, 2));
         assert_eq!(c.peer_addr.to_string(), "127.0.0.1:2");
+    }
+
+    #[test]
+    fn snapshot_pacing_comes_from_the_file_or_flags_with_a_default() {
+        let pacing = |c: NodeConfig| c.tuning.snapshot_pacing();
+        let default = pacing(resolve(RunArgs::default(), FileConfig::default()).unwrap());
+        assert_eq!(default, chorus_raft::SnapshotPacing { min_entries: 20_000, log_percent: 50 });
+        let file: FileConfig = toml::from_str("snapshot_every_entries = 500\nsnapshot_log_percent = 0").unwrap();
+        assert_eq!(pacing(resolve(RunArgs::default(), file).unwrap()).log_percent, 0);
+        let file: FileConfig = toml::from_str("snapshot_log_percent = 0").unwrap();
+        let flagged = pacing(resolve(args(&["--snapshot-log-percent", "200"]), file).unwrap());
+        assert_eq!(flagged, chorus_raft::SnapshotPacing { min_entries: 20_000, log_percent: 200 });
     }
 
     #[test]

@@ -84,8 +84,12 @@ async fn messages_sent_through_one_node_reach_subscribers_on_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_sends_survive_a_leader_kill_and_the_killed_node_catches_up_by_snapshot() {
     // Small snapshot settings so that the killed node misses more than the retained log.
-    let mut cluster =
-        TestCluster::start(3, 3, 2, &["--snapshot-every-entries", "100", "--log-kept-after-snapshot", "20"]);
+    let mut cluster = TestCluster::start(
+        3,
+        3,
+        2,
+        &["--snapshot-every-entries", "100", "--snapshot-log-percent", "0", "--log-kept-after-snapshot", "20"],
+    );
     cluster.wait_ready(1).await;
     let room = "busy";
     let shard = shard_of(room, 2);
