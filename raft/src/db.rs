@@ -56,6 +56,8 @@ pub struct NodeDb {
     db: Arc<rocksdb::DB>,
     data_dir: PathBuf,
     identity: ClusterIdentity,
+    /// Held by the snapshot build that runs; see [`NodeDb::snapshot_build_slot`].
+    snapshot_builds: std::sync::Mutex<()>,
 }
 
 impl NodeDb {
@@ -115,7 +117,13 @@ impl NodeDb {
         let db = rocksdb::DB::open_cf_descriptors(&db_opts, &db_path, cfs)?;
         let db = Arc::new(db);
         let syncer = WalSyncer::start(db.clone()).map_err(|e| StoreError::io("starting the WAL sync thread", e))?;
-        let node_db = NodeDb { syncer, db, data_dir: data_dir.to_path_buf(), identity };
+        let node_db = NodeDb {
+            syncer,
+            db,
+            data_dir: data_dir.to_path_buf(),
+            identity,
+            snapshot_builds: std::sync::Mutex::new(()),
+        };
         node_db.check_identity()?;
         Ok(Arc::new(node_db))
     }
@@ -158,6 +166,16 @@ impl NodeDb {
 
     pub fn identity(&self) -> &ClusterIdentity {
         &self.identity
+    }
+
+    /// Taken by a snapshot build for its whole run, so that a node builds one snapshot at a
+    /// time. Shards fed alike (rooms hash evenly over them) come due together, and a build scans
+    /// and writes the whole shard: side by side, a node's builds took the disk and both cores
+    /// from requests at once. One after another, the same work is spread out. Blocks: call it
+    /// from a build's own thread.
+    pub(crate) fn snapshot_build_slot(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The guarded value is (): a build that panicked leaves nothing half-done in it.
+        self.snapshot_builds.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn data_dir(&self) -> &Path {

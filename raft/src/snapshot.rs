@@ -18,8 +18,8 @@
 //! - Install is atomic: records go into a fresh state-machine generation; one final batch
 //!   switches the active generation and writes last-applied and membership. A crash before that
 //!   batch leaves the old state untouched (the half-written generation is removed at open).
-//! - Building is background work: a thread of its own at a lower CPU priority, the file synced
-//!   every MiB as it is written (so the log's fsyncs never queue
+//! - Building is background work: a thread of its own at a lower CPU priority, one build at a
+//!   time per node, the file synced every MiB as it is written (so the log's fsyncs never queue
 //!   behind a whole snapshot), and the build stops once its shard closes. When to build is the
 //!   pacer's call (`snapshot_pacing`).
 //! - Snapshot files are written to a temporary name, fsynced and renamed; a file that does not
@@ -358,10 +358,15 @@ impl Write for PacedFile {
 }
 
 /// Builds a snapshot file of `shard` from a consistent RocksDB snapshot, makes it current and
-/// tells the pacer what it covers. Returns the file
+/// tells the pacer what it covers; waits while another build of this node runs. Returns the file
 /// opened for reading, and its metadata. It is opened before it becomes current: from then on a
 /// newer snapshot (an install running meanwhile) may replace and delete it.
 pub fn build(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(File, SnapshotMeta), StoreError> {
+    let _slot = db.snapshot_build_slot();
+    if store.progress.borrow().closed {
+        store.pacer.build_failed();
+        return Err(StoreError::io("building a snapshot", io::Error::other("the shard is closing")));
+    }
     let mark = store.pacer.build_started();
     let built = build_file(db, shard, store);
     match &built {
@@ -831,6 +836,33 @@ mod tests {
         let mut bytes = Vec::new();
         built.read_to_end(&mut bytes).unwrap();
         assert_eq!(bytes, fs::read(&newer_path).unwrap(), "the built snapshot, read after its file was replaced");
+    }
+
+    #[test]
+    fn a_node_builds_one_snapshot_at_a_time() {
+        use chorus_proto::storage::ClusterIdentity;
+        let dir = tempfile::tempdir().unwrap();
+        let identity = ClusterIdentity { cluster_id: "test".into(), node_id: 1, shard_count: 4, format_version: 0 };
+        let db = NodeDb::open(dir.path(), identity, &crate::db::DbOptions::default()).unwrap();
+        let store = Arc::new(SnapshotStore::open(db.snapshot_dir(2), 2, None).unwrap());
+
+        // Another shard's build holds the slot: this one waits for it to end.
+        let running = db.snapshot_build_slot();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let waiting = std::thread::spawn({
+            let (db, store) = (db.clone(), store.clone());
+            move || {
+                let built = build(&db, 2, &store).map(|(_, meta)| meta);
+                let _ = done_tx.send(());
+                built
+            }
+        });
+        assert!(done.recv_timeout(std::time::Duration::from_millis(300)).is_err(), "built beside another build");
+        assert!(store.current_index().is_none() && store.current_bytes() == 0);
+        drop(running);
+        done.recv_timeout(std::time::Duration::from_secs(10)).expect("built once the slot was free");
+        waiting.join().unwrap().unwrap();
+        assert!(store.current_bytes() > 0, "the built snapshot is current");
     }
 
     #[cfg(target_os = "linux")]
