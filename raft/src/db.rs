@@ -238,7 +238,6 @@ impl NodeDb {
         self.syncer.sync().await.map_err(|e| StoreError::io("syncing the WAL", e))
     }
 
-    /// Syncs the WAL now, on the calling thread (used at shutdown).
     /// RocksDB's estimate of the bytes on disk of `shard`'s log entries `from..to`: flushed
     /// files only (not the memtable), compressed. Cheap: it reads file metadata, not entries.
     pub(crate) fn approximate_log_bytes(&self, shard: ShardId, from: u64, to: u64) -> Result<u64, StoreError> {
@@ -247,6 +246,7 @@ impl NodeDb {
         Ok(self.rocks().get_approximate_sizes_cf(self.cf_log()?, &[range]).first().copied().unwrap_or(0))
     }
 
+    /// Syncs the WAL now, on the calling thread (used at shutdown).
     pub fn sync_wal(&self) -> Result<(), StoreError> {
         self.db.flush_wal(true)?;
         Ok(())

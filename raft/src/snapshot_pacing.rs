@@ -15,10 +15,12 @@
 //! `log_percent = 0` keeps the fixed interval (tests use it to make snapshots often).
 //!
 //! The pacer only decides *when* to ask; openraft builds (one at a time; a request while one
-//! runs is ignored) and the counters follow what was built, so a lost or refused request is
-//! asked again at the next apply. Log bytes are the entries' encoded commands as applied; at
-//! start-up the count resumes from RocksDB's estimate of the log written since the snapshot,
-//! so restarts never postpone a snapshot indefinitely.
+//! runs is ignored) and the counters follow what was built. A request that led to no build is
+//! asked again after another `min_entries` entries, and a build's end (or failure) lets the next
+//! apply ask at once. Log bytes are the entries' encoded commands as applied; at start-up the
+//! count resumes from RocksDB's estimate of the log written since the snapshot (flushed,
+//! compressed bytes), so restarts delay a snapshot by at most the log's compression ratio and
+//! never postpone it indefinitely.
 
 use std::sync::Mutex;
 
@@ -36,6 +38,7 @@ pub struct SnapshotPacing {
 pub(crate) struct BuildMark {
     entries: u64,
     log_bytes: u64,
+    epoch: u64,
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +53,8 @@ struct Counters {
     /// A snapshot was asked for when `entries_since` was this, and none has been built (or
     /// failed) since.
     requested_at: Option<u64>,
+    /// Bumped by every install: a build that read the state before an install does not count.
+    epoch: u64,
 }
 
 /// One shard's pacing: fed by apply, reset by builds and installs, and read by the task that
@@ -115,17 +120,21 @@ impl SnapshotPacer {
     /// A build is reading the state as of now.
     pub(crate) fn build_started(&self) -> BuildMark {
         let c = self.counters();
-        BuildMark { entries: c.entries_since, log_bytes: c.log_bytes_since }
+        BuildMark { entries: c.entries_since, log_bytes: c.log_bytes_since, epoch: c.epoch }
     }
 
     /// A build that started at `mark` made a snapshot of `snapshot_bytes`: what was applied
-    /// after `mark` counts towards the next one.
+    /// after `mark` counts towards the next one. A build overtaken by an install (whose
+    /// snapshot is newer and current) changes no count.
     pub(crate) fn built(&self, mark: BuildMark, snapshot_bytes: u64) {
         let mut c = self.counters();
+        c.requested_at = None;
+        if mark.epoch != c.epoch {
+            return;
+        }
         c.entries_since = c.entries_since.saturating_sub(mark.entries);
         c.log_bytes_since = c.log_bytes_since.saturating_sub(mark.log_bytes);
         c.snapshot_bytes = snapshot_bytes;
-        c.requested_at = None;
     }
 
     /// A build failed: the next apply may ask again.
@@ -139,6 +148,8 @@ impl SnapshotPacer {
         c.entries_since = 0;
         c.log_bytes_since = 0;
         c.snapshot_bytes = snapshot_bytes;
+        c.requested_at = None;
+        c.epoch += 1;
     }
 
     #[cfg(test)]
@@ -202,11 +213,11 @@ mod tests {
 
     #[test]
     fn one_request_is_pending_at_a_time_and_a_failed_build_asks_again() {
-        let (pacer, mut requests) = pacer(1, 0);
-        pacer.applied(1, 1);
-        pacer.applied(1, 1);
+        let (pacer, mut requests) = pacer(10, 0);
+        pacer.applied(10, 1);
         assert!(requests.try_recv().is_ok());
-        assert!(requests.try_recv().is_err(), "asked once until built or failed");
+        pacer.applied(5, 1);
+        assert!(requests.try_recv().is_err(), "asked once until built, failed or another 10 entries");
         assert!(pacer.is_requested());
         pacer.build_failed();
         pacer.applied(1, 1);
@@ -225,16 +236,34 @@ mod tests {
     }
 
     #[test]
-    fn percent_zero_is_a_fixed_interval_and_an_install_starts_over() {
+    fn percent_zero_is_a_fixed_interval_and_the_count_resumes() {
         let (pacer, mut requests) = pacer(5, 0);
         pacer.resume(4, 0, u64::MAX);
         pacer.applied(1, 0);
         assert!(requests.try_recv().is_ok(), "the count resumes where the log was");
         pacer.built(pacer.build_started(), 1 << 40);
-        pacer.installed(1 << 40);
         pacer.applied(4, 0);
         assert!(requests.try_recv().is_err());
         pacer.applied(1, 0);
+        assert!(requests.try_recv().is_ok());
+    }
+
+    #[test]
+    fn an_install_starts_the_count_over_and_a_build_it_overtook_changes_nothing() {
+        let (pacer, mut requests) = pacer(10, 100);
+        pacer.applied(10, 1_000);
+        assert!(requests.try_recv().is_ok());
+        let mark = pacer.build_started();
+        pacer.applied(5, 3_000);
+        // The leader's snapshot of 2,000 bytes replaces the state while the build runs.
+        pacer.installed(2_000);
+        assert!(!pacer.is_requested(), "an install answers a pending request");
+        pacer.applied(9, 1_999);
+        pacer.built(mark, 1_000);
+        assert!(requests.try_recv().is_err());
+        pacer.applied(1, 0);
+        assert!(requests.try_recv().is_err(), "1,999 bytes of log against the installed 2,000");
+        pacer.applied(0, 1);
         assert!(requests.try_recv().is_ok());
     }
 

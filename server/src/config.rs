@@ -27,6 +27,8 @@ pub mod defaults {
     pub const LEADER_BALANCE_MS: u64 = 5000;
     pub const SNAPSHOT_EVERY_ENTRIES: u64 = 20_000;
     pub const SNAPSHOT_LOG_PERCENT: u64 = 50;
+    /// The log may hold up to this percent of a shard's size (10×) before a snapshot.
+    pub const MAX_SNAPSHOT_LOG_PERCENT: u64 = 1_000;
     pub const LOG_KEPT_AFTER_SNAPSHOT: u64 = 5_000;
     pub const MAX_CONNECTIONS: usize = 4096;
     pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
@@ -163,7 +165,7 @@ pub struct RunArgs {
 
     /// ...and once the log written since the last snapshot is this many percent of that
     /// snapshot's size, so that large shards are not copied every few thousand entries; 0 for
-    /// `--snapshot-every-entries` alone. [default: 50]
+    /// `--snapshot-every-entries` alone, at most 1000. [default: 50]
     #[arg(long, env = "CHORUS_SNAPSHOT_LOG_PERCENT")]
     pub snapshot_log_percent: Option<u64>,
 
@@ -372,6 +374,16 @@ fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
             "the election timeout ({election} ms) must be at least twice the heartbeat ({heartbeat} ms)"
         )));
     }
+    let snapshot_log_percent =
+        args.snapshot_log_percent.or(file.snapshot_log_percent).unwrap_or(d::SNAPSHOT_LOG_PERCENT);
+    if snapshot_log_percent > d::MAX_SNAPSHOT_LOG_PERCENT {
+        return Err(ConfigError::Invalid(format!(
+            "snapshot_log_percent {snapshot_log_percent} would let the log grow to {}× a shard's size before \
+             it is purged; at most {} is allowed",
+            snapshot_log_percent / 100,
+            d::MAX_SNAPSHOT_LOG_PERCENT
+        )));
+    }
     let tuning = RaftTuning {
         // openraft's tick (election checks every 1.5 of it) and AppendEntries timeout.
         heartbeat_interval_ms: heartbeat.min(200),
@@ -383,10 +395,7 @@ fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
             .or(file.snapshot_every_entries)
             .unwrap_or(d::SNAPSHOT_EVERY_ENTRIES)
             .max(1),
-        snapshot_log_percent: args
-            .snapshot_log_percent
-            .or(file.snapshot_log_percent)
-            .unwrap_or(d::SNAPSHOT_LOG_PERCENT),
+        snapshot_log_percent,
         node_liveness: true,
         log_entries_kept_after_snapshot: args
             .log_kept_after_snapshot
@@ -468,6 +477,8 @@ mod tests {
         let file: FileConfig = toml::from_str("snapshot_log_percent = 0").unwrap();
         let flagged = pacing(resolve(args(&["--snapshot-log-percent", "200"]), file).unwrap());
         assert_eq!(flagged, chorus_raft::SnapshotPacing { min_entries: 20_000, log_percent: 200 });
+        let too_much = resolve(args(&["--snapshot-log-percent", "1001"]), FileConfig::default());
+        assert!(matches!(too_much, Err(ConfigError::Invalid(m)) if m.contains("snapshot_log_percent")));
     }
 
     #[test]
