@@ -126,9 +126,7 @@ impl SnapshotStore {
             ..SnapshotProgress::default()
         };
         let (progress, _) = tokio::sync::watch::channel(progress);
-        let store = SnapshotStore { dir, current: Mutex::new(current), progress, pacer: SnapshotPacer::new() };
-        store.pacer.resume(0, 0, store.current_bytes());
-        Ok(store)
+        Ok(SnapshotStore { dir, current: Mutex::new(current), progress, pacer: SnapshotPacer::new() })
     }
 
     /// When this shard's next snapshot is due.
@@ -365,7 +363,7 @@ pub fn build(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(File
     let _slot = db.snapshot_build_slot();
     if store.progress.borrow().closed {
         store.pacer.build_failed();
-        return Err(StoreError::io("building a snapshot", io::Error::other("the shard is closing")));
+        return Err(shard_closing());
     }
     let mark = store.pacer.build_started();
     let built = build_file(db, shard, store);
@@ -374,6 +372,11 @@ pub fn build(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(File
         Err(_) => store.pacer.build_failed(),
     }
     built
+}
+
+/// Why a build stopped: its shard is shutting down.
+fn shard_closing() -> StoreError {
+    StoreError::io("building a snapshot", io::Error::other("the shard is closing"))
 }
 
 fn build_file(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(File, SnapshotMeta), StoreError> {
@@ -439,7 +442,7 @@ fn build_file(db: &NodeDb, shard: ShardId, store: &SnapshotStore) -> Result<(Fil
         if records.is_multiple_of(CLOSE_CHECK_RECORDS) && store.progress.borrow().closed {
             drop(out);
             remove_file_logged(&tmp_path);
-            return Err(StoreError::io("building a snapshot", io::Error::other("the shard is closing")));
+            return Err(shard_closing());
         }
     }
     drop(snap);

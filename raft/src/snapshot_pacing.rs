@@ -34,7 +34,7 @@ pub struct SnapshotPacing {
 }
 
 /// What had been applied when a build read its state; what the build covers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct BuildMark {
     entries: u64,
     log_bytes: u64,

@@ -338,12 +338,15 @@ impl ShardStateMachine {
         let applied = db.read_state(shard, StateKey::Applied, codec::decode_log_id)?.map(|id| id.index);
         let snapshots = Arc::new(SnapshotStore::open(db.snapshot_dir(shard), shard, applied)?);
         // The pacer's count resumes with the log applied since the current snapshot.
-        if let Some(applied) = applied {
-            let from = snapshots.current_index().map_or(0, |i| i + 1);
-            let entries_since = (applied + 1).saturating_sub(from);
-            let log_bytes_since = db.approximate_log_bytes(shard, from, applied.saturating_add(1))?;
-            snapshots.pacer().resume(entries_since, log_bytes_since, snapshots.current_bytes());
-        }
+        let (entries_since, log_bytes_since) = match applied {
+            Some(applied) => {
+                let from = snapshots.current_index().map_or(0, |i| i + 1);
+                let to = applied.saturating_add(1);
+                (to.saturating_sub(from), db.approximate_log_bytes(shard, from, to)?)
+            }
+            None => (0, 0),
+        };
+        snapshots.pacer().resume(entries_since, log_bytes_since, snapshots.current_bytes());
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         let view = Arc::new(ShardView { shard, db, generation: RwLock::new(generation), events });
         Ok(ShardStateMachine { view, snapshots, cache: ApplyCache::default() })
