@@ -16,6 +16,11 @@
 //!    stream is not the contiguous run of the final order after its cursor;
 //!    `subscription_error`: a subscription ended with an error instead of resuming.
 //!
+//! 8. `sent_while_not_member`: in a room's order, a message of a writer who was not a member
+//!    at that point: after their kick (and before they joined again), or before they joined.
+//!    Kicks and joins are entries of the room's sequence, so this is the order the state
+//!    machine authorized sends in.
+//!
 //! Also `node_crashed` (a node exited without being killed) and `nemesis_error` (a fault could
 //! not be injected, so the run did not test what it claims).
 //!
@@ -25,7 +30,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::history::{ReadOutcome, Record, SendOutcome};
+use crate::history::{EVENT_PREFIX, ReadOutcome, Record, SendOutcome};
 
 const EXAMPLES: usize = 5;
 
@@ -49,6 +54,8 @@ pub struct Report {
     pub subscription_resumes: u64,
     pub rooms: u64,
     pub final_messages: u64,
+    /// Kicks in the final history.
+    pub kicks: u64,
     pub faults: BTreeMap<String, u64>,
     pub anomalies: BTreeMap<String, Anomalies>,
 }
@@ -78,7 +85,10 @@ impl Report {
             "subscriptions: {} streams, {} messages received, {} resumes after failures\n",
             self.subscriptions, self.subscription_messages, self.subscription_resumes
         ));
-        s.push_str(&format!("final history: {} rooms, {} messages\n", self.rooms, self.final_messages));
+        s.push_str(&format!(
+            "final history: {} rooms, {} entries ({} kicks)\n",
+            self.rooms, self.final_messages, self.kicks
+        ));
         let faults: Vec<String> = self.faults.iter().map(|(k, v)| format!("{k} {v}")).collect();
         s.push_str(&format!("faults: {}\n", if faults.is_empty() { "none".into() } else { faults.join(", ") }));
         if self.valid() {
@@ -185,7 +195,7 @@ pub fn check(records: &[Record]) -> Report {
     // 1-3: acknowledged sends present once at their seq; nothing else present.
     let mut position: HashMap<&str, (&str, u64)> = HashMap::new();
     for (room, messages) in &finals {
-        for (seq, body) in messages.iter() {
+        for (seq, body) in messages.iter().filter(|(_, body)| !body.starts_with(EVENT_PREFIX)) {
             if let Some((other_room, other_seq)) = position.insert(body.as_str(), (room, *seq)) {
                 report.flag("duplicate", || {
                     format!("{body:?} appears as {other_room:?} #{other_seq} and {room:?} #{seq}")
@@ -289,6 +299,39 @@ pub fn check(records: &[Record]) -> Report {
             report.flag("read_mismatch", || {
                 format!("process {process}: read of {room:?} (up to #{last_seq}) is not a prefix of the final order")
             });
+        }
+    }
+
+    // 8: messages only from members, in each room's order.
+    for (room, messages) in &finals {
+        let mut members: HashSet<&str> = HashSet::new();
+        for (seq, entry) in messages.iter() {
+            if let Some(event) = entry.strip_prefix(EVENT_PREFIX) {
+                let mut words = event.split(' ');
+                match (words.next(), words.next()) {
+                    (Some("joined"), Some(user)) => {
+                        members.insert(user);
+                    }
+                    (Some("left" | "kicked" | "banned"), Some(user)) => {
+                        if event.starts_with("kicked") {
+                            report.kicks += 1;
+                        }
+                        members.remove(user);
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            // w<process>-<client_seq>: writer <process>'s message.
+            let Some(process) = entry.strip_prefix('w').and_then(|b| b.split('-').next()) else { continue };
+            let writer = format!("writer{process}");
+            if !members.contains(writer.as_str()) {
+                report.flag("sent_while_not_member", || {
+                    format!(
+                        "{room:?} #{seq} = {entry:?}, from {writer}, who was not a member then (kicked, not rejoined)"
+                    )
+                });
+            }
         }
     }
 
@@ -411,6 +454,33 @@ mod tests {
         assert_eq!((report.acked, report.failed, report.indeterminate, report.indeterminate_present), (2, 1, 1, 1));
         assert_eq!(report.faults.get("kill"), Some(&1));
         assert!(report.summary().contains("anomalies: none"));
+    }
+
+    /// Writer 1's messages (`w1-…`), its joins and kicks.
+    fn membership_history(entries: &[&str]) -> Vec<Record> {
+        let mut h: Vec<Record> = entries
+            .iter()
+            .filter(|e| !e.starts_with('!'))
+            .enumerate()
+            .map(|(i, body)| send(body, "r", i as u64 * 10, i as u64 * 10 + 5, info()))
+            .collect();
+        for node in [1, 2] {
+            h.push(final_read(node, "r", false, entries));
+        }
+        h.push(final_read(1, "r", true, entries));
+        h
+    }
+
+    #[test]
+    fn a_message_after_its_senders_kick_is_found() {
+        let ok = membership_history(&["!joined writer1", "w1-1", "!kicked writer1 by mod", "!joined writer1", "w1-2"]);
+        let report = check(&ok);
+        assert!(report.valid(), "{}", report.summary());
+        assert_eq!(report.kicks, 1);
+        let after_kick = membership_history(&["!joined writer1", "w1-1", "!kicked writer1 by mod", "w1-2"]);
+        assert_eq!(anomalies(&after_kick), vec!["sent_while_not_member"]);
+        let never_joined = membership_history(&["w1-1"]);
+        assert_eq!(anomalies(&never_joined), vec!["sent_while_not_member"]);
     }
 
     #[test]

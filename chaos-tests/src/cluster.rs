@@ -57,6 +57,15 @@ impl ChaosCluster {
             bail!("chorusd gen-cert failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         let fingerprint = String::from_utf8(out.stdout)?.trim().to_string();
+        // The cluster CA the nodes authenticate each other with; each issues its own
+        // certificate from it at first start.
+        let ca = dir.join("ca");
+        if !ca.join("ca.pem").exists() {
+            let out = Command::new(chorusd).args(["ca", "init", "--dir"]).arg(&ca).output()?;
+            if !out.status.success() {
+                bail!("chorusd ca init failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
         std::fs::create_dir_all(dir.join("logs"))?;
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
@@ -85,6 +94,8 @@ impl ChaosCluster {
             tls.join("cert.pem").display().to_string(),
             "--tls-key".into(),
             tls.join("key.pem").display().to_string(),
+            "--peer-ca-dir".into(),
+            ca.display().to_string(),
         ];
         common_args.extend(extra.iter().cloned());
         let mut cluster = ChaosCluster { nodes, fingerprint, chorusd: chorusd.to_path_buf(), common_args };

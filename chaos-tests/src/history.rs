@@ -1,13 +1,39 @@
 //! The history of a chaos run: one JSON object per line, written as operations complete.
 //!
 //! Times are nanoseconds on one monotonic clock since the run started. Message bodies are
-//! unique per run (`w<process>-<client_seq>`), so a body identifies its send.
+//! unique per run (`w<process>-<client_seq>`), so a body identifies its send. A room's
+//! membership events are entries of its sequence too; they are recorded as their text
+//! ([`entry_text`]), which starts with [`EVENT_PREFIX`] and so never looks like a body.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::sync::Mutex;
 
+use chorus_proto::client::{Message, MessageKind};
 use serde::{Deserialize, Serialize};
+
+/// Recorded membership events start with this; message bodies never do.
+pub const EVENT_PREFIX: &str = "!";
+
+/// How an entry of a room's sequence is recorded: a message by its body; a membership event
+/// as `!joined <user>`, `!left <user>`, `!kicked <user> by <user>`, `!banned <user> by <user>`,
+/// and so on.
+pub fn entry_text(m: &Message) -> String {
+    let kind = MessageKind::try_from(m.kind).unwrap_or(MessageKind::Text);
+    match kind {
+        MessageKind::Text => String::from_utf8_lossy(&m.body).into_owned(),
+        MessageKind::Joined => format!("{EVENT_PREFIX}joined {}", m.sender),
+        MessageKind::Left => format!("{EVENT_PREFIX}left {}", m.sender),
+        MessageKind::Kicked => format!("{EVENT_PREFIX}kicked {} by {}", m.target, m.sender),
+        MessageKind::Banned => format!("{EVENT_PREFIX}banned {} by {}", m.target, m.sender),
+        other => format!(
+            "{EVENT_PREFIX}{} {} by {}",
+            other.as_str_name().trim_start_matches("MESSAGE_KIND_").to_lowercase(),
+            m.target,
+            m.sender
+        ),
+    }
+}
 
 /// The outcome of a send.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use chorus_client::{Client, ClientOptions, Trust};
+use chorus_client::{Client, ClientOptions, Credentials, Trust};
 use tokio_util::sync::CancellationToken;
 
 use crate::checker::{self, Report};
@@ -33,12 +33,19 @@ pub struct RunConfig {
     pub cold_rooms: usize,
 }
 
+/// Every chaos user's password (the cluster lives for one run, on loopback).
+const PASSWORD: &str = "chaos-password";
+
+fn credentials(user: &str) -> Credentials {
+    Credentials::RegisterOrLogin { user: user.to_owned(), password: PASSWORD.to_owned() }
+}
+
 fn options(cluster: &ChaosCluster, first: usize, user: &str) -> anyhow::Result<ClientOptions> {
     let mut nodes = cluster.client_addrs();
     let len = nodes.len();
     nodes.rotate_left(first % len);
     let pin = chorus_client::tls::parse_fingerprint(&cluster.fingerprint)?;
-    let mut o = ClientOptions::new(nodes, Trust::Fingerprints(vec![pin]), user);
+    let mut o = ClientOptions::new(nodes, Trust::Fingerprints(vec![pin]), credentials(user));
     o.server_name = Some("localhost".into());
     o.retry_deadline = Duration::from_secs(10);
     Ok(o)
@@ -105,12 +112,23 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
         "100",
         "--log",
         "info,openraft=warn",
+        // Everyone signs in as a user of their own, and writes as fast as the cluster lets them.
+        "--registration",
+        "open",
+        "--rate-sends-per-user",
+        "0",
+        "--rate-registrations-per-address",
+        "0",
+        "--rate-requests-per-connection",
+        "0",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let cluster = ChaosCluster::start(&config.chorusd, &config.out, config.nodes, config.shards, &chorusd_args)?;
     let admin = connect(options(&cluster, 0, "chaos-admin")?).await?;
+    // The moderator, on another connection of the same user (the rooms' owner).
+    let moderator = connect(options(&cluster, 1, "chaos-admin")?).await?;
     wait_converged(&admin, Duration::from_secs(90)).await.context("waiting for the new cluster")?;
 
     let rooms = Rooms::new(config.hot_rooms, config.cold_rooms);
@@ -130,7 +148,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
     let mut process = 0u64;
     for i in 0..config.writers {
         process += 1;
-        let client = connect(options(&cluster, i as usize, &format!("writer{process}"))?).await?;
+        let client = connect(options(&cluster, i as usize, &workload::writer_name(process))?).await?;
         tasks.push(tokio::spawn(workload::writer(process, client, config.seed ^ (process << 32), ctx.clone())));
     }
     for i in 0..config.readers {
@@ -149,6 +167,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
         tasks.push(tokio::spawn(workload::subscriber(process, client, cursors, ctx.clone())));
     }
 
+    let kicker = tokio::spawn(workload::moderator(moderator, config.writers, config.seed ^ 0x6b69636b, ctx.clone()));
     let cluster = Arc::new(Mutex::new(cluster));
     let nemesis = Nemesis {
         cluster: cluster.clone(),
@@ -175,6 +194,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
     for task in tasks {
         task.await.context("workload task")?;
     }
+    let kicks = kicker.await.context("moderator task")?;
+    println!("[{:>7.1}s] the moderator kicked writers {kicks} times", clock.now() as f64 / 1e9);
     let converged = wait_converged(&admin, Duration::from_secs(120)).await;
     if let Err(e) = &converged {
         history.record(&Record::Nemesis {
@@ -197,7 +218,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
     }
     for (id, addr) in ids.iter().zip(addrs) {
         let pin = chorus_client::tls::parse_fingerprint(&fingerprint)?;
-        let mut o = ClientOptions::new(vec![addr], Trust::Fingerprints(vec![pin]), "final-reader");
+        let mut o = ClientOptions::new(vec![addr], Trust::Fingerprints(vec![pin]), credentials("final-reader"));
         o.server_name = Some("localhost".into());
         let client = connect(o).await;
         for room in rooms.all() {
@@ -228,9 +249,7 @@ fn final_read(
             node,
             room: room.to_owned(),
             linearizable,
-            messages: Some(
-                messages.into_iter().map(|m| (m.seq, String::from_utf8_lossy(&m.body).into_owned())).collect(),
-            ),
+            messages: Some(messages.iter().map(|m| (m.seq, crate::history::entry_text(m))).collect()),
             error: None,
         },
         Err(e) => {

@@ -1,6 +1,9 @@
 //! The workload: concurrent writers appending unique messages to hot and cold rooms,
-//! linearizable readers, and subscribers tailing rooms through failures. Every operation is
-//! recorded to the history with its invocation and completion times and its outcome.
+//! linearizable readers, subscribers tailing rooms through failures, and a moderator kicking
+//! writers out of hot rooms while they write (they join again). Every client signs in as a
+//! user of its own (writer `p` is `writer<p>`). Every operation is recorded to the history
+//! with its invocation and completion times and its outcome; kicks and joins are entries of
+//! the rooms' sequences, read back with the messages.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-use crate::history::{HistoryWriter, ReadOutcome, Record, SendOutcome};
+use crate::history::{HistoryWriter, ReadOutcome, Record, SendOutcome, entry_text};
 
 /// Nanoseconds since the run started, on one monotonic clock.
 #[derive(Clone, Copy)]
@@ -74,10 +77,30 @@ fn error_parts(e: &ClientError) -> (String, String) {
     (e.code().unwrap_or("client").to_owned(), e.to_string())
 }
 
+/// The user name of writer `process`.
+pub fn writer_name(process: u64) -> String {
+    format!("writer{process}")
+}
+
+/// Joins `room` (again), retrying through failures until it is done or the run stops.
+async fn join(client: &Client, room: &str, ctx: &Context) {
+    while !ctx.stop.is_cancelled() {
+        match client.join(room).await {
+            Ok(_) => return,
+            // Failing over, or the leader is moving: try again.
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 /// Sends unique messages until stopped; each send completes (or gives up) on its own deadline.
+/// Refused as `not_member` (kicked), it joins the room again.
 pub async fn writer(process: u64, client: Client, seed: u64, ctx: Arc<Context>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let client_id: String = client.client_id().iter().map(|b| format!("{b:02x}")).collect();
+    for room in ctx.rooms.all() {
+        join(&client, room, &ctx).await;
+    }
     while !ctx.stop.is_cancelled() {
         let room = ctx.rooms.pick(&mut rng).to_owned();
         let client_seq = client.next_client_seq();
@@ -96,9 +119,10 @@ pub async fn writer(process: u64, client: Client, seed: u64, ctx: Arc<Context>) 
                 SendOutcome::Fail { code, message }
             }
         };
+        let kicked = matches!(&outcome, SendOutcome::Fail { code, .. } if code == "not_member");
         ctx.history.record(&Record::Send {
             process,
-            room,
+            room: room.clone(),
             client_id: client_id.clone(),
             client_seq,
             body,
@@ -106,7 +130,33 @@ pub async fn writer(process: u64, client: Client, seed: u64, ctx: Arc<Context>) 
             complete_ns,
             outcome,
         });
+        if kicked {
+            join(&client, &room, &ctx).await;
+        }
     }
+}
+
+/// Kicks a random writer out of a random hot room every few hundred milliseconds, until
+/// stopped: the room's owner moderating while messages flow. The kicks are events of the
+/// rooms' sequences; the checker finds them there.
+pub async fn moderator(client: Client, writers: u64, seed: u64, ctx: Arc<Context>) -> u64 {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut kicks = 0;
+    while !ctx.stop.is_cancelled() && writers > 0 && !ctx.rooms.hot.is_empty() {
+        let pause = Duration::from_millis(rng.random_range(200..800));
+        tokio::select! {
+            _ = ctx.stop.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        let room = &ctx.rooms.hot[rng.random_range(0..ctx.rooms.hot.len())];
+        let target = writer_name(rng.random_range(1..=writers));
+        // A kick of a writer who is out already (not_member), or lost in a failover, is fine:
+        // the checker reads what happened from the rooms.
+        if client.kick(room, &target, "chaos").await.is_ok() {
+            kicks += 1;
+        }
+    }
+    kicks
 }
 
 /// Reads the newest messages of random rooms, linearizably, until stopped.
@@ -125,11 +175,7 @@ pub async fn reader(process: u64, client: Client, seed: u64, ctx: Arc<Context>) 
         let outcome = match result {
             Ok(page) => ReadOutcome::Ok {
                 last_seq: page.last_seq,
-                messages: page
-                    .messages
-                    .into_iter()
-                    .map(|m| (m.seq, String::from_utf8_lossy(&m.body).into_owned()))
-                    .collect(),
+                messages: page.messages.iter().map(|m| (m.seq, entry_text(m))).collect(),
             },
             Err(e) => {
                 let (code, message) = error_parts(&e);
@@ -157,7 +203,7 @@ pub async fn subscriber(process: u64, client: Client, rooms: Vec<(String, u64)>,
         match event {
             Ok(SubscriptionEvent::Message(m)) => {
                 if let Some(list) = received.get_mut(&m.room) {
-                    list.push((m.seq, String::from_utf8_lossy(&m.body).into_owned()));
+                    list.push((m.seq, entry_text(&m)));
                 }
             }
             Ok(SubscriptionEvent::Resumed { .. }) => resumes += 1,

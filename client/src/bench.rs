@@ -9,6 +9,14 @@
 //! - **failover**: repeatedly kills the leader of a shard (with an operator-supplied command)
 //!   while a probe writes to it, and measures how long until writes succeed again (or, with a
 //!   subscriber on the killed node, until it receives messages again).
+//! - **flood**: one user sends at a modest fixed rate through a node, alone and then while
+//!   another user floods the same node as fast as it can: how much the flood moves the first
+//!   user's acknowledgement latency (the per-user rate limits should keep it within 2×).
+//!
+//! Every connection signs in. The signed-in user running the bench creates the rooms; each
+//! sender and subscriber connection signs in as a user of its own, `bench-<run>-<n>`, made for
+//! the run (registered where registration is open, else created by the running user, who must
+//! then be an admin), with a random password; they join the rooms first.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +31,7 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Client, ClientError, ClientOptions, SubscriptionEvent};
+use crate::{Client, ClientError, ClientOptions, Credentials, SubscriptionEvent};
 
 /// How rooms are chosen for each message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -178,6 +186,67 @@ async fn connect(options: &ClientOptions, first: usize) -> Result<Client, Client
     Client::connect(o).await
 }
 
+/// The users a bench run signs its connections in as.
+pub struct BenchUsers {
+    run: String,
+    password: String,
+    /// Registration is closed: the running user (an admin) creates the accounts.
+    created_by: Option<Client>,
+}
+
+impl BenchUsers {
+    /// Users for a new run, made as `admin`'s cluster allows.
+    pub async fn new(admin: &Client) -> Result<BenchUsers, ClientError> {
+        let random = |n: usize| -> String { (0..n).map(|_| format!("{:02x}", rand::random::<u8>())).collect() };
+        let registration = admin.server_info().await.map(|h| h.registration).unwrap_or_default();
+        let created_by = match registration.as_str() {
+            "open" => None,
+            _ if admin.session().is_some_and(|s| s.admin) => Some(admin.clone()),
+            _ => {
+                return Err(ClientError::Config(
+                    "the bench signs its connections in as users of their own: it needs a cluster with open \
+                     registration, or to be run by an admin"
+                        .into(),
+                ));
+            }
+        };
+        Ok(BenchUsers { run: random(3), password: random(16), created_by })
+    }
+
+    /// Options of `options` that sign in as bench user `n`.
+    pub async fn options(&self, options: &ClientOptions, n: usize) -> Result<ClientOptions, ClientError> {
+        let user = format!("bench-{}-{n}", self.run);
+        let mut o = options.clone();
+        o.credentials = match &self.created_by {
+            None => Credentials::RegisterOrLogin { user, password: self.password.clone() },
+            Some(admin) => {
+                match admin.admin_create_user(&user, &self.password, false).await {
+                    Ok(()) => {}
+                    Err(e) if e.code() == Some("user_exists") => {}
+                    Err(e) => return Err(e),
+                }
+                Credentials::Password { user, password: self.password.clone() }
+            }
+        };
+        Ok(o)
+    }
+}
+
+/// Connects as bench user `n`, to the nodes of `options` starting at `first`, in every room.
+async fn connect_user(
+    users: &BenchUsers,
+    options: &ClientOptions,
+    first: usize,
+    n: usize,
+    rooms: &[String],
+) -> Result<Client, ClientError> {
+    let client = connect(&users.options(options, n).await?, first).await?;
+    for room in rooms {
+        client.join(room).await?;
+    }
+    Ok(client)
+}
+
 /// Creates the bench rooms (existing ones are fine).
 pub async fn create_rooms(client: &Client, prefix: &str, rooms: usize) -> Result<Vec<String>, ClientError> {
     let names: Vec<String> = (0..rooms).map(|i| format!("{prefix}{i}")).collect();
@@ -194,6 +263,7 @@ pub async fn create_rooms(client: &Client, prefix: &str, rooms: usize) -> Result
 pub async fn run_load(options: &ClientOptions, config: &LoadConfig) -> Result<LoadReport, ClientError> {
     let admin = connect(options, 0).await?;
     let rooms = Arc::new(create_rooms(&admin, &config.room_prefix, config.rooms.max(1)).await?);
+    let users = BenchUsers::new(&admin).await?;
     let nodes = options.nodes.len();
 
     // Subscribers first, on nodes other than the senders' when there are subscribers.
@@ -202,7 +272,7 @@ pub async fn run_load(options: &ClientOptions, config: &LoadConfig) -> Result<Lo
     let mut subscriber_tasks = Vec::new();
     for i in 0..config.subscribers {
         let first = if nodes > 1 { 1 + i % (nodes - 1) } else { 0 };
-        let client = connect(options, first).await?;
+        let client = connect_user(&users, options, first, 10_000 + i, &rooms).await?;
         let start = rooms.iter().map(|r| (r.clone(), 0u64)).collect::<Vec<_>>();
         // Start each room after its current end: only new messages count.
         let mut cursors = Vec::new();
@@ -240,7 +310,7 @@ pub async fn run_load(options: &ClientOptions, config: &LoadConfig) -> Result<Lo
     let senders_first = |i: usize| if config.subscribers > 0 { 0 } else { i };
     let mut clients = Vec::new();
     for i in 0..config.connections.max(1) {
-        clients.push(connect(options, senders_first(i)).await?);
+        clients.push(connect_user(&users, options, senders_first(i), i, &rooms).await?);
     }
     let picker = Arc::new(RoomPicker::new(rooms.len(), config.skew));
     let sent = Arc::new(AtomicU64::new(0));
@@ -364,6 +434,116 @@ pub async fn run_load(options: &ClientOptions, config: &LoadConfig) -> Result<Lo
         ack: Percentiles::of(&ack),
         fanout,
         errors: errors.lock().await.clone(),
+    })
+}
+
+/// `chorus bench flood`: a victim at a fixed rate, alone and beside a flooder.
+#[derive(Debug, Clone)]
+pub struct FloodConfig {
+    /// The victim's sends per second.
+    pub rate: f64,
+    /// How long each phase lasts.
+    pub duration: Duration,
+    /// The flooder's connections and sends in flight on each.
+    pub connections: usize,
+    pub inflight: usize,
+    pub size: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FloodReport {
+    /// The victim's acknowledgement latency alone, then during the flood.
+    pub alone: Percentiles,
+    pub flooded: Percentiles,
+    /// flooded p99 / alone p99.
+    pub p99_ratio: f64,
+    /// Sends the flooder had acknowledged, and refused as `rate_limited`, per second.
+    pub flood_acked_per_s: f64,
+    pub flood_refused_per_s: f64,
+    pub victim_errors: BTreeMap<String, u64>,
+}
+
+/// Sends to `room` at `rate` for `duration` (latency from each send's intended start).
+async fn paced(
+    client: &Client,
+    room: &str,
+    rate: f64,
+    duration: Duration,
+    size: usize,
+) -> (Histogram<u64>, BTreeMap<String, u64>) {
+    let mut hist = new_histogram();
+    let mut errors = BTreeMap::new();
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let end = Instant::now() + duration;
+    let mut at = Instant::now();
+    while at < end {
+        tokio::time::sleep_until(at.into()).await;
+        match client.send(room, body(size)).await {
+            Ok(_) => {
+                let _ = hist.record((at.elapsed().as_micros() as u64).max(1));
+            }
+            Err(e) => *errors.entry(e.code().unwrap_or("client").to_owned()).or_default() += 1,
+        }
+        at += interval;
+    }
+    (hist, errors)
+}
+
+/// Measures how much a flood from one user moves another user's latency on the same node.
+pub async fn run_flood(options: &ClientOptions, config: &FloodConfig) -> Result<FloodReport, ClientError> {
+    let admin = connect(options, 0).await?;
+    let rooms = create_rooms(&admin, "bench-flood-", 2).await?;
+    let users = BenchUsers::new(&admin).await?;
+    // Everyone on the first node, sending through it (no leader routing): the flood and the
+    // victim share the node that takes their requests.
+    let mut on_first = options.clone();
+    on_first.nodes.truncate(1);
+    on_first.route_to_leaders = false;
+    let victim = connect_user(&users, &on_first, 0, 0, &rooms[..1]).await?;
+    let (alone, mut victim_errors) = paced(&victim, &rooms[0], config.rate, config.duration, config.size).await;
+
+    let mut flood_options = on_first.clone();
+    // The flooder does not wait when told to: every refused send is tried again at once.
+    flood_options.retry_deadline = Duration::ZERO;
+    let stop = CancellationToken::new();
+    let (acked, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut flood = Vec::new();
+    for _ in 0..config.connections.max(1) {
+        let client = connect_user(&users, &flood_options, 0, 1, &rooms[1..]).await?;
+        for _ in 0..config.inflight.max(1) {
+            let (client, room, stop, acked, refused) =
+                (client.clone(), rooms[1].clone(), stop.clone(), acked.clone(), refused.clone());
+            let size = config.size;
+            flood.push(tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    match client.send(&room, body(size)).await {
+                        Ok(_) => acked.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => refused.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (acked0, refused0, started) = (acked.load(Ordering::Relaxed), refused.load(Ordering::Relaxed), Instant::now());
+    let (flooded, errors) = paced(&victim, &rooms[0], config.rate, config.duration, config.size).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (acked1, refused1) = (acked.load(Ordering::Relaxed), refused.load(Ordering::Relaxed));
+    stop.cancel();
+    for task in flood {
+        let _ = task.await;
+    }
+    for (code, n) in errors {
+        *victim_errors.entry(code).or_default() += n;
+    }
+    let (alone, flooded) = (Percentiles::of(&alone), Percentiles::of(&flooded));
+    Ok(FloodReport {
+        p99_ratio: flooded.p99_us as f64 / alone.p99_us.max(1) as f64,
+        alone,
+        flooded,
+        flood_acked_per_s: (acked1 - acked0) as f64 / elapsed,
+        flood_refused_per_s: (refused1 - refused0) as f64 / elapsed,
+        victim_errors,
     })
 }
 

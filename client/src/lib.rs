@@ -9,18 +9,25 @@
 //! after the last message it delivered, on whatever node it reconnects to: no gap, no
 //! duplicate.
 //!
+//! Every client signs in (see [`session`]): with a password, an external provider's token, or a
+//! session it kept; the server knows who sends from the session, never from what a client says.
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), chorus_client::ClientError> {
-//! use chorus_client::{Client, ClientOptions, Trust};
-//! let options = ClientOptions::new(vec!["127.0.0.1:7401".into()], Trust::Insecure, "ann");
+//! use chorus_client::{Client, ClientOptions, Credentials, Trust};
+//! let credentials = Credentials::Password { user: "ann".into(), password: "correct horse".into() };
+//! let options = ClientOptions::new(vec!["127.0.0.1:7401".into()], Trust::Insecure, credentials);
 //! let client = Client::connect(options).await?;
+//! client.join("general").await?;
 //! let receipt = client.send("general", "hello").await?;
 //! println!("appended as #{}", receipt.seq);
 //! # Ok(()) }
 //! ```
 
 pub mod bench;
+mod rooms;
 mod routes;
+pub mod session;
 pub mod settings;
 mod subscription;
 pub mod tls;
@@ -39,19 +46,22 @@ use quinn::crypto::rustls::QuicClientConfig;
 use tokio::sync::Mutex;
 
 pub use chorus_proto::client::{ClusterStatusReply, HistoryPage, Message, RoomInfo, RoomList};
+pub use rooms::{MembershipAction, Role, Visibility};
+pub use session::{Credentials, SessionTokens};
 pub use subscription::{Subscription, SubscriptionEvent};
 pub use tls::Trust;
 
 /// Largest response frame the client accepts (history pages are capped at about 4 MiB).
 pub const MAX_RESPONSE_FRAME: usize = 16 << 20;
 
-/// Server error codes after which the same request may simply be retried (elsewhere).
-const RETRYABLE_CODES: &[&str] = &["unavailable", "timeout", "shutting_down"];
+/// Server error codes after which the same request may simply be retried (elsewhere; after a
+/// refresh of the access token; after the wait a rate limit asks for).
+const RETRYABLE_CODES: &[&str] = &["unavailable", "timeout", "shutting_down", "token_expired", "rate_limited"];
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     #[error("{message} ({code})")]
-    Server { code: String, message: String, indeterminate: bool },
+    Server { code: String, message: String, indeterminate: bool, retry_after_ms: u64 },
     /// The connection failed. `maybe_sent`: the request may have reached the server first.
     #[error("connection lost: {message}")]
     Connection { message: String, maybe_sent: bool },
@@ -101,7 +111,23 @@ impl ClientError {
     }
 
     fn from_wire(e: pb::Error) -> ClientError {
-        ClientError::Server { code: e.code, message: e.message, indeterminate: e.indeterminate }
+        ClientError::Server {
+            code: e.code,
+            message: e.message,
+            indeterminate: e.indeterminate,
+            retry_after_ms: e.retry_after_ms,
+        }
+    }
+
+    /// How long a `rate_limited` answer asks to wait.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Server { retry_after_ms, .. } if *retry_after_ms > 0 => {
+                Some(Duration::from_millis(*retry_after_ms))
+            }
+            ClientError::MaybeApplied { last } => last.retry_after(),
+            _ => None,
+        }
     }
 }
 
@@ -123,7 +149,10 @@ pub struct ClientOptions {
     pub trust: Trust,
     /// TLS server name to ask for (default: the host part of each node's address).
     pub server_name: Option<String>,
-    pub user: String,
+    /// How to sign in when connecting.
+    pub credentials: Credentials,
+    /// Names this client's sessions (e.g. "laptop"), as the user sees them listed.
+    pub device: String,
     /// Identifies the client software in the server's logs.
     pub client_name: String,
     pub connect_timeout: Duration,
@@ -144,12 +173,13 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
-    pub fn new(nodes: Vec<String>, trust: Trust, user: impl Into<String>) -> ClientOptions {
+    pub fn new(nodes: Vec<String>, trust: Trust, credentials: Credentials) -> ClientOptions {
         ClientOptions {
             nodes,
             trust,
             server_name: None,
-            user: user.into(),
+            credentials,
+            device: default_device(),
             client_name: format!("chorus-client/{}", env!("CARGO_PKG_VERSION")),
             connect_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(2),
@@ -158,6 +188,14 @@ impl ClientOptions {
             route_to_leaders: true,
         }
     }
+}
+
+/// "chorus-client on <host name>".
+fn default_device() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty());
+    let mut device = format!("chorus-client on {}", host.unwrap_or_else(|| "unknown host".into()));
+    device.truncate(64);
+    device
 }
 
 /// What a send returned.
@@ -233,6 +271,10 @@ struct Inner {
     suspects: std::sync::Mutex<HashMap<String, Instant>>,
     client_id: Bytes,
     next_client_seq: AtomicU64,
+    /// The signed-in session, if any (see [`session`]).
+    session: std::sync::Mutex<Option<SessionTokens>>,
+    /// Woken when the session changes (the refresher recomputes when to refresh).
+    session_changed: Arc<tokio::sync::Notify>,
 }
 
 /// A connection to a Chorus cluster. Cheap to clone; clones share the connection and the
@@ -256,7 +298,8 @@ fn random_client_id() -> Bytes {
 }
 
 impl Client {
-    /// Connects to the first reachable node and says hello.
+    /// Connects to the first reachable node, says hello and signs in as `options.credentials`
+    /// say.
     pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
         if options.nodes.is_empty() {
             return Err(ClientError::Config("no node addresses given".into()));
@@ -294,11 +337,27 @@ impl Client {
                 suspects: Default::default(),
                 client_id: random_client_id(),
                 next_client_seq: AtomicU64::new(1),
+                session: std::sync::Mutex::new(None),
+                session_changed: Arc::new(tokio::sync::Notify::new()),
             }),
         };
+        let credentials = client.inner.options.credentials.clone();
+        if let Credentials::Session(tokens) = &credentials {
+            client.use_session(tokens.clone());
+        }
         client.connection().await?;
         tokio::spawn(send_batches(Arc::downgrade(&client.inner), queue, slots));
         tokio::spawn(close_unused_routes(Arc::downgrade(&client.inner)));
+        tokio::spawn(session::keep_fresh(Arc::downgrade(&client.inner)));
+        match credentials {
+            Credentials::Anonymous | Credentials::Session(_) => {}
+            Credentials::Password { user, password } => {
+                client.login(&user, &password).await?;
+            }
+            Credentials::RegisterOrLogin { user, password } => {
+                client.register_or_login(&user, &password).await?;
+            }
+        }
         Ok(client)
     }
 
@@ -517,13 +576,30 @@ impl Client {
             .await
             .map_err(|_| ClientError::lost("connecting timed out", false))?
             .map_err(|e| ClientError::lost(e, false))?;
-        let hello =
-            request::Kind::Hello(pb::Hello { user: options.user.clone(), client_name: options.client_name.clone() });
+        // An access token that our clock says has expired is refreshed on the new connection
+        // (after an anonymous hello) rather than sent.
+        let token = match self.access_token() {
+            Some((token, expires)) if expires > session::now_ms() + 1_000 => token,
+            _ => String::new(),
+        };
+        let hello = |access_token: String| {
+            request::Kind::Hello(pb::Hello { client_name: options.client_name.clone(), access_token })
+        };
         let keep_alive = (!direct).then(|| keep_alive_interval(options));
-        match call_on(&connection, hello, options.request_timeout, keep_alive).await? {
-            response::Kind::Hello(hello) => Ok(Live { connection, node: node.to_owned(), hello }),
-            other => Err(ClientError::Protocol(format!("unexpected reply to hello: {other:?}"))),
+        let reply = match call_on(&connection, hello(token.clone()), options.request_timeout, keep_alive).await {
+            Err(e) if e.code() == Some("token_expired") => {
+                call_on(&connection, hello(String::new()), options.request_timeout, keep_alive).await?
+            }
+            other => other?,
+        };
+        let response::Kind::Hello(mut hello) = reply else {
+            return Err(ClientError::Protocol(format!("unexpected reply to hello: {reply:?}")));
+        };
+        if hello.user.is_empty() && self.session().is_some() {
+            self.refresh_on(&connection).await?;
+            hello.user = self.user().unwrap_or_default();
         }
+        Ok(Live { connection, node: node.to_owned(), hello })
     }
 
     /// Forgets the current connection (if it is still `connection`), so the next call fails
@@ -577,6 +653,18 @@ impl Client {
                 Err(e) if e.retryable() && Instant::now() < deadline => {
                     indeterminate |= e.indeterminate();
                     attempts += 1;
+                    if e.code() == Some("token_expired") {
+                        // Refresh, then retry at once (a refresh that fails says why).
+                        match self.refresh().await {
+                            Ok(()) => continue,
+                            Err(refresh) if !refresh.retryable() => return Err(refresh),
+                            Err(_) => {}
+                        }
+                    }
+                    if let Some(wait) = e.retry_after() {
+                        tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
+                        continue;
+                    }
                     if matches!(e.code(), Some("unavailable" | "shutting_down")) {
                         // This node cannot help now; another may.
                         if let Some(l) = self.inner.live.lock().await.take() {
@@ -631,15 +719,31 @@ impl Client {
         self.inner.next_client_seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Creates a room. `retention_max_messages` 0 keeps every message.
+    /// Creates a public room, owned by the signed-in user. `retention_max_messages` 0 keeps
+    /// every message.
     pub async fn create_room(
         &self,
         room: &str,
         metadata: BTreeMap<String, String>,
         retention_max_messages: u64,
     ) -> Result<pb::RoomCreated, ClientError> {
-        let kind =
-            request::Kind::CreateRoom(pb::CreateRoom { room: room.to_owned(), metadata, retention_max_messages });
+        self.create_room_with(room, Visibility::Public, metadata, retention_max_messages).await
+    }
+
+    /// Creates a room of the given visibility (public or private).
+    pub async fn create_room_with(
+        &self,
+        room: &str,
+        visibility: Visibility,
+        metadata: BTreeMap<String, String>,
+        retention_max_messages: u64,
+    ) -> Result<pb::RoomCreated, ClientError> {
+        let kind = request::Kind::CreateRoom(pb::CreateRoom {
+            room: room.to_owned(),
+            metadata,
+            retention_max_messages,
+            visibility: visibility as i32,
+        });
         match self.call(kind).await? {
             response::Kind::RoomCreated(r) => Ok(r),
             other => Err(unexpected("create room", other)),
@@ -684,8 +788,13 @@ impl Client {
         Ok(out)
     }
 
+    /// Rooms the signed-in user can see (`mine`: only those they joined or are invited to).
     pub async fn list_rooms(&self, after: &str, limit: u32) -> Result<RoomList, ClientError> {
-        let kind = request::Kind::ListRooms(pb::ListRooms { after: after.to_owned(), limit });
+        self.list_rooms_of(after, limit, false).await
+    }
+
+    pub async fn list_rooms_of(&self, after: &str, limit: u32, mine: bool) -> Result<RoomList, ClientError> {
+        let kind = request::Kind::ListRooms(pb::ListRooms { after: after.to_owned(), limit, mine });
         match self.call(kind).await? {
             response::Kind::Rooms(list) => Ok(list),
             other => Err(unexpected("list rooms", other)),

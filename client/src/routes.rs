@@ -134,6 +134,20 @@ impl Routes {
         }
     }
 
+    /// Every open direct connection, with its node.
+    pub fn open_connections(&self) -> Vec<(u64, quinn::Connection)> {
+        self.nodes.iter().filter_map(|(&node, direct)| Some((node, direct.open()?.clone()))).collect()
+    }
+
+    /// Closes every direct connection (they are opened again as sends need them).
+    pub fn close_all(&mut self) {
+        for (_, direct) in self.nodes.drain() {
+            if let Direct::Ready { connection, .. } = direct {
+                connection.close(0u32.into(), b"signed in anew");
+            }
+        }
+    }
+
     /// The shards whose sends go straight to their leader's node, with that node, sorted.
     pub fn direct_shards(&self, main: u64) -> Vec<(u32, u64)> {
         let mut direct: Vec<_> = self

@@ -5,12 +5,17 @@
 //! and built-in defaults (nodes `127.0.0.1:7401-7403`).
 //!
 //! Config file keys: `nodes = ["host:port", ...]`, `fingerprints = ["hex", ...]`,
-//! `ca_cert = "path"`, `insecure = true`, `server_name = "..."`, `user = "..."`.
+//! `ca_cert = "path"`, `insecure = true`, `server_name = "..."`.
+//!
+//! Who you are is a signed-in session, kept per profile (`--profile`, `CHORUS_PROFILE`, default
+//! `default`) in `~/.config/chorus/sessions/<profile>.toml`, readable by its owner only
+//! ([`ProfileStore`]). `chorus login` writes it, `chorus logout` removes it.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::session::{Credentials, SessionTokens};
 use crate::tls::{Trust, parse_fingerprint};
 use crate::{ClientError, ClientOptions};
 
@@ -24,7 +29,6 @@ pub struct FileSettings {
     pub ca_cert: Option<PathBuf>,
     pub insecure: Option<bool>,
     pub server_name: Option<String>,
-    pub user: Option<String>,
 }
 
 /// Connection flags shared by every client program.
@@ -46,9 +50,10 @@ pub struct ConnectArgs {
     /// TLS server name to request. [default: the host of each node address]
     #[arg(long, env = "CHORUS_SERVER_NAME", global = true)]
     pub server_name: Option<String>,
-    /// Who you are in the chat. [default: $USER]
-    #[arg(long, env = "CHORUS_USER", global = true)]
-    pub user: Option<String>,
+    /// Which of your signed-in identities to use (several can live on one machine).
+    /// [default: default]
+    #[arg(long, env = "CHORUS_PROFILE", global = true, default_value = "default")]
+    pub profile: String,
     /// Send everything through the connected node (which forwards writes to their shard's
     /// leader) instead of opening a connection to each leader and sending there directly.
     #[arg(long, env = "CHORUS_NO_LEADER_ROUTING", global = true)]
@@ -60,6 +65,75 @@ pub struct ConnectArgs {
 
 fn home() -> Option<PathBuf> {
     std::env::var_os("HOME").map(PathBuf::from)
+}
+
+/// `$XDG_CONFIG_HOME/chorus`, else `~/.config/chorus`.
+pub fn config_dir() -> PathBuf {
+    match std::env::var_os("XDG_CONFIG_HOME").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("chorus"),
+        None => home().unwrap_or_else(|| PathBuf::from(".")).join(".config/chorus"),
+    }
+}
+
+/// Where a profile's session lives, readable by its owner only.
+pub struct ProfileStore {
+    pub path: PathBuf,
+}
+
+impl ProfileStore {
+    /// The store of profile `name` (letters, digits, '.', '_', '-').
+    pub fn new(name: &str) -> Result<ProfileStore, ClientError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            && !name.starts_with('.');
+        if !valid {
+            return Err(ClientError::Config(format!(
+                "{name:?} is not a profile name (letters, digits, '.', '_', '-')"
+            )));
+        }
+        Ok(ProfileStore { path: config_dir().join("sessions").join(format!("{name}.toml")) })
+    }
+
+    pub fn load(&self) -> Result<Option<SessionTokens>, ClientError> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => toml::from_str(&text)
+                .map(Some)
+                .map_err(|e| ClientError::Config(format!("{}: {e} (remove it and log in again)", self.path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ClientError::Config(format!("reading {}: {e}", self.path.display()))),
+        }
+    }
+
+    /// Writes the session, mode 0600 in a directory of mode 0700.
+    pub fn save(&self, session: &SessionTokens) -> Result<(), ClientError> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        let fail = |e: std::io::Error| ClientError::Config(format!("writing {}: {e}", self.path.display()));
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(fail)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+        let text = toml::to_string(session).map_err(|e| ClientError::Config(e.to_string()))?;
+        let temp = self.path.with_extension("toml.tmp");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(fail)?;
+        file.write_all(text.as_bytes()).map_err(fail)?;
+        file.sync_all().map_err(fail)?;
+        std::fs::rename(&temp, &self.path).map_err(fail)
+    }
+
+    pub fn remove(&self) -> Result<(), ClientError> {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ClientError::Config(format!("removing {}: {e}", self.path.display()))),
+        }
+    }
 }
 
 /// Where `scripts/cluster.sh` keeps the local cluster.
@@ -120,14 +194,11 @@ impl ConnectArgs {
             }
             Trust::Fingerprints(pins.iter().map(|p| parse_fingerprint(p)).collect::<Result<_, _>>()?)
         };
-        let user = self
-            .user
-            .clone()
-            .or(file.user)
-            .or_else(|| std::env::var("USER").ok())
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| "anonymous".into());
-        let mut options = ClientOptions::new(nodes, trust, user);
+        let credentials = match ProfileStore::new(&self.profile)?.load()? {
+            Some(session) => Credentials::Session(session),
+            None => Credentials::Anonymous,
+        };
+        let mut options = ClientOptions::new(nodes, trust, credentials);
         options.server_name = self.server_name.clone().or(file.server_name).or(local.server_name);
         options.route_to_leaders = !self.no_leader_routing;
         Ok(options)
@@ -146,7 +217,7 @@ mod tests {
             fingerprints: Some(vec![fp.clone()]),
             ..Default::default()
         };
-        let args = ConnectArgs { user: Some("ann".into()), ..Default::default() };
+        let args = ConnectArgs { profile: "default".into(), ..Default::default() };
         let o = args.resolve_with(FileSettings::default(), local()).unwrap();
         assert_eq!(o.nodes, vec!["10.0.0.1:1"]);
         assert!(matches!(o.trust, Trust::Fingerprints(ref p) if p == &vec![[0xab; 32]]));
@@ -162,7 +233,39 @@ mod tests {
 
     #[test]
     fn without_any_trust_the_error_says_what_to_do() {
-        let err = ConnectArgs::default().resolve_with(FileSettings::default(), FileSettings::default()).unwrap_err();
+        let args = ConnectArgs { profile: "default".into(), ..Default::default() };
+        let err = args.resolve_with(FileSettings::default(), FileSettings::default()).unwrap_err();
         assert!(err.to_string().contains("--fingerprint"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod profile_tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_is_private_to_its_owner_and_named_safely() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProfileStore { path: dir.path().join("sessions/work.toml") };
+        assert_eq!(store.load().unwrap(), None);
+        let session = SessionTokens {
+            user: "ann".into(),
+            refresh_token: "chr1.x.y".into(),
+            session_id: "ab".into(),
+            admin: false,
+            access_token: String::new(),
+            access_expires_ms: 0,
+            session_expires_ms: 7,
+        };
+        store.save(&session).unwrap();
+        assert_eq!(store.load().unwrap(), Some(session));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&store.path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(dir.path().join("sessions")).unwrap().permissions().mode() & 0o777, 0o700);
+        store.remove().unwrap();
+        assert_eq!(store.load().unwrap(), None);
+        for bad in ["", "../x", ".hidden", "a/b", "a b"] {
+            assert!(ProfileStore::new(bad).is_err(), "{bad:?}");
+        }
     }
 }

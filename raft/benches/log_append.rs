@@ -69,7 +69,11 @@ async fn run(shards: u32, seconds: u64, body_bytes: usize) -> RunResult {
             let mut index = 1;
             while Instant::now() < deadline {
                 let op = append_op("bench-room", "bench", b"client", index, body.clone());
-                let cmd = Command { ts_ms: index, ops: vec![Op { kind: Some(op) }] };
+                let cmd = Command {
+                    ts_ms: index,
+                    ops: vec![Op { kind: Some(op) }],
+                    rules: chorus_raft::state_machine::CURRENT_RULES,
+                };
                 let entry = Entry {
                     log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
                     payload: EntryPayload::Normal(cmd.into()),

@@ -38,6 +38,34 @@ pub enum CommandError {
     EmptyBatch,
     #[error("operation of unknown kind (written by a newer Chorus?)")]
     UnknownOperation,
+    #[error("operation sent to {group}, which does not hold what it changes")]
+    Misrouted { group: &'static str },
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("invalid user name {name:?}: {reason}")]
+    UserNameInvalid { name: String, reason: &'static str },
+    #[error("not a member of room {room:?}")]
+    NotMember { room: String },
+    #[error("forbidden: {reason}")]
+    Forbidden { reason: String },
+    #[error("{user} is not banned from room {room:?}")]
+    NotBanned { room: String, user: String },
+    #[error("user {user:?} exists already")]
+    UserExists { user: String },
+    #[error("no user {user:?}")]
+    UserNotFound { user: String },
+    #[error("wrong user name or password")]
+    InvalidCredentials,
+    #[error("the account {user:?} is disabled")]
+    UserDisabled { user: String },
+    #[error("a signing key exists already")]
+    SigningKeyExists,
+}
+
+impl CommandError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> CommandError {
+        CommandError::Invalid { field, reason: reason.into() }
+    }
 }
 
 impl CommandError {
@@ -57,6 +85,17 @@ impl CommandError {
             CommandError::BatchTooManyBytes { .. } => "batch_too_large",
             CommandError::EmptyBatch => "empty_batch",
             CommandError::UnknownOperation => "unknown_operation",
+            CommandError::Misrouted { .. } => "internal",
+            CommandError::Invalid { .. } => "invalid_argument",
+            CommandError::UserNameInvalid { .. } => "invalid_user_name",
+            CommandError::NotMember { .. } => "not_member",
+            CommandError::Forbidden { .. } => "forbidden",
+            CommandError::NotBanned { .. } => "not_banned",
+            CommandError::UserExists { .. } => "user_exists",
+            CommandError::UserNotFound { .. } => "user_not_found",
+            CommandError::InvalidCredentials => "invalid_credentials",
+            CommandError::UserDisabled { .. } => "user_disabled",
+            CommandError::SigningKeyExists => "key_exists",
         }
     }
 }

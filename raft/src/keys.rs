@@ -14,9 +14,23 @@
 //! | `sm`          | shard u32 · gen u32 · `0x02` · room id u64 · seq u64 | `MessageRecord`  |
 //! | `sm`          | shard u32 · gen u32 · `0x03` · room id · client key · client_seq u64 | `DedupRecord` |
 //! | `sm`          | shard u32 · gen u32 · `0x04` · room id · client key  | highest client_seq u64 |
+//! | `sm`          | shard u32 · gen u32 · `0x05` · room id · user name   | `MemberRecord`   |
+//! | `sm`          | shard u32 · gen u32 · `0x06` · user key · room name  | membership state u8 |
+//!
+//! The meta group (shard [`META_SHARD`]) holds the cluster's accounts instead of rooms:
+//!
+//! | column family | key                                                  | value            |
+//! |---------------|------------------------------------------------------|------------------|
+//! | `sm`          | meta · gen u32 · `0x10` · user name                  | `UserRecord`     |
+//! | `sm`          | meta · gen u32 · `0x11` · session id (16 bytes)      | `SessionRecord`  |
+//! | `sm`          | meta · gen u32 · `0x12` · user key · session id      | empty            |
+//! | `sm`          | meta · gen u32 · `0x13` · key id                     | `SigningKeyRecord` |
+//! | `sm`          | meta · gen u32 · `0x14`                              | `AuthState`      |
+//! | `sm`          | meta · gen u32 · `0x15` · issuer key · subject       | `ExternalIdentityRecord` |
 //!
 //! A client key is the client id's length (u8) followed by its bytes, so that one client's keys
-//! never interleave with another's. `gen` is the shard's state-machine generation: installing a
+//! never interleave with another's; a user key is likewise the user name's length (u8) and its
+//! bytes, and an issuer key the issuer's length (u16) and its bytes. `gen` is the shard's state-machine generation: installing a
 //! snapshot writes a new generation and switches to it atomically (see `snapshot.rs`).
 
 use crate::types::ShardId;
@@ -31,6 +45,11 @@ pub const NODE_IDENTITY_KEY: &[u8] = b"node/identity";
 
 /// Shard ids stop one short of `u32::MAX` so that "the next shard" is always a valid bound.
 pub const MAX_SHARD_ID: ShardId = u32::MAX - 1;
+
+/// The meta group: the Raft group of the cluster's accounts, sessions and token signing keys,
+/// replicated on every node. Room shards are numbered from 0 up to the shard count (at most
+/// 65,536), far below it.
+pub const META_SHARD: ShardId = MAX_SHARD_ID;
 
 /// The per-shard records of the `raft_state` column family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +72,17 @@ pub const SM_TAG_ROOM: u8 = 0x01;
 pub const SM_TAG_MESSAGE: u8 = 0x02;
 pub const SM_TAG_DEDUP: u8 = 0x03;
 pub const SM_TAG_DEDUP_HIGH: u8 = 0x04;
+pub const SM_TAG_MEMBER: u8 = 0x05;
+pub const SM_TAG_USER_ROOM: u8 = 0x06;
+pub const SM_TAG_USER: u8 = 0x10;
+pub const SM_TAG_SESSION: u8 = 0x11;
+pub const SM_TAG_USER_SESSION: u8 = 0x12;
+pub const SM_TAG_SIGNING_KEY: u8 = 0x13;
+pub const SM_TAG_AUTH_STATE: u8 = 0x14;
+pub const SM_TAG_EXTERNAL_ID: u8 = 0x15;
+
+/// Length of a session id, in bytes.
+pub const SESSION_ID_LEN: usize = 16;
 
 /// Length of the `shard · gen` prefix of every `sm` key.
 pub const SM_PREFIX_LEN: usize = 8;
@@ -166,6 +196,76 @@ impl SmKeys {
         self.key(SM_TAG_DEDUP_HIGH, &[&room_id.to_be_bytes(), &len, client_id])
     }
 
+    /// The user name ends the key, so a room's members sort by name.
+    pub fn member(&self, room_id: u64, user: &str) -> Vec<u8> {
+        self.key(SM_TAG_MEMBER, &[&room_id.to_be_bytes(), user.as_bytes()])
+    }
+
+    /// `[start, end)` of every member record of a room, in user name order.
+    pub fn member_range(&self, room_id: u64) -> (Vec<u8>, Vec<u8>) {
+        let start = self.key(SM_TAG_MEMBER, &[&room_id.to_be_bytes()]);
+        let end = match room_id.checked_add(1) {
+            Some(next) => self.key(SM_TAG_MEMBER, &[&next.to_be_bytes()]),
+            None => self.key(SM_TAG_MEMBER + 1, &[]),
+        };
+        (start, end)
+    }
+
+    pub fn user_room(&self, user: &str, room: &str) -> Vec<u8> {
+        let len = [name_key_len(user)];
+        self.key(SM_TAG_USER_ROOM, &[&len, user.as_bytes(), room.as_bytes()])
+    }
+
+    /// `[start, end)` of one user's room index entries, in room name order.
+    pub fn user_room_range(&self, user: &str) -> (Vec<u8>, Vec<u8>) {
+        let len = [name_key_len(user)];
+        let start = self.key(SM_TAG_USER_ROOM, &[&len, user.as_bytes()]);
+        (start.clone(), prefix_end(start))
+    }
+
+    pub fn user(&self, name: &str) -> Vec<u8> {
+        self.key(SM_TAG_USER, &[name.as_bytes()])
+    }
+
+    /// `[start, end)` of every user record, in name order.
+    pub fn user_range(&self) -> (Vec<u8>, Vec<u8>) {
+        (self.key(SM_TAG_USER, &[]), self.key(SM_TAG_USER + 1, &[]))
+    }
+
+    pub fn session(&self, session_id: &[u8]) -> Vec<u8> {
+        self.key(SM_TAG_SESSION, &[session_id])
+    }
+
+    pub fn user_session(&self, user: &str, session_id: &[u8]) -> Vec<u8> {
+        let len = [name_key_len(user)];
+        self.key(SM_TAG_USER_SESSION, &[&len, user.as_bytes(), session_id])
+    }
+
+    /// `[start, end)` of one user's session index entries.
+    pub fn user_session_range(&self, user: &str) -> (Vec<u8>, Vec<u8>) {
+        let len = [name_key_len(user)];
+        let start = self.key(SM_TAG_USER_SESSION, &[&len, user.as_bytes()]);
+        (start.clone(), prefix_end(start))
+    }
+
+    pub fn signing_key(&self, kid: &str) -> Vec<u8> {
+        self.key(SM_TAG_SIGNING_KEY, &[kid.as_bytes()])
+    }
+
+    /// `[start, end)` of every signing key record.
+    pub fn signing_key_range(&self) -> (Vec<u8>, Vec<u8>) {
+        (self.key(SM_TAG_SIGNING_KEY, &[]), self.key(SM_TAG_SIGNING_KEY + 1, &[]))
+    }
+
+    pub fn auth_state(&self) -> Vec<u8> {
+        self.key(SM_TAG_AUTH_STATE, &[])
+    }
+
+    pub fn external_identity(&self, issuer: &str, subject: &str) -> Vec<u8> {
+        let len = issuer_key_len(issuer).to_be_bytes();
+        self.key(SM_TAG_EXTERNAL_ID, &[&len, issuer.as_bytes(), subject.as_bytes()])
+    }
+
     /// The generation's whole range.
     pub fn range(&self) -> (Vec<u8>, Vec<u8>) {
         let shard = u32::from_be_bytes([self.prefix[0], self.prefix[1], self.prefix[2], self.prefix[3]]);
@@ -188,11 +288,35 @@ fn client_key_len(client_id: &[u8]) -> u8 {
     client_id.len().min(u8::MAX as usize) as u8
 }
 
+/// User names are at most 32 bytes (checked before any key is built), so the length fits a u8.
+fn name_key_len(name: &str) -> u8 {
+    debug_assert!(name.len() <= u8::MAX as usize);
+    name.len().min(u8::MAX as usize) as u8
+}
+
+/// Issuers are at most 1 KiB (checked when the configuration is read).
+fn issuer_key_len(issuer: &str) -> u16 {
+    issuer.len().min(u16::MAX as usize) as u16
+}
+
+/// The first key after every key that starts with `prefix` (`prefix` is never all 0xff: it
+/// starts with a shard id of at most [`MAX_SHARD_ID`]).
+fn prefix_end(mut prefix: Vec<u8>) -> Vec<u8> {
+    while let Some(last) = prefix.pop() {
+        if last < u8::MAX {
+            prefix.push(last + 1);
+            return prefix;
+        }
+    }
+    prefix
+}
+
 /// Checks a relative key read from a snapshot: it must name a known record kind.
 pub fn check_relative_sm_key(relative: &[u8]) -> Result<(), &'static str> {
     match relative.first() {
         None => Err("empty key"),
-        Some(&tag) if tag <= SM_TAG_DEDUP_HIGH => Ok(()),
+        Some(&tag) if tag <= SM_TAG_USER_ROOM => Ok(()),
+        Some(&tag) if (SM_TAG_USER..=SM_TAG_EXTERNAL_ID).contains(&tag) => Ok(()),
         Some(_) => Err("unknown record tag"),
     }
 }
@@ -235,7 +359,10 @@ mod tests {
             let keys = SmKeys::new(shard, generation);
             let (start, end) = keys.range();
             for k in [keys.room(&name), keys.message(room_id, seq), keys.dedup(room_id, &cid, seq),
-                      keys.dedup_high(room_id, &cid), keys.next_room_id()] {
+                      keys.dedup_high(room_id, &cid), keys.next_room_id(), keys.member(room_id, &name[..name.len().min(32)]),
+                      keys.user_room(&name[..name.len().min(32)], &name), keys.user(&name), keys.session(&cid),
+                      keys.user_session(&name[..name.len().min(32)], &cid), keys.signing_key(&name), keys.auth_state(),
+                      keys.external_identity(&name, &name)] {
                 prop_assert!(k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice());
                 prop_assert!(k.as_slice() >= shard_prefix(shard).as_slice() && k.as_slice() < shard_end(shard).as_slice());
             }
@@ -262,6 +389,35 @@ mod tests {
         }
     }
 
+    proptest! {
+        #[test]
+        fn a_rooms_members_are_inside_its_member_range(room_id: u64, other: u64, user in "[a-z0-9]{1,32}") {
+            let keys = SmKeys::new(2, 0);
+            let (start, end) = keys.member_range(room_id);
+            let k = keys.member(room_id, &user);
+            prop_assert!(k >= start && k < end);
+            prop_assume!(other != room_id);
+            let k = keys.member(other, &user);
+            prop_assert!(k < start || k >= end);
+        }
+
+        #[test]
+        fn one_users_index_entries_never_mix_with_anothers(a in "[a-z0-9]{1,32}", b in "[a-z0-9]{1,32}",
+                                                          room in "[a-z0-9]{1,128}", sid in proptest::collection::vec(any::<u8>(), 16)) {
+            prop_assume!(a != b);
+            let keys = SmKeys::new(META_SHARD, 3);
+            let (start, end) = keys.user_room_range(&a);
+            let mine = keys.user_room(&a, &room);
+            prop_assert!(mine >= start && mine < end);
+            let theirs = keys.user_room(&b, &room);
+            prop_assert!(theirs < start || theirs >= end);
+            let (start, end) = keys.user_session_range(&a);
+            prop_assert!(keys.user_session(&a, &sid) >= start && keys.user_session(&a, &sid) < end);
+            let theirs = keys.user_session(&b, &sid);
+            prop_assert!(theirs < start || theirs >= end);
+        }
+    }
+
     #[test]
     fn generation_ranges_are_disjoint_and_ordered() {
         let a = SmKeys::new(3, 7).range();
@@ -274,7 +430,10 @@ mod tests {
     #[test]
     fn relative_keys_are_checked() {
         assert!(check_relative_sm_key(&[]).is_err());
-        assert!(check_relative_sm_key(&[0x05]).is_err());
         assert!(check_relative_sm_key(&[SM_TAG_MESSAGE, 1, 2]).is_ok());
+        assert!(check_relative_sm_key(&[SM_TAG_MEMBER, 1]).is_ok());
+        assert!(check_relative_sm_key(&[SM_TAG_EXTERNAL_ID, 1]).is_ok());
+        assert!(check_relative_sm_key(&[0x07]).is_err());
+        assert!(check_relative_sm_key(&[0x16]).is_err());
     }
 }

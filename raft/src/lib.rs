@@ -34,5 +34,7 @@ pub use log_store::ShardLogStore;
 pub use routing::ShardRouter;
 pub use shard::{RaftTuning, ShardReplica, StartError, open_shard_storage, start_shard};
 pub use snapshot_pacing::SnapshotPacing;
-pub use state_machine::{AppliedMessage, HistoryPage, HistoryQuery, ShardEvent, ShardReader, ShardStateMachine};
+pub use state_machine::{
+    AppliedMessage, HistoryPage, HistoryQuery, Revocation, ShardEvent, ShardReader, ShardStateMachine,
+};
 pub use types::*;

@@ -6,7 +6,7 @@
 //! - A node's configured [`Limits`] (never above the protocol's) are enforced before an entry is
 //!   proposed; changing them on a rolling restart cannot make replicas diverge.
 
-use chorus_proto::storage::{AppendMessage, Command, CreateRoom, op};
+use chorus_proto::storage::{AppendMessage, ChangeMembership, Command, CreateRoom, OpenDirect, op};
 
 use crate::error::CommandError;
 
@@ -22,6 +22,16 @@ pub const MAX_METADATA_ENTRIES: usize = 32;
 pub const MAX_METADATA_KEY_BYTES: usize = 64;
 /// Most bytes of metadata (keys and values) on a room.
 pub const MAX_METADATA_BYTES: usize = 8 * 1024;
+/// Longest user name, in bytes.
+pub const MAX_USER_NAME_BYTES: usize = 32;
+/// Longest session device name, in bytes.
+pub const MAX_DEVICE_BYTES: usize = 64;
+/// Longest reason given with a kick or a ban, in bytes.
+pub const MAX_REASON_BYTES: usize = 512;
+/// Longest password hash (PHC string), in bytes.
+pub const MAX_PHC_BYTES: usize = 512;
+/// Longest external issuer or subject, in bytes.
+pub const MAX_EXTERNAL_ID_BYTES: usize = 1024;
 
 /// Limits on commands. See the module docs for why there are two levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,9 +81,71 @@ impl Limits {
 
     /// Checks one operation's fields: names, sizes, ids. Does not look at any state.
     pub fn check_op(&self, op: &op::Kind) -> Result<(), CommandError> {
+        use op::Kind as K;
         match op {
-            op::Kind::CreateRoom(c) => self.check_create_room(c),
-            op::Kind::Append(a) => self.check_append(a),
+            K::CreateRoom(c) => self.check_create_room(c),
+            K::Append(a) => self.check_append(a),
+            K::Membership(m) => check_membership(m),
+            K::OpenDirect(d) => check_open_direct(d),
+            K::CreateUser(u) => {
+                validate_user_name(&u.name)?;
+                if u.password_phc.is_empty() || u.password_phc.len() > MAX_PHC_BYTES {
+                    return Err(CommandError::invalid("password_phc", "1 to 512 bytes"));
+                }
+                if u.credential_id.len() != 32 {
+                    return Err(CommandError::invalid("credential_id", "must be a SHA-256 (32 bytes)"));
+                }
+                validate_optional_user(&u.actor)
+            }
+            K::CreateSession(s) => {
+                validate_user_name(&s.user)?;
+                crate::state_machine::accounts::check_session(s)
+            }
+            K::ExternalLogin(e) => {
+                for (field, value) in [("issuer", &e.issuer), ("subject", &e.subject)] {
+                    if value.is_empty() || value.len() > MAX_EXTERNAL_ID_BYTES {
+                        return Err(CommandError::invalid(field, "1 to 1024 bytes"));
+                    }
+                }
+                validate_user_name(&e.preferred_name)?;
+                match &e.session {
+                    Some(s) => crate::state_machine::accounts::check_session(s),
+                    None => Err(CommandError::invalid("session", "missing")),
+                }
+            }
+            K::RevokeSessions(r) => {
+                validate_user_name(&r.user)?;
+                validate_user_name(&r.actor)?;
+                if !r.session_id.is_empty() && r.session_id.len() != crate::keys::SESSION_ID_LEN {
+                    return Err(CommandError::invalid("session_id", "must be 16 bytes"));
+                }
+                Ok(())
+            }
+            K::SetUserDisabled(d) => {
+                validate_user_name(&d.user)?;
+                validate_user_name(&d.actor)
+            }
+            K::AddSigningKey(k) => {
+                if k.kid.is_empty()
+                    || k.kid.len() > 64
+                    || !k.kid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                {
+                    return Err(CommandError::invalid("kid", "1 to 64 ASCII letters, digits and '-'"));
+                }
+                if k.private_pkcs8.is_empty() || k.private_pkcs8.len() > 256 || k.public_key.len() != 32 {
+                    return Err(CommandError::invalid("signing key", "an Ed25519 key pair"));
+                }
+                validate_optional_user(&k.actor)
+            }
+            K::TouchSession(t) => {
+                if t.session_id.len() != crate::keys::SESSION_ID_LEN {
+                    return Err(CommandError::invalid("session_id", "must be 16 bytes"));
+                }
+                if t.ttl_ms > crate::state_machine::accounts::MAX_SESSION_TTL_MS {
+                    return Err(CommandError::invalid("ttl_ms", "at most 400 days"));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -147,6 +219,48 @@ pub fn validate_sender(sender: &str) -> Result<(), CommandError> {
         return invalid("must not contain control characters");
     }
     Ok(())
+}
+
+/// User names: 1 to 32 bytes of lowercase ASCII letters, digits, '.', '_' and '-', starting
+/// with a letter or digit (Chorus folds upper case to lower case before it gets here).
+pub fn validate_user_name(name: &str) -> Result<(), CommandError> {
+    let invalid = |reason| Err(CommandError::UserNameInvalid { name: truncate_for_error(name), reason });
+    if name.is_empty() {
+        return invalid("must not be empty");
+    }
+    if name.len() > MAX_USER_NAME_BYTES {
+        return invalid("longer than 32 bytes");
+    }
+    if !name.as_bytes()[0].is_ascii_lowercase() && !name.as_bytes()[0].is_ascii_digit() {
+        return invalid("must start with a lowercase letter or a digit");
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')) {
+        return invalid("may contain only lowercase ASCII letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+/// An actor field that is empty (no one: the cluster itself, or self-registration) or a user.
+fn validate_optional_user(name: &str) -> Result<(), CommandError> {
+    if name.is_empty() { Ok(()) } else { validate_user_name(name) }
+}
+
+fn check_membership(m: &ChangeMembership) -> Result<(), CommandError> {
+    validate_room_name(&m.room)?;
+    validate_user_name(&m.actor)?;
+    if !m.user.is_empty() {
+        validate_user_name(&m.user)?;
+    }
+    if m.reason.len() > MAX_REASON_BYTES {
+        return Err(CommandError::invalid("reason", "at most 512 bytes"));
+    }
+    Ok(())
+}
+
+fn check_open_direct(d: &OpenDirect) -> Result<(), CommandError> {
+    validate_room_name(&d.room)?;
+    validate_user_name(&d.actor)?;
+    d.users.iter().try_for_each(|u| validate_user_name(u))
 }
 
 /// Client ids: 1 to 64 opaque bytes (clients use 16 random bytes).
@@ -252,7 +366,7 @@ mod tests {
     fn batch_limits_count_ops_and_bytes() {
         let limits = Limits { max_body_bytes: 1000, max_ops_per_command: 2, max_command_bytes: 1500 };
         let op = |n| Op { kind: Some(op::Kind::Append(append("r", n))) };
-        let cmd = |ops| Command { ts_ms: 1, ops };
+        let cmd = |ops| Command { ts_ms: 1, ops, rules: 1 };
         assert_eq!(limits.check_command(&cmd(vec![])), Err(CommandError::EmptyBatch));
         assert_eq!(limits.check_command(&cmd(vec![op(10), op(10)])), Ok(()));
         assert_eq!(
@@ -279,6 +393,27 @@ mod tests {
         assert!(validate_metadata(&md).is_ok());
         md.insert("bad key".to_string(), String::new());
         assert!(validate_metadata(&md).is_err());
+    }
+
+    #[test]
+    fn user_names_follow_the_documented_syntax() {
+        for ok in ["ann", "a", "bob.smith", "x_1-2", "7of9", &"u".repeat(32)] {
+            assert_eq!(validate_user_name(ok), Ok(()), "{ok}");
+        }
+        for (bad, reason) in [
+            ("", "must not be empty"),
+            (&"u".repeat(33) as &str, "longer than 32 bytes"),
+            ("Ann", "must start with a lowercase letter or a digit"),
+            ("aNN", "may contain only lowercase ASCII letters, digits, '.', '_' and '-'"),
+            (".ann", "must start with a lowercase letter or a digit"),
+            ("ann smith", "may contain only lowercase ASCII letters, digits, '.', '_' and '-'"),
+            ("ann\n", "may contain only lowercase ASCII letters, digits, '.', '_' and '-'"),
+        ] {
+            match validate_user_name(bad) {
+                Err(CommandError::UserNameInvalid { reason: r, .. }) => assert_eq!(r, reason, "{bad:?}"),
+                other => panic!("{bad:?}: expected UserNameInvalid, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -115,7 +115,7 @@ impl RaftTuning {
 
 /// The log store and state machine of one shard, over the node's database.
 pub fn open_shard_storage(db: &Arc<NodeDb>, shard: ShardId) -> Result<(ShardLogStore, ShardStateMachine), StoreError> {
-    if shard >= db.identity().shard_count {
+    if shard >= db.identity().shard_count && shard != crate::keys::META_SHARD {
         return Err(StoreError::Config(format!(
             "shard {shard} does not exist: the cluster has {} shards",
             db.identity().shard_count

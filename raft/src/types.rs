@@ -134,4 +134,22 @@ pub enum OpOutcome {
         ts_ms: u64,
         duplicate: bool,
     },
+    /// The change is event `seq` of the room; `seq` is that of the event that made the
+    /// membership what it is, and `ts_ms` 0, when nothing changed (joining a room one is in).
+    MembershipChanged {
+        seq: u64,
+        ts_ms: u64,
+    },
+    DirectOpened {
+        created: bool,
+    },
+    SessionCreated {
+        user: String,
+        expires_ms: u64,
+        admin: bool,
+    },
+    /// The operation took effect (or had already: e.g. a session already ended).
+    Done {
+        ts_ms: u64,
+    },
 }

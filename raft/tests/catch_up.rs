@@ -14,7 +14,12 @@ use common::{Router, TestNode, start_cluster};
 const SHARD: u32 = 2;
 
 fn command(ops: Vec<chorus_proto::storage::op::Kind>) -> SharedCommand {
-    Command { ts_ms: 1, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() }.into()
+    Command {
+        ts_ms: 1,
+        ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(),
+        rules: chorus_raft::state_machine::CURRENT_RULES,
+    }
+    .into()
 }
 
 async fn wait_for_leader(nodes: &[TestNode]) -> usize {
@@ -46,7 +51,7 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
     let leader_raft = nodes[leader].replica.raft.clone();
     let lagging = (leader + 1) % nodes.len();
 
-    leader_raft.client_write(command(vec![create_room_op("room", "t")])).await.unwrap();
+    leader_raft.client_write(command(vec![create_room_op("room", "s")])).await.unwrap();
     for i in 1..=10u64 {
         leader_raft.client_write(command(vec![append_op("room", "s", b"c", i, "before")])).await.unwrap();
     }
@@ -103,7 +108,7 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
             let mut all = Vec::new();
             let mut after = 0;
             loop {
-                let page = n.replica.reader.history("room", HistoryQuery::After { after, limit: 1000 }).unwrap();
+                let page = n.replica.reader.history("room", HistoryQuery::After { after, limit: 1000 }, "s").unwrap();
                 if page.messages.is_empty() {
                     break;
                 }

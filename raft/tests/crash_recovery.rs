@@ -72,7 +72,12 @@ fn entry(shard: ShardId, term: u64, index: u64, rng: &mut StdRng) -> Entry {
             let body = Bytes::from(vec![b'x'; rng.random_range(0..3000)]);
             let ops = vec![create_room_op(&room, "w"), append_op(&room, "w", b"writer", index, body)];
             EntryPayload::Normal(
-                Command { ts_ms: index, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() }.into(),
+                Command {
+                    ts_ms: index,
+                    ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(),
+                    rules: chorus_raft::state_machine::CURRENT_RULES,
+                }
+                .into(),
             )
         }
     };
@@ -296,7 +301,7 @@ async fn verify(dir: &Path, models: &[ShardModel], round: u64, seed: u64) {
         if let Some(room) = reader.room(&format!("room-{shard}")).unwrap() {
             let mut after = 0;
             loop {
-                let page = reader.history(&room.name, HistoryQuery::After { after, limit: 1000 }).unwrap();
+                let page = reader.history(&room.name, HistoryQuery::After { after, limit: 1000 }, "s").unwrap();
                 for m in &page.messages {
                     assert_eq!(m.seq, after + 1, "{}: room sequence has a gap", ctx(shard));
                     after = m.seq;

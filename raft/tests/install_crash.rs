@@ -36,7 +36,12 @@ fn entry(index: u64) -> Entry {
     } else {
         let ops = vec![create_room_op("r", "w"), append_op("r", "w", b"writer", index, Bytes::from_static(b"hello"))];
         EntryPayload::Normal(
-            Command { ts_ms: index, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() }.into(),
+            Command {
+                ts_ms: index,
+                ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(),
+                rules: chorus_raft::state_machine::CURRENT_RULES,
+            }
+            .into(),
         )
     };
     Entry { log_id, payload }

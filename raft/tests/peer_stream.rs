@@ -99,6 +99,10 @@ impl Peer for CountingPeer {
         Err(Status::unimplemented("test peer"))
     }
 
+    async fn read_index(&self, _: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
+        Err(Status::unimplemented("test peer"))
+    }
+
     type SubscribeStream = Stream<pb::SubscribeEvent>;
 
     async fn subscribe(&self, _: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
@@ -141,7 +145,8 @@ async fn serve(peer: CountingPeer) -> SocketAddr {
 fn request(body_bytes: Option<usize>) -> AppendEntriesRequest<TypeConfig> {
     let entries = body_bytes.map(|n| {
         let op = append_op("room", "alice", b"client", 1, Bytes::from(vec![b'x'; n]));
-        let cmd = Command { ts_ms: 1, ops: vec![Op { kind: Some(op) }] };
+        let cmd =
+            Command { ts_ms: 1, ops: vec![Op { kind: Some(op) }], rules: chorus_raft::state_machine::CURRENT_RULES };
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 1), payload: EntryPayload::Normal(cmd.into()) }
     });
     AppendEntriesRequest {
@@ -154,7 +159,7 @@ fn request(body_bytes: Option<usize>) -> AppendEntriesRequest<TypeConfig> {
 
 async fn connect(addr: SocketAddr) -> impl RaftNetwork<TypeConfig> {
     let peers = BTreeMap::from([(1, "127.0.0.1:1".to_owned()), (2, addr.to_string())]);
-    let clients = PeerClients::new(1, "test-cluster", &peers, None, Duration::from_secs(2)).unwrap();
+    let clients = PeerClients::new(1, "test-cluster", &peers, None, Duration::from_secs(2), None).unwrap();
     let mut factory = GrpcNetworkFactory::new(0, Arc::new(clients));
     let node = NodeAddr { peer_addr: addr.to_string(), client_addr: String::new() };
     factory.new_client(2, &node).await

@@ -43,7 +43,7 @@ fn all_history(reader: &ShardReader, room: &str) -> Vec<chorus_proto::storage::M
     let mut out = Vec::new();
     let mut after = 0;
     loop {
-        let page = reader.history(room, HistoryQuery::After { after, limit: 1000 }).unwrap();
+        let page = reader.history(room, HistoryQuery::After { after, limit: 1000 }, "s").unwrap();
         let Some(last) = page.messages.last() else { break };
         after = last.seq;
         out.extend(page.messages);
@@ -64,11 +64,15 @@ async fn a_100k_message_snapshot_streams_and_installs_with_bounded_memory() {
     let mut index = 0u64;
     let mut next_entry = |ops: Vec<chorus_proto::storage::op::Kind>| {
         index += 1;
-        let cmd = Command { ts_ms: index, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() };
+        let cmd = Command {
+            ts_ms: index,
+            ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(),
+            rules: chorus_raft::state_machine::CURRENT_RULES,
+        };
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd.into()) }
     };
     let rooms: Vec<String> = (0..ROOMS).map(|r| format!("room-{r}")).collect();
-    src.apply([next_entry(rooms.iter().map(|r| create_room_op(r, "t")).collect())]).await.unwrap();
+    src.apply([next_entry(rooms.iter().map(|r| create_room_op(r, "s")).collect())]).await.unwrap();
     let body = Bytes::from(vec![b'b'; BODY_BYTES]);
     let mut sent = 0u64;
     while sent < MESSAGES {
@@ -133,7 +137,10 @@ async fn a_100k_message_snapshot_streams_and_installs_with_bounded_memory() {
 
     assert_eq!(dst.applied_state().await.unwrap(), src.applied_state().await.unwrap());
     let (src_reader, dst_reader) = (src.reader(), dst.reader());
-    assert_eq!(src_reader.list_rooms(None, 1000).unwrap(), dst_reader.list_rooms(None, 1000).unwrap());
+    assert_eq!(
+        src_reader.list_rooms(None, 1000, "s", false).unwrap(),
+        dst_reader.list_rooms(None, 1000, "s", false).unwrap()
+    );
     let mut total = 0;
     for room in &rooms {
         let a = all_history(&src_reader, room);

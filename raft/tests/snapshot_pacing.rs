@@ -20,7 +20,12 @@ const EVERY: u64 = 50;
 const WRITES: u64 = 1_600;
 
 fn command(ops: Vec<chorus_proto::storage::op::Kind>) -> SharedCommand {
-    Command { ts_ms: 1, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() }.into()
+    Command {
+        ts_ms: 1,
+        ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(),
+        rules: chorus_raft::state_machine::CURRENT_RULES,
+    }
+    .into()
 }
 
 fn tuning(log_percent: u64) -> RaftTuning {
@@ -83,7 +88,7 @@ async fn snapshots_built(log_percent: u64) -> (Vec<u64>, u64) {
     raft.wait(Some(Duration::from_secs(10))).metrics(|m| m.current_leader == Some(1), "leader").await.unwrap();
     let seen = Arc::new(Mutex::new(BTreeSet::new()));
     let watcher = watch_snapshots(&raft, seen.clone());
-    raft.client_write(command(vec![create_room_op("room", "t")])).await.unwrap();
+    raft.client_write(command(vec![create_room_op("room", "s")])).await.unwrap();
     write(&raft, 1, WRITES).await;
     settle().await;
     let first_log_index = raft.metrics().borrow().purged.map_or(0, |id| id.index + 1);
@@ -124,7 +129,7 @@ async fn a_restart_resumes_the_count_of_log_written_since_the_snapshot() {
     let node = nodes.remove(0);
     let raft = node.replica.raft.clone();
     raft.wait(Some(Duration::from_secs(10))).metrics(|m| m.current_leader == Some(1), "leader").await.unwrap();
-    raft.client_write(command(vec![create_room_op("room", "t")])).await.unwrap();
+    raft.client_write(command(vec![create_room_op("room", "s")])).await.unwrap();
     let seen = Arc::new(Mutex::new(BTreeSet::new()));
     let watcher = watch_snapshots(&raft, seen.clone());
     let latest = |seen: &Arc<Mutex<BTreeSet<u64>>>| seen.lock().unwrap().last().copied().unwrap_or(0);

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use chorus_proto::storage::ClusterIdentity;
+use chorus_raft::keys::META_SHARD;
 use chorus_raft::{NodeId, ShardId, ShardRouter};
 
 use crate::config::NodeConfig;
@@ -38,8 +39,12 @@ impl ClusterLayout {
 
     /// The nodes that replicate `shard`: `replication_factor` consecutive nodes (in id order)
     /// starting at `shard mod nodes`, so shards spread evenly and each node leads its share.
+    /// The meta group is replicated on every node, so that each checks sign-ins locally.
     pub fn replicas(&self, shard: ShardId) -> Vec<NodeId> {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        if shard == META_SHARD {
+            return ids;
+        }
         let start = shard as usize % ids.len();
         (0..self.replication_factor).map(|i| ids[(start + i) % ids.len()]).collect()
     }
@@ -48,9 +53,13 @@ impl ClusterLayout {
         self.replicas(shard).contains(&node)
     }
 
-    /// The shards `node` replicates.
+    /// The shards `node` replicates: its room shards, then the meta group.
     pub fn shards_of(&self, node: NodeId) -> Vec<ShardId> {
-        (0..self.shard_count).filter(|&s| self.hosts(node, s)).collect()
+        let mut shards: Vec<ShardId> = (0..self.shard_count).filter(|&s| self.hosts(node, s)).collect();
+        if self.hosts(node, META_SHARD) {
+            shards.push(META_SHARD);
+        }
+        shards
     }
 
     /// The one node that initializes `shard` when the cluster is created: the first node of its
@@ -122,6 +131,11 @@ mod tests {
             }
         }
         assert!(per_node.values().all(|&c| c == 12), "{per_node:?}");
+        for node in 1..=5 {
+            assert!(l.shards_of(node).contains(&META_SHARD), "every node hosts the meta group");
+        }
+        assert_eq!(l.replicas(META_SHARD), vec![1, 2, 3, 4, 5]);
+        assert_eq!(l.initializer(META_SHARD), 1);
         assert_eq!(l.replicas(0), vec![1, 2, 3]);
         assert_eq!(l.replicas(4), vec![5, 1, 2]);
         assert_eq!(l.initializer(4), 5);

@@ -1,7 +1,8 @@
 //! chorusd's configuration: command-line flags, `CHORUS_*` environment variables and a TOML
 //! file (`--config`), in that order of precedence, over built-in defaults.
 //!
-//! Every key has the same name everywhere: `--data-dir`, `CHORUS_DATA_DIR`, `data_dir = ...`.
+//! Every key has the same name everywhere: `--data-dir`, `CHORUS_DATA_DIR`, `data_dir = ...`,
+//! and is declared once, in [`RunArgs`], which clap and serde both read.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,6 +12,8 @@ use std::time::Duration;
 use chorus_raft::{Limits, NodeId, RaftTuning};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
+
+use crate::rate_limit::RateSpec;
 
 /// Defaults, in one place (also quoted in `--help`).
 pub mod defaults {
@@ -34,6 +37,62 @@ pub mod defaults {
     pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
     pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
     pub const LOG: &str = "info,openraft=warn";
+    pub const ACCESS_TOKEN_TTL_S: u64 = 900;
+    pub const SESSION_TTL_DAYS: u64 = 30;
+    pub const OIDC_ALGORITHMS: &str = "RS256,ES256,EdDSA";
+    pub const OIDC_USERNAME_CLAIM: &str = "preferred_username";
+    pub const RATE_SENDS_PER_USER: &str = "50/s,200";
+    pub const RATE_REQUESTS_PER_CONNECTION: &str = "500/s,1000";
+    pub const RATE_ROOMS_PER_USER: &str = "10/min,20";
+    pub const RATE_FAILED_LOGINS_PER_USER: &str = "5/min,10";
+    pub const RATE_FAILED_LOGINS_PER_ADDRESS: &str = "30/min,60";
+    pub const RATE_REGISTRATIONS_PER_ADDRESS: &str = "10/min,20";
+}
+
+/// Who may create an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    /// Only admins create accounts (`chorus admin user add`).
+    Closed,
+    /// Anyone with the registration token (`registration_token`).
+    Token,
+    /// Anyone.
+    Open,
+}
+
+impl Registration {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Registration::Closed => "closed",
+            Registration::Token => "token",
+            Registration::Open => "open",
+        }
+    }
+}
+
+/// A secret setting: never printed, in logs or anywhere else.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<secret>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
 }
 
 #[derive(Debug, Parser)]
@@ -60,6 +119,28 @@ pub struct Cli {
 pub enum Command {
     /// Generate a self-signed TLS certificate and key (PEM) and print its SHA-256 fingerprint.
     GenCert(GenCertArgs),
+    /// The cluster's certificate authority, which peers authenticate each other with.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a cluster CA (ca.pem, and ca.key readable by its owner only) in DIR.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Issue node NODE-ID's peer certificate (node.pem, node.key, and a copy of ca.pem) into
+    /// OUT, signed by the CA in DIR.
+    Issue {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(long)]
+        node_id: NodeId,
+        #[arg(long, value_name = "OUT")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -72,10 +153,13 @@ pub struct GenCertArgs {
     pub sans: Vec<String>,
 }
 
-#[derive(Debug, Args, Default)]
+/// Every setting of a node, as a flag, an environment variable or a key of the `--config` file.
+#[derive(Debug, Args, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RunArgs {
     /// TOML file with any of the settings below (keys are the flag names with '_' for '-').
     #[arg(long, env = "CHORUS_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
 
     /// This node's id: a positive integer, unique in the cluster and never reused.
@@ -190,36 +274,98 @@ pub struct RunArgs {
     /// [default: info,openraft=warn]
     #[arg(long, env = "CHORUS_LOG")]
     pub log: Option<String>,
+
+    /// Who may create an account: closed (only admins), token (with --registration-token) or
+    /// open. [default: closed]
+    #[arg(long, env = "CHORUS_REGISTRATION", value_enum)]
+    pub registration: Option<Registration>,
+
+    /// The token Register needs when --registration is token. A secret: never logged.
+    #[arg(long, env = "CHORUS_REGISTRATION_TOKEN", hide_env_values = true)]
+    pub registration_token: Option<Secret>,
+
+    /// How long an access token is valid, in seconds (clients refresh it by themselves).
+    /// [default: 900]
+    #[arg(long, env = "CHORUS_ACCESS_TOKEN_TTL_S")]
+    pub access_token_ttl_s: Option<u64>,
+
+    /// How long a session (a signed-in device) lasts unused, in days: each day it is used
+    /// extends it. [default: 30]
+    #[arg(long, env = "CHORUS_SESSION_TTL_DAYS")]
+    pub session_ttl_days: Option<u64>,
+
+    /// Accept tokens of this external identity provider (OpenID Connect) in LoginExternal: its
+    /// issuer (the tokens' `iss`). Needs --oidc-audience and --oidc-jwks.
+    #[arg(long, env = "CHORUS_OIDC_ISSUER")]
+    pub oidc_issuer: Option<String>,
+
+    /// The audience the provider's tokens must name (`aud`): this service's client id there.
+    #[arg(long, env = "CHORUS_OIDC_AUDIENCE")]
+    pub oidc_audience: Option<String>,
+
+    /// The provider's signing keys: a JWKS file, or an https:// URL (http:// only on loopback)
+    /// that is fetched at start and again every 10 minutes or on an unknown key id.
+    #[arg(long, env = "CHORUS_OIDC_JWKS")]
+    pub oidc_jwks: Option<String>,
+
+    /// Signature algorithms accepted from the provider, comma-separated.
+    /// [default: RS256,ES256,EdDSA]
+    #[arg(long, env = "CHORUS_OIDC_ALGORITHMS")]
+    pub oidc_algorithms: Option<String>,
+
+    /// The token claim that names a new account made on an external user's first sign-in.
+    /// [default: preferred_username]
+    #[arg(long, env = "CHORUS_OIDC_USERNAME_CLAIM")]
+    pub oidc_username_claim: Option<String>,
+
+    /// Messages one user may send through this node: RATE/s or RATE/min, then a comma and the
+    /// burst, e.g. 50/s,200; 0 for no limit. [default: 50/s,200]
+    #[arg(long, env = "CHORUS_RATE_SENDS_PER_USER")]
+    pub rate_sends_per_user: Option<RateSpec>,
+
+    /// Requests of any kind one client connection may make. [default: 500/s,1000]
+    #[arg(long, env = "CHORUS_RATE_REQUESTS_PER_CONNECTION")]
+    pub rate_requests_per_connection: Option<RateSpec>,
+
+    /// Rooms (and direct-message rooms) one user may create. [default: 10/min,20]
+    #[arg(long, env = "CHORUS_RATE_ROOMS_PER_USER")]
+    pub rate_rooms_per_user: Option<RateSpec>,
+
+    /// Failed sign-ins per user name. [default: 5/min,10]
+    #[arg(long, env = "CHORUS_RATE_FAILED_LOGINS_PER_USER")]
+    pub rate_failed_logins_per_user: Option<RateSpec>,
+
+    /// Failed sign-ins per client IP address. [default: 30/min,60]
+    #[arg(long, env = "CHORUS_RATE_FAILED_LOGINS_PER_ADDRESS")]
+    pub rate_failed_logins_per_address: Option<RateSpec>,
+
+    /// Accounts registered per client IP address. [default: 10/min,20]
+    #[arg(long, env = "CHORUS_RATE_REGISTRATIONS_PER_ADDRESS")]
+    pub rate_registrations_per_address: Option<RateSpec>,
+
+    /// The cluster CA's certificate (PEM), which every peer's certificate must be issued by.
+    /// With --peer-cert and --peer-key; see also --peer-ca-dir. [default: with neither, a
+    /// single-node cluster makes its own CA in <data-dir>/tls/]
+    #[arg(long, env = "CHORUS_PEER_CA", value_name = "FILE")]
+    pub peer_ca: Option<PathBuf>,
+
+    /// This node's peer certificate (PEM), issued by the cluster CA for node-<id>.chorus
+    /// (`chorusd ca issue`).
+    #[arg(long, env = "CHORUS_PEER_CERT", value_name = "FILE")]
+    pub peer_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --peer-cert.
+    #[arg(long, env = "CHORUS_PEER_KEY", value_name = "FILE")]
+    pub peer_key: Option<PathBuf>,
+
+    /// A directory with the cluster CA (ca.pem and ca.key, from `chorusd ca init`): the node
+    /// issues its own peer certificate from it at first start, into <data-dir>/tls/.
+    #[arg(long, env = "CHORUS_PEER_CA_DIR", value_name = "DIR")]
+    pub peer_ca_dir: Option<PathBuf>,
 }
 
-/// The `--config` file: the same keys as the flags.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub node_id: Option<NodeId>,
-    pub data_dir: Option<PathBuf>,
-    pub client_addr: Option<SocketAddr>,
-    pub peer_addr: Option<SocketAddr>,
-    pub advertise_client_addr: Option<String>,
-    pub initial_cluster: Option<String>,
-    pub cluster_token: Option<String>,
-    pub shard_count: Option<u32>,
-    pub replication_factor: Option<usize>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub max_body_bytes: Option<usize>,
-    pub request_timeout_ms: Option<u64>,
-    pub heartbeat_ms: Option<u64>,
-    pub election_timeout_ms: Option<u64>,
-    pub leader_balance_ms: Option<u64>,
-    pub snapshot_every_entries: Option<u64>,
-    pub snapshot_log_percent: Option<u64>,
-    pub log_kept_after_snapshot: Option<u64>,
-    pub max_connections: Option<usize>,
-    pub max_streams_per_connection: Option<u32>,
-    pub shutdown_grace_ms: Option<u64>,
-    pub log: Option<String>,
-}
+/// The `--config` file: the same keys as the flags, read by serde.
+pub type FileConfig = RunArgs;
 
 /// A configuration that cannot work, and what to change.
 #[derive(Debug, thiserror::Error)]
@@ -259,6 +405,57 @@ pub struct NodeConfig {
     pub max_streams_per_connection: u32,
     pub shutdown_grace: Duration,
     pub log: String,
+    pub auth: AuthConfig,
+    pub rate_limits: RateLimits,
+    pub peer_tls: PeerTlsSource,
+}
+
+/// Accounts and sign-in.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub registration: Registration,
+    pub registration_token: Option<Secret>,
+    pub access_token_ttl: Duration,
+    pub session_ttl: Duration,
+    pub oidc: Option<OidcConfig>,
+}
+
+/// An external identity provider whose tokens LoginExternal accepts.
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    pub issuer: String,
+    pub audience: String,
+    pub jwks: JwksSource,
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub username_claim: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+    Url(String),
+}
+
+/// Token buckets for abuse limits (`None`: unlimited).
+#[derive(Debug, Clone, Default)]
+pub struct RateLimits {
+    pub sends_per_user: Option<RateSpec>,
+    pub requests_per_connection: Option<RateSpec>,
+    pub rooms_per_user: Option<RateSpec>,
+    pub failed_logins_per_user: Option<RateSpec>,
+    pub failed_logins_per_address: Option<RateSpec>,
+    pub registrations_per_address: Option<RateSpec>,
+}
+
+/// Where this node's peer TLS material (mutual TLS between nodes) comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerTlsSource {
+    /// The operator's files.
+    Files { ca: PathBuf, cert: PathBuf, key: PathBuf },
+    /// A CA directory (ca.pem, ca.key): the node issues its own certificate from it once.
+    CaDir(PathBuf),
+    /// A single-node cluster with no settings: its own CA, made once in the data dir.
+    Own,
 }
 
 impl RunArgs {
@@ -304,6 +501,7 @@ pub fn parse_initial_cluster(spec: &str) -> Result<BTreeMap<NodeId, String>, Con
 
 fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
     use defaults as d;
+    let auth = resolve_auth(&args, &file)?;
     let node_id = args.node_id.or(file.node_id).unwrap_or(d::NODE_ID);
     if node_id == 0 {
         return Err(ConfigError::Invalid("node id must be a positive integer".into()));
@@ -404,6 +602,62 @@ fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
         ..RaftTuning::default()
     };
     tuning.config(0).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let rate =
+        |flag: &Option<RateSpec>, key: &Option<RateSpec>, default: &str| -> Result<Option<RateSpec>, ConfigError> {
+            let spec = match flag.clone().or(key.clone()) {
+                Some(spec) => spec,
+                None => default.parse().map_err(ConfigError::Invalid)?,
+            };
+            Ok(spec.enabled())
+        };
+    let rate_limits = RateLimits {
+        sends_per_user: rate(&args.rate_sends_per_user, &file.rate_sends_per_user, d::RATE_SENDS_PER_USER)?,
+        requests_per_connection: rate(
+            &args.rate_requests_per_connection,
+            &file.rate_requests_per_connection,
+            d::RATE_REQUESTS_PER_CONNECTION,
+        )?,
+        rooms_per_user: rate(&args.rate_rooms_per_user, &file.rate_rooms_per_user, d::RATE_ROOMS_PER_USER)?,
+        failed_logins_per_user: rate(
+            &args.rate_failed_logins_per_user,
+            &file.rate_failed_logins_per_user,
+            d::RATE_FAILED_LOGINS_PER_USER,
+        )?,
+        failed_logins_per_address: rate(
+            &args.rate_failed_logins_per_address,
+            &file.rate_failed_logins_per_address,
+            d::RATE_FAILED_LOGINS_PER_ADDRESS,
+        )?,
+        registrations_per_address: rate(
+            &args.rate_registrations_per_address,
+            &file.rate_registrations_per_address,
+            d::RATE_REGISTRATIONS_PER_ADDRESS,
+        )?,
+    };
+    let peer_tls = match (
+        args.peer_ca.clone().or(file.peer_ca.clone()),
+        args.peer_cert.clone().or(file.peer_cert.clone()),
+        args.peer_key.clone().or(file.peer_key.clone()),
+        args.peer_ca_dir.clone().or(file.peer_ca_dir.clone()),
+    ) {
+        (Some(ca), Some(cert), Some(key), None) => PeerTlsSource::Files { ca, cert, key },
+        (None, None, None, Some(dir)) => PeerTlsSource::CaDir(dir),
+        (None, None, None, None) if initial_cluster.len() == 1 => PeerTlsSource::Own,
+        (None, None, None, None) => {
+            return Err(ConfigError::Invalid(
+                "nodes authenticate each other with mutual TLS: give every node the cluster's CA. Make one with \
+                 `chorusd ca init --dir DIR`, then either pass --peer-ca-dir DIR (each node issues its own \
+                 certificate from it at first start) or issue each node's certificate with `chorusd ca issue` and \
+                 pass --peer-ca, --peer-cert and --peer-key"
+                    .into(),
+            ));
+        }
+        _ => {
+            return Err(ConfigError::Invalid(
+                "give either --peer-ca, --peer-cert and --peer-key together, or --peer-ca-dir alone".into(),
+            ));
+        }
+    };
     Ok(NodeConfig {
         node_id,
         data_dir,
@@ -433,6 +687,93 @@ fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
             args.shutdown_grace_ms.or(file.shutdown_grace_ms).unwrap_or(d::SHUTDOWN_GRACE_MS),
         ),
         log: args.log.or(file.log).unwrap_or_else(|| d::LOG.into()),
+        auth,
+        rate_limits,
+        peer_tls,
+    })
+}
+
+fn resolve_auth(args: &RunArgs, file: &FileConfig) -> Result<AuthConfig, ConfigError> {
+    use defaults as d;
+    let registration = args.registration.or(file.registration).unwrap_or(Registration::Closed);
+    let registration_token = args.registration_token.clone().or(file.registration_token.clone());
+    match (&registration, &registration_token) {
+        (Registration::Token, None) => {
+            return Err(ConfigError::Invalid("registration \"token\" needs --registration-token".into()));
+        }
+        (Registration::Token, Some(t)) if t.expose().len() < 16 => {
+            return Err(ConfigError::Invalid("the registration token must be at least 16 characters".into()));
+        }
+        _ => {}
+    }
+    let ttl = args.access_token_ttl_s.or(file.access_token_ttl_s).unwrap_or(d::ACCESS_TOKEN_TTL_S);
+    if !(2..=86_400).contains(&ttl) {
+        return Err(ConfigError::Invalid(format!("access_token_ttl_s must be between 2 and 86400, got {ttl}")));
+    }
+    let days = args.session_ttl_days.or(file.session_ttl_days).unwrap_or(d::SESSION_TTL_DAYS);
+    if !(1..=400).contains(&days) {
+        return Err(ConfigError::Invalid(format!("session_ttl_days must be between 1 and 400, got {days}")));
+    }
+    let issuer = args.oidc_issuer.clone().or(file.oidc_issuer.clone());
+    let audience = args.oidc_audience.clone().or(file.oidc_audience.clone());
+    let jwks = args.oidc_jwks.clone().or(file.oidc_jwks.clone());
+    let oidc = match (issuer, audience, jwks) {
+        (None, None, None) => None,
+        (Some(issuer), Some(audience), Some(jwks)) => {
+            if issuer.is_empty() || issuer.len() > chorus_raft::limits::MAX_EXTERNAL_ID_BYTES {
+                return Err(ConfigError::Invalid("oidc_issuer must be 1 to 1024 bytes".into()));
+            }
+            let jwks = if jwks.starts_with("https://") || jwks.starts_with("http://") {
+                JwksSource::Url(jwks)
+            } else {
+                JwksSource::File(PathBuf::from(jwks))
+            };
+            let names = args.oidc_algorithms.clone().or(file.oidc_algorithms.clone());
+            let names = names.unwrap_or_else(|| d::OIDC_ALGORITHMS.into());
+            let mut algorithms = Vec::new();
+            for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                use jsonwebtoken::Algorithm as A;
+                let alg = match name {
+                    "RS256" => A::RS256,
+                    "RS384" => A::RS384,
+                    "RS512" => A::RS512,
+                    "PS256" => A::PS256,
+                    "ES256" => A::ES256,
+                    "ES384" => A::ES384,
+                    "EdDSA" => A::EdDSA,
+                    other => {
+                        return Err(ConfigError::Invalid(format!(
+                            "oidc_algorithms: {other:?} is not an accepted algorithm (RS256, RS384, RS512, PS256, \
+                             ES256, ES384, EdDSA; symmetric and `none` are never accepted)"
+                        )));
+                    }
+                };
+                algorithms.push(alg);
+            }
+            if algorithms.is_empty() {
+                return Err(ConfigError::Invalid("oidc_algorithms names no algorithm".into()));
+            }
+            let username_claim = args.oidc_username_claim.clone().or(file.oidc_username_claim.clone());
+            Some(OidcConfig {
+                issuer,
+                audience,
+                jwks,
+                algorithms,
+                username_claim: username_claim.unwrap_or_else(|| d::OIDC_USERNAME_CLAIM.into()),
+            })
+        }
+        _ => {
+            return Err(ConfigError::Invalid(
+                "an external identity provider needs oidc_issuer, oidc_audience and oidc_jwks together".into(),
+            ));
+        }
+    };
+    Ok(AuthConfig {
+        registration,
+        registration_token,
+        access_token_ttl: Duration::from_secs(ttl),
+        session_ttl: Duration::from_secs(days * 24 * 3600),
+        oidc,
     })
 }
 
@@ -456,12 +797,59 @@ mod tests {
         assert_eq!((c.shard_count, c.replication_factor), (16, 1));
         assert_eq!(c.data_dir, PathBuf::from("chorus-data/node-1"));
         assert_eq!(c.limits.max_body_bytes, 64 * 1024);
+        assert_eq!(c.auth.registration, Registration::Closed);
+        assert_eq!(c.peer_tls, PeerTlsSource::Own);
+        assert_eq!(c.rate_limits.sends_per_user.map(|r| r.burst), Some(200));
+    }
+
+    #[test]
+    fn a_multi_node_cluster_needs_the_cluster_ca() {
+        let err = resolve(args(&["--initial-cluster", "1=127.0.0.1:1,2=127.0.0.1:2"]), FileConfig::default());
+        assert!(matches!(err, Err(ConfigError::Invalid(m)) if m.contains("chorusd ca init")));
+        let c = resolve(
+            args(&["--initial-cluster", "1=127.0.0.1:1,2=127.0.0.1:2", "--peer-ca-dir", "/tmp/ca"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(c.peer_tls, PeerTlsSource::CaDir("/tmp/ca".into()));
+        let half = resolve(args(&["--peer-ca", "/a", "--peer-cert", "/b"]), FileConfig::default());
+        assert!(matches!(half, Err(ConfigError::Invalid(m)) if m.contains("together")));
+    }
+
+    #[test]
+    fn secrets_are_never_printed() {
+        let file: FileConfig =
+            toml::from_str("registration = \"token\"\nregistration_token = \"s3cret-s3cret-s3cret\"").unwrap();
+        let c = resolve(RunArgs::default(), file).unwrap();
+        assert_eq!(c.auth.registration, Registration::Token);
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(resolve(args(&["--registration", "token"]), FileConfig::default()).is_err());
+    }
+
+    #[test]
+    fn an_external_provider_needs_its_three_settings_and_known_algorithms() {
+        let base =
+            ["--oidc-issuer", "https://id.example", "--oidc-audience", "chorus", "--oidc-jwks", "/etc/jwks.json"];
+        let c = resolve(args(&base), FileConfig::default()).unwrap();
+        let oidc = c.auth.oidc.unwrap();
+        assert_eq!(oidc.jwks, JwksSource::File("/etc/jwks.json".into()));
+        assert_eq!(oidc.algorithms.len(), 3);
+        let mut none = base.to_vec();
+        none.extend(["--oidc-algorithms", "none"]);
+        assert!(resolve(args(&none), FileConfig::default()).is_err());
+        let mut hs = base.to_vec();
+        hs.extend(["--oidc-algorithms", "HS256"]);
+        assert!(resolve(args(&hs), FileConfig::default()).is_err());
+        assert!(resolve(args(&base[..4]), FileConfig::default()).is_err());
     }
 
     #[test]
     fn flags_win_over_the_file() {
-        let file: FileConfig =
-            toml::from_str("node_id = 2\nshard_count = 8\ninitial_cluster = \"1=127.0.0.1:1,2=127.0.0.1:2\"").unwrap();
+        let file: FileConfig = toml::from_str(
+            "node_id = 2\nshard_count = 8\ninitial_cluster = \"1=127.0.0.1:1,2=127.0.0.1:2\"\npeer_ca_dir = \"/ca\"",
+        )
+        .unwrap();
         let c = resolve(args(&["--shard-count", "4"]), file).unwrap();
         assert_eq!((c.node_id, c.shard_count, c.replication_factor), (2, 4, 2));
         assert_eq!(c.peer_addr.to_string(), "127.0.0.1:2");

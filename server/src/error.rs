@@ -12,8 +12,21 @@ pub enum ServiceError {
     Command(#[from] CommandError),
     #[error("say hello first: the first request on a connection must be Hello")]
     HelloRequired,
-    #[error("already said hello as {0:?}")]
+    #[error("this connection is signed in as {0:?}: a token of another user cannot renew it")]
     HelloTwice(String),
+    /// No valid sign-in: none yet, or a token that is malformed, forged or of another cluster.
+    #[error("not signed in: {0}")]
+    Unauthenticated(String),
+    /// The access token expired: refresh it (the session goes on).
+    #[error("{0}")]
+    TokenExpired(String),
+    /// The session ended (logout, log out everywhere, a disabled account): sign in again.
+    #[error("{0}")]
+    TokenRevoked(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("too many {what}: try again in {} ms", retry_after.as_millis())]
+    RateLimited { what: String, retry_after: std::time::Duration },
     #[error("malformed request: {0}")]
     Malformed(String),
     #[error("unknown request kind (is this client newer than the server?)")]
@@ -49,6 +62,11 @@ impl ServiceError {
             ServiceError::Command(e) => e.code(),
             ServiceError::HelloRequired => "hello_required",
             ServiceError::HelloTwice(_) => "hello_twice",
+            ServiceError::Unauthenticated(_) => "unauthenticated",
+            ServiceError::TokenExpired(_) => "token_expired",
+            ServiceError::TokenRevoked(_) => "token_revoked",
+            ServiceError::Forbidden(_) => "forbidden",
+            ServiceError::RateLimited { .. } => "rate_limited",
             ServiceError::Malformed(_) => "malformed_request",
             ServiceError::UnknownRequest => "unknown_request",
             ServiceError::FrameTooLarge { .. } => "frame_too_large",
@@ -80,11 +98,16 @@ impl ServiceError {
         if let ServiceError::Remote(e) = self {
             return e.clone();
         }
+        let retry_after_ms = match self {
+            ServiceError::RateLimited { retry_after, .. } => (retry_after.as_millis() as u64).max(1),
+            _ => 0,
+        };
         client::Error {
             code: self.code().to_owned(),
             message: self.to_string(),
             indeterminate: self.indeterminate(),
             room: String::new(),
+            retry_after_ms,
         }
     }
 

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use chorus_proto::client;
 use chorus_proto::peer::{self as pb};
 use chorus_proto::storage::{Command, Op, op};
+use chorus_raft::state_machine::rooms::RoomView;
+use chorus_raft::state_machine::{CURRENT_RULES, MAX_PAGE};
 use chorus_raft::{HistoryPage, HistoryQuery, NodeId, OpOutcome, ShardId, SharedCommand};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 
@@ -123,7 +125,8 @@ where
 /// Proposes `ops` to `shard` and returns one result per op. Validated here first (cheap
 /// refusals never leave this node), again by the leader, and finally by the state machine.
 pub async fn propose(node: &Node, shard: ShardId, ops: Vec<op::Kind>) -> Result<Vec<OpResult>, ServiceError> {
-    let command = Command { ts_ms: 0, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() };
+    let command =
+        Command { ts_ms: 0, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(), rules: CURRENT_RULES };
     node.config.limits.check_batch(&command)?;
     with_leader(node, shard, true, |target, remaining| {
         let command = command.clone();
@@ -136,6 +139,15 @@ pub async fn propose(node: &Node, shard: ShardId, ops: Vec<op::Kind>) -> Result<
         }
     })
     .await
+}
+
+/// Proposes one operation to `shard` (in an entry of its own) and returns its result.
+pub async fn propose_one(node: &Node, shard: ShardId, op: op::Kind) -> OpResult {
+    let mut results = propose(node, shard, vec![op]).await?;
+    match (results.pop(), results.is_empty()) {
+        (Some(result), true) => result,
+        _ => Err(ServiceError::Internal("a proposal of one operation got another number of results".into())),
+    }
 }
 
 /// Proposes on this node if it leads `shard`. Used for local requests and for requests that
@@ -176,6 +188,8 @@ async fn propose_here(
         return Attempt::Redirect(new_leader);
     }
     command.ts_ms = now_ms();
+    // The leader's rules decide how the entry applies, whoever forwarded it.
+    command.rules = CURRENT_RULES;
     match tokio::time::timeout(remaining, replica.raft.client_write(SharedCommand::new(command))).await {
         Ok(Ok(response)) => {
             Attempt::Done(response.data.results.into_iter().map(|r| r.map_err(ServiceError::Command)).collect())
@@ -262,6 +276,14 @@ pub fn op_result_to_pb(result: &OpResult) -> pb::OpResult {
         Ok(OpOutcome::Appended { seq, ts_ms, duplicate }) => {
             R::Appended(pb::Appended { seq: *seq, ts_ms: *ts_ms, duplicate: *duplicate })
         }
+        Ok(OpOutcome::MembershipChanged { seq, ts_ms }) => {
+            R::MembershipChanged(pb::MembershipChanged { seq: *seq, ts_ms: *ts_ms })
+        }
+        Ok(OpOutcome::DirectOpened { created }) => R::DirectOpened(pb::DirectOpened { created: *created }),
+        Ok(OpOutcome::SessionCreated { user, expires_ms, admin }) => {
+            R::SessionCreated(pb::SessionCreated { user: user.clone(), expires_ms: *expires_ms, admin: *admin })
+        }
+        Ok(OpOutcome::Done { ts_ms }) => R::Done(pb::Done { ts_ms: *ts_ms }),
         Err(e) => R::Refused(e.to_wire()),
     };
     pb::OpResult { result: Some(r) }
@@ -272,6 +294,12 @@ fn op_result_from_pb(result: pb::OpResult) -> OpResult {
     match result.result {
         Some(R::RoomCreated(c)) => Ok(OpOutcome::RoomCreated { room_id: c.room_id, ts_ms: c.ts_ms }),
         Some(R::Appended(a)) => Ok(OpOutcome::Appended { seq: a.seq, ts_ms: a.ts_ms, duplicate: a.duplicate }),
+        Some(R::MembershipChanged(m)) => Ok(OpOutcome::MembershipChanged { seq: m.seq, ts_ms: m.ts_ms }),
+        Some(R::DirectOpened(d)) => Ok(OpOutcome::DirectOpened { created: d.created }),
+        Some(R::SessionCreated(s)) => {
+            Ok(OpOutcome::SessionCreated { user: s.user, expires_ms: s.expires_ms, admin: s.admin })
+        }
+        Some(R::Done(d)) => Ok(OpOutcome::Done { ts_ms: d.ts_ms }),
         Some(R::Refused(e)) => Err(ServiceError::from_wire(e)),
         None => Err(ServiceError::Internal("a peer sent an empty operation result".into())),
     }
@@ -282,6 +310,7 @@ pub async fn history(
     node: &Node,
     shard: ShardId,
     room: &str,
+    viewer: &str,
     query: HistoryQuery,
     linearizable: bool,
 ) -> Result<HistoryPage, ServiceError> {
@@ -291,10 +320,14 @@ pub async fn history(
         let request = request.clone();
         async move {
             if target == node.id {
-                history_here(node, shard, room, query, linearizable, remaining).await
+                history_here(node, shard, room, viewer, query, linearizable, remaining).await
             } else {
-                let read =
-                    pb::ReadRequest { shard, linearizable, query: Some(pb::read_request::Query::History(request)) };
+                let read = pb::ReadRequest {
+                    shard,
+                    linearizable,
+                    query: Some(pb::read_request::Query::History(request)),
+                    viewer: viewer.to_owned(),
+                };
                 match read_at(node, target, read, remaining).await {
                     Attempt::Done(pb::read_reply::Result::History(page)) => Attempt::Done(history_page_from_pb(page)),
                     Attempt::Done(_) => {
@@ -337,10 +370,43 @@ pub fn history_query(h: &client::History) -> HistoryQuery {
     }
 }
 
+/// On the shard's leader, confirms the leadership with a quorum and waits until the replica
+/// has applied everything committed before: what it reads next is linearizable.
+async fn linearizable_here(node: &Node, shard: ShardId, remaining: Duration) -> Result<(), Attempt<()>> {
+    let Some(replica) = node.shards.get(&shard) else {
+        return Err(Attempt::Redirect(None));
+    };
+    match tokio::time::timeout(remaining, replica.raft.ensure_linearizable()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(Attempt::Redirect(f.leader_id)),
+        Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
+            Err(Attempt::Retry { maybe_applied: false, reason: format!("shard {shard}: {e}") })
+        }
+        Ok(Err(RaftError::Fatal(e))) => {
+            Err(Attempt::Retry { maybe_applied: false, reason: format!("shard {shard} stopped: {e}") })
+        }
+        Err(_) => Err(Attempt::Retry {
+            maybe_applied: false,
+            reason: format!("shard {shard} could not confirm its leadership in time"),
+        }),
+    }
+}
+
+/// An attempt that stopped before its read, in the attempt type of the read.
+fn stopped<T>(attempt: Attempt<()>) -> Attempt<T> {
+    match attempt {
+        Attempt::Done(()) => Attempt::Failed(ServiceError::Internal("a read stopped after succeeding".into())),
+        Attempt::Redirect(l) => Attempt::Redirect(l),
+        Attempt::Retry { maybe_applied, reason } => Attempt::Retry { maybe_applied, reason },
+        Attempt::Failed(e) => Attempt::Failed(e),
+    }
+}
+
 async fn history_here(
     node: &Node,
     shard: ShardId,
     room: &str,
+    viewer: &str,
     query: HistoryQuery,
     linearizable: bool,
     remaining: Duration,
@@ -348,30 +414,141 @@ async fn history_here(
     let Some(replica) = node.shards.get(&shard) else {
         return Attempt::Redirect(None);
     };
-    if linearizable {
-        match tokio::time::timeout(remaining, replica.raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                return Attempt::Redirect(f.leader_id);
-            }
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
-                return Attempt::Retry { maybe_applied: false, reason: format!("shard {shard}: {e}") };
-            }
-            Ok(Err(RaftError::Fatal(e))) => {
-                return Attempt::Retry { maybe_applied: false, reason: format!("shard {shard} stopped: {e}") };
-            }
-            Err(_) => {
-                return Attempt::Retry {
-                    maybe_applied: false,
-                    reason: format!("shard {shard} could not confirm its leadership in time"),
-                };
-            }
-        }
+    if linearizable && let Err(stop) = linearizable_here(node, shard, remaining).await {
+        return stopped(stop);
     }
-    match replica.reader.history(room, query) {
+    match replica.reader.history(room, query, viewer) {
         Ok(page) => Attempt::Done(cap_page_bytes(page)),
         Err(e) => Attempt::Failed(e.into()),
     }
+}
+
+/// A room's members, for `viewer`, read through the shard's leader.
+pub async fn members(
+    node: &Node,
+    shard: ShardId,
+    viewer: &str,
+    request: client::Members,
+) -> Result<client::MemberList, ServiceError> {
+    with_leader(node, shard, true, |target, remaining| {
+        let request = request.clone();
+        async move {
+            if target == node.id {
+                return members_here(node, shard, viewer, &request, remaining).await;
+            }
+            let read = pb::ReadRequest {
+                shard,
+                linearizable: true,
+                query: Some(pb::read_request::Query::Members(request)),
+                viewer: viewer.to_owned(),
+            };
+            match read_at(node, target, read, remaining).await {
+                Attempt::Done(pb::read_reply::Result::Members(list)) => Attempt::Done(list),
+                Attempt::Done(_) => {
+                    Attempt::Retry { maybe_applied: false, reason: format!("node {target} sent a wrong reply") }
+                }
+                Attempt::Redirect(l) => Attempt::Redirect(l),
+                Attempt::Retry { reason, .. } => Attempt::Retry { maybe_applied: false, reason },
+                Attempt::Failed(e) => Attempt::Failed(e),
+            }
+        }
+    })
+    .await
+}
+
+async fn members_here(
+    node: &Node,
+    shard: ShardId,
+    viewer: &str,
+    request: &client::Members,
+    remaining: Duration,
+) -> Attempt<client::MemberList> {
+    let Some(replica) = node.shards.get(&shard) else {
+        return Attempt::Redirect(None);
+    };
+    if let Err(stop) = linearizable_here(node, shard, remaining).await {
+        return stopped(stop);
+    }
+    let limit = if request.limit == 0 { 100 } else { (request.limit as usize).min(MAX_PAGE) };
+    match replica.reader.members(&request.room, viewer, &request.after, limit) {
+        Ok((members, more)) => Attempt::Done(client::MemberList {
+            room: request.room.clone(),
+            members: members
+                .into_iter()
+                .map(|m| client::Member { user: m.user, state: m.state, role: m.role, since_ms: m.since_ms })
+                .collect(),
+            more,
+        }),
+        Err(e) => Attempt::Failed(e.into()),
+    }
+}
+
+/// Waits until this node's replica of `shard` has applied everything its leader had committed
+/// when asked (the leader confirms its leadership first): reads of the replica after this see
+/// every write acknowledged before the call.
+pub async fn catch_up_with_leader(node: &Node, shard: ShardId) -> Result<(), ServiceError> {
+    let Some(replica) = node.shards.get(&shard) else {
+        return Err(ServiceError::Internal(format!("shard {shard} is not hosted here")));
+    };
+    let index = with_leader(node, shard, true, |target, remaining| async move {
+        if target == node.id {
+            return read_index_here(node, shard, remaining).await;
+        }
+        let Some(mut client) = node.peers.get(target) else {
+            return Attempt::Retry { maybe_applied: false, reason: format!("node {target} is not a peer") };
+        };
+        match tokio::time::timeout(remaining, client.read_index(pb::ReadIndexRequest { shard })).await {
+            Err(_) => Attempt::Retry { maybe_applied: false, reason: format!("node {target} did not answer in time") },
+            Ok(Err(status)) => {
+                Attempt::Retry { maybe_applied: false, reason: format!("node {target}: {}", status.message()) }
+            }
+            Ok(Ok(reply)) => match reply.into_inner().result {
+                Some(pb::read_index_reply::Result::Index(index)) => Attempt::Done(index),
+                Some(pb::read_index_reply::Result::NotLeader(n)) => {
+                    Attempt::Redirect((n.leader_hint != 0).then_some(n.leader_hint))
+                }
+                Some(pb::read_index_reply::Result::Error(e)) => {
+                    Attempt::Retry { maybe_applied: false, reason: format!("node {target}: {}", e.message) }
+                }
+                None => Attempt::Retry { maybe_applied: false, reason: format!("node {target} sent an empty reply") },
+            },
+        }
+    })
+    .await?;
+    replica
+        .raft
+        .wait(Some(node.config.request_timeout))
+        .applied_index_at_least(Some(index), "catching up with the leader")
+        .await
+        .map_err(|e| ServiceError::Unavailable { reason: format!("shard {shard}: this replica is behind: {e}") })?;
+    Ok(())
+}
+
+async fn read_index_here(node: &Node, shard: ShardId, remaining: Duration) -> Attempt<u64> {
+    let Some(replica) = node.shards.get(&shard) else {
+        return Attempt::Redirect(None);
+    };
+    match tokio::time::timeout(remaining, replica.raft.get_read_log_id()).await {
+        Ok(Ok((read, applied))) => Attempt::Done(read.max(applied).map_or(0, |id| id.index)),
+        Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Attempt::Redirect(f.leader_id),
+        Ok(Err(e)) => Attempt::Retry { maybe_applied: false, reason: format!("shard {shard}: {e}") },
+        Err(_) => Attempt::Retry {
+            maybe_applied: false,
+            reason: format!("shard {shard} could not confirm its leadership in time"),
+        },
+    }
+}
+
+/// Serves a ReadIndex asked by a peer: only if this node leads the shard.
+pub async fn serve_read_index(node: &Node, request: pb::ReadIndexRequest) -> pb::ReadIndexReply {
+    use pb::read_index_reply::Result as R;
+    let result = match read_index_here(node, request.shard, node.config.request_timeout).await {
+        Attempt::Done(index) => R::Index(index),
+        Attempt::Redirect(l) => R::NotLeader(pb::NotLeader { leader_hint: l.unwrap_or(0) }),
+        Attempt::Retry { reason, .. } => R::Error(ServiceError::Unavailable { reason }.to_wire()),
+        Attempt::Failed(e) => R::Error(e.to_wire()),
+    };
+    pb::ReadIndexReply { result: Some(result) }
 }
 
 /// Pages stay under about 4 MiB whatever the message sizes: a client reads on from the last
@@ -428,25 +605,33 @@ async fn read_at(
 pub async fn serve_forwarded_read(node: &Node, request: pb::ReadRequest) -> pb::ReadReply {
     use pb::read_reply::Result as R;
     let remaining = node.config.request_timeout;
+    let viewer = request.viewer.as_str();
+    if let Err(e) = chorus_raft::limits::validate_user_name(viewer) {
+        return pb::ReadReply { result: Some(R::Error(ServiceError::from(e).to_wire())) };
+    }
+    fn answer<T>(attempt: Attempt<T>, done: impl FnOnce(T) -> R) -> R {
+        match attempt {
+            Attempt::Done(value) => done(value),
+            Attempt::Redirect(l) => R::NotLeader(pb::NotLeader { leader_hint: l.unwrap_or(0) }),
+            Attempt::Retry { reason, .. } => R::Error(ServiceError::Unavailable { reason }.to_wire()),
+            Attempt::Failed(e) => R::Error(e.to_wire()),
+        }
+    }
     let result = match request.query {
         Some(pb::read_request::Query::History(h)) => {
             let query = history_query(&h);
-            match history_here(node, request.shard, &h.room, query, request.linearizable, remaining).await {
-                Attempt::Done(page) => R::History(history_page_to_pb(&h.room, page)),
-                Attempt::Redirect(l) => R::NotLeader(pb::NotLeader { leader_hint: l.unwrap_or(0) }),
-                Attempt::Retry { reason, .. } => R::Error(ServiceError::Unavailable { reason }.to_wire()),
-                Attempt::Failed(e) => R::Error(e.to_wire()),
-            }
+            let attempt = history_here(node, request.shard, &h.room, viewer, query, request.linearizable, remaining);
+            answer(attempt.await, |page| R::History(history_page_to_pb(&h.room, page)))
+        }
+        Some(pb::read_request::Query::Members(m)) => {
+            answer(members_here(node, request.shard, viewer, &m, remaining).await, R::Members)
         }
         Some(pb::read_request::Query::ListRooms(l)) => match node.shards.get(&request.shard) {
             None => R::NotLeader(pb::NotLeader { leader_hint: 0 }),
             Some(replica) => {
                 let after = (!l.after.is_empty()).then_some(l.after.as_str());
-                match replica.reader.list_rooms(after, l.limit as usize) {
-                    Ok(rooms) => R::Rooms(client::RoomList {
-                        more: false,
-                        rooms: rooms.into_iter().map(|r| room_info(request.shard, r)).collect(),
-                    }),
+                match replica.reader.list_rooms(after, l.limit as usize, viewer, l.mine) {
+                    Ok(page) => R::RoomPage(room_page_to_pb(request.shard, page)),
                     Err(e) => R::Error(ServiceError::from(e).to_wire()),
                 }
             }
@@ -456,21 +641,30 @@ pub async fn serve_forwarded_read(node: &Node, request: pb::ReadRequest) -> pb::
     pb::ReadReply { result: Some(result) }
 }
 
-/// The rooms of one shard after `after`, from any replica.
+fn room_page_to_pb(shard: ShardId, page: chorus_raft::state_machine::rooms::RoomPage) -> pb::ShardRoomPage {
+    pb::ShardRoomPage {
+        rooms: page.rooms.into_iter().map(|r| room_info(shard, r)).collect(),
+        scanned_to: page.scanned_to.unwrap_or_default(),
+    }
+}
+
+/// The rooms of one shard after `after` that `viewer` can see, from any replica.
 pub async fn list_rooms_of_shard(
     node: &Node,
     shard: ShardId,
+    viewer: &str,
     after: Option<&str>,
     limit: usize,
-) -> Result<Vec<client::RoomInfo>, ServiceError> {
-    let request = client::ListRooms { after: after.unwrap_or_default().to_owned(), limit: limit as u32 };
+    mine: bool,
+) -> Result<pb::ShardRoomPage, ServiceError> {
+    let request = client::ListRooms { after: after.unwrap_or_default().to_owned(), limit: limit as u32, mine };
     with_leader(node, shard, false, |target, remaining| {
         let request = request.clone();
         async move {
             if target == node.id {
                 let Some(replica) = node.shards.get(&shard) else { return Attempt::Redirect(None) };
-                return match replica.reader.list_rooms(after, limit) {
-                    Ok(rooms) => Attempt::Done(rooms.into_iter().map(|r| room_info(shard, r)).collect()),
+                return match replica.reader.list_rooms(after, limit, viewer, mine) {
+                    Ok(page) => Attempt::Done(room_page_to_pb(shard, page)),
                     Err(e) => Attempt::Failed(e.into()),
                 };
             }
@@ -478,9 +672,10 @@ pub async fn list_rooms_of_shard(
                 shard,
                 linearizable: false,
                 query: Some(pb::read_request::Query::ListRooms(request)),
+                viewer: viewer.to_owned(),
             };
             match read_at(node, target, read, remaining).await {
-                Attempt::Done(pb::read_reply::Result::Rooms(list)) => Attempt::Done(list.rooms),
+                Attempt::Done(pb::read_reply::Result::RoomPage(page)) => Attempt::Done(page),
                 Attempt::Done(_) => {
                     Attempt::Retry { maybe_applied: false, reason: format!("node {target} sent a wrong reply") }
                 }
@@ -497,7 +692,13 @@ pub async fn list_rooms_of_shard(
     .await
 }
 
-pub fn room_info(shard: ShardId, r: chorus_proto::storage::RoomRecord) -> client::RoomInfo {
+/// A room as its viewer sees it. The storage and client enums share their numbers.
+pub fn room_info(shard: ShardId, view: RoomView) -> client::RoomInfo {
+    let r = view.room;
+    let (membership, role) = match &view.member {
+        Some(m) => (m.state, if m.state == client::MembershipState::Joined as i32 { m.role } else { 0 }),
+        None => (0, 0),
+    };
     client::RoomInfo {
         first_seq: chorus_raft::state_machine::first_retained(&r),
         name: r.name,
@@ -508,6 +709,11 @@ pub fn room_info(shard: ShardId, r: chorus_proto::storage::RoomRecord) -> client
         created_ts_ms: r.created_ts_ms,
         metadata: r.metadata,
         retention_max_messages: r.retention_max_messages,
+        visibility: r.visibility,
+        member_count: r.member_count,
+        membership,
+        role,
+        direct_users: r.direct_users,
     }
 }
 
@@ -520,6 +726,9 @@ pub fn message_to_pb(room: &str, m: chorus_proto::storage::MessageRecord) -> cli
         body: m.body,
         client_id: m.client_id,
         client_seq: m.client_seq,
+        kind: m.kind,
+        target: m.target,
+        role: m.role,
     }
 }
 
@@ -546,6 +755,9 @@ fn history_page_from_pb(page: client::HistoryPage) -> HistoryPage {
                 client_id: m.client_id,
                 client_seq: m.client_seq,
                 body: m.body,
+                kind: m.kind,
+                target: m.target,
+                role: m.role,
             })
             .collect(),
     }

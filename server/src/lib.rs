@@ -9,8 +9,11 @@
 //!   entry.
 //! - [`subscription`]: gap-free live feeds.
 //! - [`peer`]: the gRPC service between nodes; [`bootstrap`]: creating shards once.
-//! - [`status`]: the cluster status table; [`tls`]: certificates.
+//! - [`status`]: the cluster status table; [`tls`]: the client endpoint's certificate;
+//!   [`peer_tls`]: mutual TLS between nodes.
+//! - [`auth`]: accounts, sessions and tokens; [`rate_limit`]: abuse limits.
 
+pub mod auth;
 pub mod balance;
 pub mod batcher;
 pub mod bootstrap;
@@ -22,6 +25,8 @@ pub mod front_door;
 pub mod liveness;
 pub mod node;
 pub mod peer;
+pub mod peer_tls;
+pub mod rate_limit;
 pub mod requests;
 pub mod status;
 pub mod subscription;

@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use chorus_server::config::{Cli, Command, GenCertArgs};
-use chorus_server::{node, tls};
+use chorus_server::config::{CaCommand, Cli, Command, GenCertArgs};
+use chorus_server::{node, peer_tls, tls};
 use clap::Parser;
 use tracing::Instrument;
 
@@ -12,7 +12,28 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::GenCert(args)) => gen_cert(args),
+        Some(Command::Ca(command)) => ca(command),
         None => run(cli.run),
+    }
+}
+
+fn ca(command: CaCommand) -> ExitCode {
+    let (result, done) = match &command {
+        CaCommand::Init { dir } => (peer_tls::ca_init(dir), format!("made a cluster CA in {}", dir.display())),
+        CaCommand::Issue { dir, node_id, out } => (
+            peer_tls::issue(dir, *node_id, out),
+            format!("issued node {node_id}'s peer certificate into {}", out.display()),
+        ),
+    };
+    match result {
+        Ok(()) => {
+            eprintln!("chorusd ca: {done}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("chorusd ca: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

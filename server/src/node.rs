@@ -21,10 +21,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::auth::connections::Connections;
+use crate::auth::oidc::ExternalVerifier;
 use crate::cluster::ClusterLayout;
 use crate::config::NodeConfig;
 use crate::liveness::{self, Liveness};
-use crate::{bootstrap, front_door, peer, tls};
+use crate::rate_limit::RateLimiters;
+use crate::{auth, bootstrap, front_door, peer, peer_tls, tls};
 
 /// Most unary client requests in flight on one node; beyond it, requests are refused as
 /// `unavailable` rather than queued without bound.
@@ -66,6 +69,11 @@ pub struct Node {
     pub liveness: Liveness,
     /// Shards whose writes are held while their leadership moves (see `balance`).
     pub holds: crate::balance::Holds,
+    /// Signed-in client connections, for closing them when their session is revoked.
+    pub connections: Connections,
+    pub rate: RateLimiters,
+    /// The external identity provider, if one is configured.
+    pub external: Option<ExternalVerifier>,
 }
 
 impl Node {
@@ -166,6 +174,21 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     );
     let db = NodeDb::open(&config.data_dir, layout.identity(node_id), &DbOptions::default())
         .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
+    // The data dir holds secrets (the meta group's signing keys, password hashes, the first
+    // admin's credential): only its owner may enter it.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private", config.data_dir.display()))?;
+    }
+    let peer_tls = peer_tls::load(&config.peer_tls, &config.data_dir, node_id)
+        .context("setting up mutual TLS with the other nodes")?;
+    let external = match config.auth.oidc.clone() {
+        Some(oidc) => Some(
+            ExternalVerifier::new(oidc).await.map_err(anyhow::Error::msg).context("the external identity provider")?,
+        ),
+        None => None,
+    };
 
     let advertised_host = config.advertise_client_addr.rsplit_once(':').map(|(h, _)| h).unwrap_or("localhost");
     let identity = tls::load_or_generate(config.tls.as_ref(), &config.data_dir, advertised_host)
@@ -177,8 +200,15 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let peer_ip = config.peer_addr.ip();
     let local_ip = (!peer_ip.is_unspecified()).then_some(peer_ip);
     let peers = Arc::new(
-        PeerClients::new(node_id, &layout.cluster_id, &layout.nodes, local_ip, Duration::from_millis(500))
-            .context("setting up peer connections")?,
+        PeerClients::new(
+            node_id,
+            &layout.cluster_id,
+            &layout.nodes,
+            local_ip,
+            Duration::from_millis(500),
+            Some(&peer_tls.client_material()),
+        )
+        .context("setting up peer connections")?,
     );
     let mut shards = BTreeMap::new();
     for shard in layout.shards_of(node_id) {
@@ -212,13 +242,19 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         batcher: Default::default(),
         liveness: Default::default(),
         holds: Default::default(),
+        connections: Connections::default(),
+        rate: RateLimiters::new(&config.rate_limits),
+        external,
         config,
     });
 
-    let peer_server = peer::serve(node.clone()).await.context("starting the peer server")?;
+    let peer_server = peer::serve(node.clone(), &peer_tls).await.context("starting the peer server")?;
     let quic = front_door::bind(&node, crypto).context("starting the QUIC client endpoint")?;
     node.client_tasks.spawn(front_door::serve(node.clone(), quic.clone()));
     bootstrap::spawn(&node);
+    node.background_tasks.spawn(auth::bootstrap::run(node.clone()));
+    node.background_tasks.spawn(auth::connections::watch_revocations(node.clone()));
+    node.background_tasks.spawn(forget_idle_rates(node.clone()));
     if node.config.tuning.node_liveness {
         node.background_tasks.spawn(liveness::send_heartbeats(node.clone()));
         node.background_tasks.spawn(liveness::watch_leaders(node.clone()));
@@ -234,6 +270,14 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         "node is serving"
     );
     Ok(RunningNode { node, quic, peer_server, failed })
+}
+
+/// Drops the rate limiters' state of quiet keys now and then, so that it stays bounded.
+async fn forget_idle_rates(node: Arc<Node>) {
+    let mut ticker = ticker(Duration::from_secs(60));
+    while node.next_tick(&mut ticker).await {
+        node.rate.forget_idle();
+    }
 }
 
 /// Longest the shutdown waits for one shard's Raft to stop.

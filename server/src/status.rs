@@ -124,6 +124,7 @@ pub async fn cluster_status(node: &Node) -> client::ClusterStatusReply {
         }
     }
     let shards = (0..node.layout.shard_count)
+        .chain(std::iter::once(chorus_raft::keys::META_SHARD))
         .map(|shard| {
             let views = views.get(&shard).map(Vec::as_slice).unwrap_or_default();
             // A deposed leader may still think it leads for a moment: trust the highest term.
@@ -164,6 +165,7 @@ pub async fn cluster_status(node: &Node) -> client::ClusterStatusReply {
         answered_by: node.id,
         nodes,
         shards,
+        meta_shard: chorus_raft::keys::META_SHARD,
     }
 }
 

@@ -9,12 +9,19 @@
 //!
 //! A node that does not host the room's shard relays the feed of a replica over gRPC and
 //! resumes from its cursor on another replica if that one fails.
+//!
+//! A feed is for one signed-in user (its viewer): the replica checks with every history page
+//! that they may read the room, and a feed whose viewer is removed from the room (a kick or a
+//! ban after the feed's cursor, or leaving a room that is not public) delivers that event and
+//! ends with `forbidden` (or `not_member`): nothing the room receives after the removal
+//! reaches them, because the removal is itself an event of the room's sequence.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use chorus_proto::client::{self, event};
+use chorus_proto::storage::{MembershipState, MessageKind, MessageRecord};
 use chorus_proto::{framing, peer as pb};
 use chorus_raft::{AppliedMessage, HistoryQuery, ShardEvent, ShardId, ShardReader};
 use tokio::sync::{broadcast, mpsc};
@@ -81,11 +88,31 @@ async fn send(out: &mpsc::Sender<Outgoing>, cancel: &CancellationToken, event: i
     }
 }
 
-/// Follows `room` on this node's replica from `after` until cancelled or the consumer leaves.
-/// Returns an error only for a terminal failure (e.g. the room does not exist).
+/// Whether the feed of `viewer` may go on past `message` (which it delivers either way): `Err`
+/// once the viewer was removed from the room by it, and is still out.
+fn still_admitted(reader: &ShardReader, room: &str, viewer: &str, message: &MessageRecord) -> Result<(), ServiceError> {
+    let kind = MessageKind::try_from(message.kind).unwrap_or(MessageKind::Text);
+    match kind {
+        MessageKind::Kicked | MessageKind::Banned if message.target == viewer => {
+            let now = reader.member(room, viewer)?;
+            if now.is_some_and(|m| m.state == MembershipState::Joined as i32) {
+                return Ok(()); // back in since
+            }
+            let how = if kind == MessageKind::Kicked { "removed" } else { "banned" };
+            Err(ServiceError::Forbidden(format!("you were {how} from {room} by {}", message.sender)))
+        }
+        MessageKind::Left if message.sender == viewer => reader.room_view(room, viewer).map(|_| ()).map_err(Into::into),
+        _ => Ok(()),
+    }
+}
+
+/// Follows `room` on this node's replica from `after`, for `viewer`, until cancelled or the
+/// consumer leaves. Returns an error only for a terminal failure (e.g. the room does not
+/// exist, or the viewer may not read it).
 pub async fn follow_local(
     reader: ShardReader,
     room: String,
+    viewer: String,
     mut cursor: u64,
     out: mpsc::Sender<Outgoing>,
     cancel: CancellationToken,
@@ -94,7 +121,7 @@ pub async fn follow_local(
     loop {
         // Catch up from history.
         loop {
-            let page = reader.history(&room, HistoryQuery::After { after: cursor, limit: CATCH_UP_PAGE })?;
+            let page = reader.history(&room, HistoryQuery::After { after: cursor, limit: CATCH_UP_PAGE }, &viewer)?;
             if page.first_seq > cursor + 1 {
                 let gap = client::Gap {
                     room: room.clone(),
@@ -117,9 +144,11 @@ pub async fn follow_local(
                     )));
                 }
                 cursor = message.seq;
+                let admitted = still_admitted(&reader, &room, &viewer, &message);
                 if !send(&out, &cancel, message_event(message_to_pb(&room, message))).await {
                     return Ok(());
                 }
+                admitted?;
             }
             if read < CATCH_UP_PAGE {
                 break;
@@ -142,12 +171,15 @@ pub async fn follow_local(
                             break 'live; // a gap in what we saw: read it from history
                         }
                         cursor = seq;
+                        let admitted = still_admitted(&reader, &room, &viewer, &applied.message);
                         if !send(&out, &cancel, Outgoing::Live(applied.clone())).await {
                             return Ok(());
                         }
+                        admitted?;
                     }
                 }
                 Ok(ShardEvent::SnapshotInstalled) | Err(broadcast::error::RecvError::Lagged(_)) => break 'live,
+                Ok(ShardEvent::Revoked(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return Err(ServiceError::ShuttingDown),
             }
         }
@@ -160,6 +192,7 @@ pub async fn follow_remote(
     node: &Node,
     shard: ShardId,
     room: String,
+    viewer: String,
     mut cursor: u64,
     out: mpsc::Sender<Outgoing>,
     cancel: CancellationToken,
@@ -173,8 +206,11 @@ pub async fn follow_remote(
         let target = replicas[attempt % replicas.len()];
         attempt += 1;
         let Some(mut client) = node.peers.get(target) else { continue };
-        let request =
-            pb::SubscribeRequest { shard, cursor: Some(client::RoomCursor { room: room.clone(), after_seq: cursor }) };
+        let request = pb::SubscribeRequest {
+            shard,
+            cursor: Some(client::RoomCursor { room: room.clone(), after_seq: cursor }),
+            viewer: viewer.clone(),
+        };
         let opened = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             opened = tokio::time::timeout(node.config.request_timeout, client.subscribe(request)) => opened,
@@ -240,18 +276,19 @@ async fn pause(cancel: &CancellationToken, attempt: usize) {
     }
 }
 
-/// Follows `room` wherever its shard lives.
+/// Follows `room` wherever its shard lives, for `viewer`.
 pub async fn follow(
     node: &Node,
     room: String,
+    viewer: String,
     after: u64,
     out: mpsc::Sender<Outgoing>,
     cancel: CancellationToken,
 ) -> Result<(), ServiceError> {
     let shard = node.layout.router.shard_for_room(&room);
     match node.shards.get(&shard) {
-        Some(replica) => follow_local(replica.reader.clone(), room, after, out, cancel).await,
-        None => follow_remote(node, shard, room, after, out, cancel).await,
+        Some(replica) => follow_local(replica.reader.clone(), room, viewer, after, out, cancel).await,
+        None => follow_remote(node, shard, room, viewer, after, out, cancel).await,
     }
 }
 
@@ -271,6 +308,7 @@ mod tests {
             client_id: Bytes::from_static(b"client-1"),
             client_seq: seq,
             body: Bytes::from(format!("message {seq}")),
+            ..Default::default()
         };
         Arc::new(AppliedMessage { room: room.into(), message, wire: OnceLock::new() })
     }

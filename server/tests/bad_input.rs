@@ -38,6 +38,14 @@ async fn error_code_for(connection: &quinn::Connection, bytes: &[u8]) -> String 
     }
 }
 
+/// One request on a new stream, and its response.
+async fn exchange(connection: &quinn::Connection, request: &pb::Request) -> pb::Response {
+    let (mut s, mut r) = connection.open_bi().await.unwrap();
+    framing::write_message(&mut s, request).await.unwrap();
+    s.finish().unwrap();
+    framing::read_message(&mut r, 1 << 20).await.unwrap().unwrap()
+}
+
 fn frame(request: &pb::Request) -> Vec<u8> {
     framing::encode_frame(request).to_vec()
 }
@@ -60,12 +68,18 @@ async fn bad_input_gets_specific_errors_and_the_node_stays_up() {
         body: Bytes::from_static(b"x"),
     }));
     assert_eq!(error_code_for(&connection, &frame(&send)).await, "hello_required");
-    let hello = request(request::Kind::Hello(pb::Hello { user: "mallory".into(), client_name: "raw".into() }));
-    let (mut s, mut r) = connection.open_bi().await.unwrap();
-    framing::write_message(&mut s, &hello).await.unwrap();
-    s.finish().unwrap();
-    let reply: pb::Response = framing::read_message(&mut r, 1 << 20).await.unwrap().unwrap();
+    let hello = request(request::Kind::Hello(pb::Hello { client_name: "raw".into(), access_token: String::new() }));
+    let reply = exchange(&connection, &hello).await;
     assert!(matches!(reply.kind, Some(response::Kind::Hello(_))));
+    // Not signed in yet: nothing but the sign-in requests.
+    assert_eq!(error_code_for(&connection, &frame(&send)).await, "unauthenticated");
+    let register = request(request::Kind::Register(pb::Register {
+        user: "mallory".into(),
+        password: "mallory-password".into(),
+        ..Default::default()
+    }));
+    let reply = exchange(&connection, &register).await;
+    assert!(matches!(reply.kind, Some(response::Kind::SignedIn(_))), "{reply:?}");
 
     // Garbage: its first bytes read as an absurd length.
     assert_eq!(error_code_for(&connection, b"GET / HTTP/1.1\r\n\r\n").await, "frame_too_large");
@@ -168,5 +182,6 @@ async fn bad_input_gets_specific_errors_and_the_node_stays_up() {
     let reply: pb::Response = framing::read_message(&mut r, 1 << 20).await.unwrap().unwrap();
     assert!(matches!(reply.kind, Some(response::Kind::ClusterStatus(_))), "{reply:?}");
     let client = cluster.client(&[1], "alice").await;
-    assert_eq!(client.send("r", "still here").await.unwrap().seq, 3);
+    assert_eq!(client.join("r").await.unwrap().seq, 3, "alice's join is the room's third entry");
+    assert_eq!(client.send("r", "still here").await.unwrap().seq, 4);
 }

@@ -93,7 +93,7 @@ async fn acked_sends_survive_a_leader_kill_and_the_killed_node_catches_up_by_sna
     cluster.wait_ready(1).await;
     let room = "busy";
     let shard = shard_of(room, 2);
-    let admin = cluster.client(&[1, 2, 3], "admin").await;
+    let admin = cluster.client(&[1, 2, 3], "owner").await;
     admin.create_room(room, BTreeMap::new(), 0).await.unwrap();
     let leader = cluster.leader_of(1, shard).await;
     let others: Vec<u64> = [1, 2, 3].into_iter().filter(|&n| n != leader).collect();
@@ -101,7 +101,8 @@ async fn acked_sends_survive_a_leader_kill_and_the_killed_node_catches_up_by_sna
     // A subscriber and a sender on the followers, so that the kill tests failover, not luck.
     let watcher = cluster.client(&[others[0], others[1]], "watcher").await;
     let mut subscription = watcher.subscribe([(room.to_string(), 0)]);
-    let sender = cluster.client(&[others[1], others[0]], "sender").await;
+    // The room's owner sends (a member from the start: the room's sequence is its messages).
+    let sender = cluster.client(&[others[1], others[0]], "owner").await;
     const SENDS: u64 = 1000;
     let send_task = tokio::spawn(async move {
         let mut acked = Vec::new();
@@ -194,7 +195,7 @@ async fn sends_go_straight_to_shard_leaders_and_fall_back_when_one_dies() {
         client.create_room(room, BTreeMap::new(), 0).await.unwrap();
     }
     let expected: Vec<(u32, u64)> =
-        status.shards.iter().filter(|s| s.leader != 1).map(|s| (s.shard, s.leader)).collect();
+        status.shards.iter().filter(|s| s.shard < SHARDS && s.leader != 1).map(|s| (s.shard, s.leader)).collect();
     assert!(!expected.is_empty(), "leadership should be spread over the nodes: {:?}", status.shards);
 
     // The client learns the leaders from node 1 and connects to them (in the background).
@@ -429,23 +430,28 @@ async fn a_node_without_a_replica_of_the_shard_forwards_everything() {
     assert_eq!(outsider.history_all(&room, 0, false).await.unwrap(), streamed);
     let status = outsider.cluster_status().await.unwrap();
     assert_eq!(status.nodes.len(), 5);
-    assert!(status.shards.iter().all(|s| s.replicas.len() == 3 && s.leader != 0), "{:?}", status.shards);
+    let rooms_shards = status.shards.iter().filter(|s| s.shard != status.meta_shard);
+    assert!(rooms_shards.clone().all(|s| s.replicas.len() == 3 && s.leader != 0), "{:?}", status.shards);
+    assert_eq!(rooms_shards.count(), 5);
+    let meta = status.shards.iter().find(|s| s.shard == status.meta_shard).expect("the meta group is listed");
+    assert_eq!(meta.replicas.len(), 5, "the meta group is on every node");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_quorum_fails_sends_with_unavailable_until_it_returns() {
     let mut cluster = TestCluster::start(3, 3, 1, &["--request-timeout-ms", "2000"]);
     cluster.wait_ready(1).await;
-    let admin = cluster.client(&[1], "admin").await;
+    let admin = cluster.client(&[1], "owner").await;
     admin.create_room("r", BTreeMap::new(), 0).await.unwrap();
     admin.send("r", "before").await.unwrap();
+    // Signed in before the quorum goes (signing in is a write too).
+    let mut options = cluster.options(&[1], "owner");
+    options.retry_deadline = Duration::ZERO;
+    let client = Client::connect(options).await.unwrap();
     cluster.kill(2);
     cluster.kill(3);
     // Let the survivor notice it has lost its quorum.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut options = cluster.options(&[1], "ann");
-    options.retry_deadline = Duration::ZERO;
-    let client = Client::connect(options).await.unwrap();
     for _ in 0..3 {
         let started = Instant::now();
         let err = client.send("r", "during").await.unwrap_err();
@@ -457,7 +463,7 @@ async fn losing_quorum_fails_sends_with_unavailable_until_it_returns() {
     cluster.spawn(2);
     cluster.spawn(3);
     cluster.wait_ready(1).await;
-    let after = cluster.client(&[1, 2, 3], "ann").await;
+    let after = cluster.client(&[1, 2, 3], "owner").await;
     let receipt = after.send("r", "after").await.unwrap();
     assert_eq!(receipt.seq, 2, "the failed sends appended nothing");
 }
@@ -466,7 +472,7 @@ async fn losing_quorum_fails_sends_with_unavailable_until_it_returns() {
 async fn sigterm_closes_subscriptions_with_a_reason_and_subscribers_resume_elsewhere() {
     let mut cluster = TestCluster::start(3, 3, 1, &[]);
     cluster.wait_ready(1).await;
-    let admin = cluster.client(&[1], "admin").await;
+    let admin = cluster.client(&[1], "owner").await;
     admin.create_room("r", BTreeMap::new(), 0).await.unwrap();
     for i in 1..=5 {
         admin.send("r", format!("{i}")).await.unwrap();
@@ -518,7 +524,7 @@ async fn a_subscriber_whose_node_is_killed_resumes_before_the_idle_timeout() {
     let watcher = Client::connect(options).await.unwrap();
     let watched = watcher.current_node().await.unwrap();
     let (&victim, _) = cluster.nodes.iter().find(|(_, n)| n.client_addr == watched).unwrap();
-    let admin = cluster.client(&[1], "admin").await;
+    let admin = cluster.client(&[1], "owner").await;
     admin.create_room("r", BTreeMap::new(), 0).await.unwrap();
     admin.send("r", "1").await.unwrap();
     // The watcher only subscribes: no request of its own would notice the dead node.

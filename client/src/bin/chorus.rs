@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use chorus_client::settings::ConnectArgs;
-use chorus_client::{Client, ClientError, ClusterStatusReply, HistoryFrom, Message, SubscriptionEvent};
+use chorus_client::settings::{ConnectArgs, ProfileStore};
+use chorus_client::{
+    Client, ClientError, ClusterStatusReply, Credentials, HistoryFrom, Message, Role, SubscriptionEvent, Visibility,
+};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
@@ -42,9 +44,49 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, clap::Args)]
+struct PasswordArgs {
+    /// Read the password from the first line of standard input (for scripts) instead of
+    /// asking for it at the terminal.
+    #[arg(long)]
+    password_stdin: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Send a message to a room.
+    /// Create an account and sign in as it (the cluster must allow registration).
+    Register {
+        user: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+        /// The registration token, if the cluster's registration needs one.
+        #[arg(long, env = "CHORUS_REGISTRATION_TOKEN", hide_env_values = true)]
+        registration_token: Option<String>,
+    },
+    /// Sign in (keeps the session in ~/.config/chorus/sessions/<profile>.toml, mode 0600).
+    Login {
+        /// Your user name (not with --external-token-stdin).
+        #[arg(required_unless_present = "external_token_stdin")]
+        user: Option<String>,
+        #[command(flatten)]
+        password: PasswordArgs,
+        /// Sign in with a token of the cluster's external identity provider, read from stdin.
+        #[arg(long, conflicts_with = "user")]
+        external_token_stdin: bool,
+    },
+    /// Sign out: this session, another one (--session), or every session (--all).
+    Logout {
+        #[arg(long)]
+        all: bool,
+        /// The id of another session of yours to end (see `chorus sessions`).
+        #[arg(long, conflicts_with = "all")]
+        session: Option<String>,
+    },
+    /// Who you are signed in as.
+    Whoami,
+    /// Your signed-in sessions (devices).
+    Sessions,
+    /// Send a message to a room (joining it first if it is public and you are not in it).
     Send {
         room: String,
         text: String,
@@ -52,9 +94,12 @@ enum Command {
         #[arg(long)]
         create: bool,
     },
-    /// Create a room.
+    /// Create a room; you become its owner.
     Create {
         room: String,
+        /// Only members can read it; others join by invitation.
+        #[arg(long)]
+        private: bool,
         /// Metadata entry key=value (repeatable), e.g. --meta topic=releases.
         #[arg(long = "meta", value_name = "KEY=VALUE")]
         meta: Vec<String>,
@@ -62,6 +107,42 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         retention: u64,
     },
+    /// Join a room (a public one, or a private one you are invited to).
+    Join { room: String },
+    /// Leave a room.
+    Leave { room: String },
+    /// Invite a user to a room (owners and admins).
+    Invite { room: String, user: String },
+    /// Remove a user from a room (owners and admins).
+    Kick {
+        room: String,
+        user: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Remove a user from a room and keep them out (owners and admins).
+    Ban {
+        room: String,
+        user: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Lift a ban.
+    Unban { room: String, user: String },
+    /// Give a member a role: member, admin or owner.
+    Role {
+        room: String,
+        user: String,
+        #[arg(value_enum)]
+        role: RoleArg,
+    },
+    /// The members of a room, with their roles.
+    Members { room: String },
+    /// Direct messages with a user: chat with them, or send TEXT.
+    Dm { user: String, text: Option<String> },
+    /// Administer the cluster (admins).
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Print a room's messages as they arrive.
     Tail {
         room: String,
@@ -85,20 +166,60 @@ enum Command {
         #[arg(long)]
         local: bool,
     },
-    /// List rooms.
+    /// List the rooms you can see: public ones, and those you are in or invited to.
     Rooms {
         /// Rooms after this name (paging).
         #[arg(long, default_value = "")]
         after: String,
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Only the rooms you are in or invited to.
+        #[arg(long)]
+        mine: bool,
     },
     /// Show the cluster: nodes, and every shard's replicas, leader, term and progress.
     Status,
     /// Chat in a room: messages arrive as they are sent; type a line to send it (/quit to leave).
+    /// Joins the room if it is public and you are not in it (creating it if it does not exist).
     Chat { room: String },
     /// Measure a running cluster: throughput, latency, fan-out (see docs/BENCHMARKS.md).
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Member,
+    Admin,
+    Owner,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Accounts.
+    #[command(subcommand)]
+    User(AdminUserCommand),
+    /// Sign new access tokens with a new key (tokens signed with older keys stay valid until
+    /// they expire).
+    RotateKey,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminUserCommand {
+    /// Create an account.
+    Add {
+        user: String,
+        /// Make the account an admin.
+        #[arg(long)]
+        admin: bool,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+    /// Disable an account: its sessions end at once, on every node.
+    Disable { user: String },
+    /// Enable a disabled account again.
+    Enable { user: String },
+    /// List the accounts.
+    List,
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,6 +257,25 @@ enum BenchMode {
         /// message sent after the kill.
         #[arg(long, conflicts_with = "client_on_leader")]
         subscriber_on_leader: bool,
+    },
+    /// One user sends at a fixed rate through the first node, alone and then while another
+    /// user floods the same node: how much the flood moves the first user's latency.
+    Flood {
+        /// The first user's sends per second.
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        /// How long each phase lasts (e.g. 20s).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+        duration: std::time::Duration,
+        /// The flooder's connections.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// The flooder's sends in flight per connection.
+        #[arg(long, default_value_t = 64)]
+        inflight: usize,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 200)]
+        size: usize,
     },
 }
 
@@ -191,17 +331,117 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reads a password: the first line of stdin with --password-stdin, else from the terminal
+/// without echo.
+fn read_password(args: &PasswordArgs, prompt: &str) -> anyhow::Result<String> {
+    if args.password_stdin {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+        return Ok(line.trim_end_matches(['\n', '\r']).to_owned());
+    }
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        bail!("no terminal to ask for the password: pass it on stdin with --password-stdin");
+    }
+    rpassword::prompt_password(prompt).context("reading the password")
+}
+
+fn not_signed_in() -> anyhow::Error {
+    anyhow::anyhow!("not signed in: `chorus login USER` (or `chorus register USER` where registration is open)")
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let options = cli.connect.resolve()?;
+    let store = ProfileStore::new(&cli.connect.profile)?;
     let nodes = options.nodes.join(", ");
-    let client = Client::connect(options).await.with_context(|| format!("connecting to {nodes}"))?;
+    let signed_in_before = matches!(options.credentials, Credentials::Session(_));
+    let client = match Client::connect(options).await {
+        Err(e) if signed_in_before && matches!(e.code(), Some("token_revoked" | "unauthenticated")) => {
+            // The kept session ended (signed out elsewhere, or an admin disabled the account).
+            store.remove()?;
+            let mut options = cli.connect.resolve()?;
+            options.credentials = Credentials::Anonymous;
+            eprintln!("chorus: your session ended ({e}); sign in again");
+            Client::connect(options).await.with_context(|| format!("connecting to {nodes}"))?
+        }
+        other => other.with_context(|| format!("connecting to {nodes}"))?,
+    };
     let json = cli.json;
-    match cli.command {
+    let before = client.session();
+    let result = command(&client, &store, cli.command, json).await;
+    // Keep a refreshed access token, so that the next command need not refresh again.
+    if let (Some(before), Some(now)) = (before, client.session())
+        && now.session_id == before.session_id
+        && now != before
+    {
+        let _ = store.save(&now);
+    }
+    result
+}
+
+async fn command(client: &Client, store: &ProfileStore, command: Command, json: bool) -> anyhow::Result<()> {
+    let needs_session = !matches!(command, Command::Register { .. } | Command::Login { .. } | Command::Status);
+    if needs_session && client.session().is_none() {
+        return Err(not_signed_in());
+    }
+    match command {
+        Command::Register { user, password, registration_token } => {
+            let password = read_password(&password, "choose a password: ")?;
+            let session = client.register(&user, &password, registration_token.as_deref().unwrap_or("")).await?;
+            store.save(&session)?;
+            say_signed_in(&session, json, "registered and signed in");
+        }
+        Command::Login { user, password, external_token_stdin } => {
+            let session = if external_token_stdin {
+                let mut token = String::new();
+                std::io::stdin().read_line(&mut token).context("reading the token from stdin")?;
+                client.login_external(token.trim()).await?
+            } else {
+                let user = user.unwrap_or_default();
+                let password = read_password(&password, &format!("password for {user}: "))?;
+                client.login(&user, &password).await?
+            };
+            store.save(&session)?;
+            say_signed_in(&session, json, "signed in");
+        }
+        Command::Logout { all, session } => {
+            match session {
+                Some(id) => client.logout_session(&id).await?,
+                None => {
+                    client.logout(all).await?;
+                    store.remove()?;
+                }
+            }
+            if !json {
+                out!("signed out");
+            }
+        }
+        Command::Whoami => {
+            let me = client.whoami().await?;
+            if json {
+                out!("{}", json!({"user": me.user, "session_id": me.session_id, "admin": me.admin}));
+            } else {
+                out!("{}{} (session {})", me.user, if me.admin { ", admin" } else { "" }, me.session_id);
+            }
+        }
+        Command::Sessions => {
+            for s in client.sessions().await? {
+                if json {
+                    out!(
+                        "{}",
+                        json!({"session_id": s.session_id, "device": s.device, "created_ms": s.created_ms,
+                               "expires_ms": s.expires_ms, "current": s.current})
+                    );
+                } else {
+                    let current = if s.current { "  (this one)" } else { "" };
+                    out!("{}  {}  since {}{current}", s.session_id, s.device, format_time(s.created_ms));
+                }
+            }
+        }
         Command::Send { room, text, create } => {
             if create {
-                ensure_room(&client, &room, json).await?;
+                ensure_room(client, &room, json).await?;
             }
-            let receipt = client.send(&room, text).await?;
+            let receipt = send_joining(client, &room, text).await?;
             if json {
                 out!(
                     "{}",
@@ -212,25 +452,79 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out!("sent to {room} as #{} at {}", receipt.seq, format_time(receipt.ts_ms));
             }
         }
-        Command::Create { room, meta, retention } => {
+        Command::Create { room, private, meta, retention } => {
             let mut metadata = BTreeMap::new();
             for entry in meta {
                 let Some((k, v)) = entry.split_once('=') else { bail!("--meta {entry:?} is not KEY=VALUE") };
                 metadata.insert(k.to_owned(), v.to_owned());
             }
-            let created = client.create_room(&room, metadata, retention).await?;
+            let visibility = if private { Visibility::Private } else { Visibility::Public };
+            let created = client.create_room_with(&room, visibility, metadata, retention).await?;
             if json {
                 out!("{}", json!({"room": created.room, "created_ts_ms": created.created_ts_ms}));
             } else {
-                out!("created room {}", created.room);
+                out!("created {} room {}", if private { "private" } else { "public" }, created.room);
             }
         }
+        Command::Join { room } => say_changed(client.join(&room).await?, json, &format!("joined {room}")),
+        Command::Leave { room } => say_changed(client.leave(&room).await?, json, &format!("left {room}")),
+        Command::Invite { room, user } => {
+            say_changed(client.invite(&room, &user).await?, json, &format!("invited {user} to {room}"))
+        }
+        Command::Kick { room, user, reason } => {
+            say_changed(client.kick(&room, &user, &reason).await?, json, &format!("removed {user} from {room}"))
+        }
+        Command::Ban { room, user, reason } => {
+            say_changed(client.ban(&room, &user, &reason).await?, json, &format!("banned {user} from {room}"))
+        }
+        Command::Unban { room, user } => {
+            say_changed(client.unban(&room, &user).await?, json, &format!("lifted the ban of {user} in {room}"))
+        }
+        Command::Role { room, user, role } => {
+            let role = match role {
+                RoleArg::Member => Role::Member,
+                RoleArg::Admin => Role::Admin,
+                RoleArg::Owner => Role::Owner,
+            };
+            let done = format!("{user} is now {} of {room}", role_name(role as i32));
+            say_changed(client.set_role(&room, &user, role).await?, json, &done)
+        }
+        Command::Members { room } => {
+            for m in client.all_members(&room).await? {
+                let state = member_state(m.state);
+                if json {
+                    out!(
+                        "{}",
+                        json!({"user": m.user, "role": role_name(m.role), "state": state, "since_ms": m.since_ms})
+                    );
+                } else if state == "joined" {
+                    out!("{:<32} {}", m.user, role_name(m.role));
+                } else {
+                    out!("{:<32} ({state})", m.user);
+                }
+            }
+        }
+        Command::Dm { user, text } => {
+            let direct = client.open_direct(&user).await?;
+            match text {
+                Some(text) => {
+                    let receipt = client.send(&direct.room, text).await?;
+                    if json {
+                        out!("{}", json!({"room": direct.room, "seq": receipt.seq, "ts_ms": receipt.ts_ms}));
+                    } else {
+                        out!("sent to {user} as #{}", receipt.seq);
+                    }
+                }
+                None => chat_in(client, &direct.room, &format!("direct messages with {user}")).await?,
+            }
+        }
+        Command::Admin(admin) => self::admin(client, admin, json).await?,
         Command::Tail { room, from } => {
             let after = match from {
                 Some(n) => n.saturating_sub(1),
                 None => client.history(&room, HistoryFrom::Before(u64::MAX), 1, true).await?.last_seq,
             };
-            follow(&client, &room, after, json).await?;
+            follow(client, &room, after, json).await?;
         }
         Command::History { room, before, after, limit, local } => {
             let from = match (after, before) {
@@ -246,25 +540,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_message(m, json);
             }
         }
-        Command::Rooms { after, limit } => {
-            let list = client.list_rooms(&after, limit).await?;
+        Command::Rooms { after, limit, mine } => {
+            let list = client.list_rooms_of(&after, limit, mine).await?;
             if json {
                 for r in &list.rooms {
                     out!(
                         "{}",
                         json!({"room": r.name, "shard": r.shard, "last_seq": r.last_seq, "first_seq": r.first_seq,
-                               "creator": r.creator, "created_ts_ms": r.created_ts_ms, "metadata": r.metadata})
+                               "creator": r.creator, "created_ts_ms": r.created_ts_ms, "metadata": r.metadata,
+                               "visibility": visibility_name(r.visibility), "members": r.member_count,
+                               "membership": member_state(r.membership), "role": role_name(r.role),
+                               "direct_users": r.direct_users})
                     );
                 }
             } else {
-                out!("{:<32} {:>6} {:>10} {:<16} LAST MESSAGE", "ROOM", "SHARD", "MESSAGES", "CREATED BY");
+                let me = client.user().unwrap_or_default();
+                out!("{:<36} {:<8} {:>8} {:>8} {:<8} LAST MESSAGE", "ROOM", "KIND", "MEMBERS", "MESSAGES", "YOU");
                 for r in &list.rooms {
                     let last = if r.last_seq == 0 { "-".to_string() } else { format_time(r.last_ts_ms) };
-                    out!("{:<32} {:>6} {:>10} {:<16} {}", r.name, r.shard, r.last_seq, r.creator, last);
+                    let name = match r.direct_users.iter().find(|u| **u != me) {
+                        Some(other) => format!("@{other}"),
+                        None => r.name.clone(),
+                    };
+                    let you = match member_state(r.membership) {
+                        "joined" => role_name(r.role),
+                        other => other,
+                    };
+                    out!(
+                        "{:<36} {:<8} {:>8} {:>8} {:<8} {}",
+                        name,
+                        visibility_name(r.visibility),
+                        r.member_count,
+                        r.last_seq,
+                        you,
+                        last
+                    );
                 }
                 if list.more {
-                    let next = list.rooms.last().map(|r| r.name.as_str()).unwrap_or_default();
-                    out!("(more: --after {next})");
+                    out!("(more: --after {})", list.next_after);
                 }
             }
         }
@@ -276,8 +589,129 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_status(&status);
             }
         }
-        Command::Chat { room } => chat(&client, &room).await?,
+        Command::Chat { room } => {
+            ensure_room(client, &room, false).await?;
+            chat_in(client, &room, &room).await?
+        }
         Command::Bench(args) => bench(client.options(), args, json).await?,
+    }
+    Ok(())
+}
+
+fn say_signed_in(session: &chorus_client::SessionTokens, json: bool, what: &str) {
+    if json {
+        out!("{}", json!({"user": session.user, "session_id": session.session_id, "admin": session.admin}));
+    } else {
+        out!("{what} as {}", session.user);
+    }
+}
+
+fn say_changed(changed: chorus_proto::client::MembershipChanged, json: bool, what: &str) {
+    if json {
+        out!("{}", json!({"room": changed.room, "seq": changed.seq, "ts_ms": changed.ts_ms}));
+    } else if changed.ts_ms == 0 {
+        out!("{what} (already so)");
+    } else {
+        out!("{what} (#{})", changed.seq);
+    }
+}
+
+fn role_name(role: i32) -> &'static str {
+    match Role::try_from(role) {
+        Ok(Role::Owner) => "owner",
+        Ok(Role::Admin) => "admin",
+        _ => "member",
+    }
+}
+
+fn member_state(state: i32) -> &'static str {
+    match chorus_proto::client::MembershipState::try_from(state) {
+        Ok(chorus_proto::client::MembershipState::Joined) => "joined",
+        Ok(chorus_proto::client::MembershipState::Invited) => "invited",
+        Ok(chorus_proto::client::MembershipState::Banned) => "banned",
+        _ => "-",
+    }
+}
+
+fn visibility_name(visibility: i32) -> &'static str {
+    match Visibility::try_from(visibility) {
+        Ok(Visibility::Private) => "private",
+        Ok(Visibility::Direct) => "direct",
+        _ => "public",
+    }
+}
+
+/// Sends, joining the room first if it is public and the user is not in it yet (as a chat
+/// user expects when they write to a channel they can see).
+async fn send_joining(client: &Client, room: &str, text: String) -> anyhow::Result<chorus_client::SendReceipt> {
+    let client_seq = client.next_client_seq();
+    match client.send_with_seq(room, text.clone(), client_seq).await {
+        Err(e) if e.code() == Some("not_member") => {
+            client.join(room).await.with_context(|| format!("joining {room}"))?;
+            Ok(client.send_with_seq(room, text, client_seq).await?)
+        }
+        other => Ok(other?),
+    }
+}
+
+async fn admin(client: &Client, command: AdminCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        AdminCommand::User(AdminUserCommand::Add { user, admin, password }) => {
+            let password = read_password(&password, &format!("password for {user}: "))?;
+            client.admin_create_user(&user, &password, admin).await?;
+            if !json {
+                out!("created {}{user}", if admin { "admin " } else { "" });
+            }
+        }
+        AdminCommand::User(AdminUserCommand::Disable { user }) => {
+            client.admin_set_user_disabled(&user, true).await?;
+            if !json {
+                out!("disabled {user}: its sessions have ended");
+            }
+        }
+        AdminCommand::User(AdminUserCommand::Enable { user }) => {
+            client.admin_set_user_disabled(&user, false).await?;
+            if !json {
+                out!("enabled {user}");
+            }
+        }
+        AdminCommand::User(AdminUserCommand::List) => {
+            let mut after = String::new();
+            loop {
+                let page = client.admin_list_users(&after, 1000).await?;
+                for u in &page.users {
+                    if json {
+                        out!(
+                            "{}",
+                            json!({"user": u.user, "created_ms": u.created_ms, "disabled": u.disabled,
+                                   "admin": u.admin, "external_issuer": u.external_issuer})
+                        );
+                    } else {
+                        let mut notes = Vec::new();
+                        if u.admin {
+                            notes.push("admin".to_string());
+                        }
+                        if u.disabled {
+                            notes.push("disabled".to_string());
+                        }
+                        if !u.external_issuer.is_empty() {
+                            notes.push(format!("via {}", u.external_issuer));
+                        }
+                        out!("{:<32} since {}  {}", u.user, format_time(u.created_ms), notes.join(", "));
+                    }
+                }
+                match (page.more, page.users.last()) {
+                    (true, Some(last)) => after = last.user.clone(),
+                    _ => break,
+                }
+            }
+        }
+        AdminCommand::RotateKey => {
+            client.admin_rotate_signing_key().await?;
+            if !json {
+                out!("new access tokens are signed with a new key");
+            }
+        }
     }
     Ok(())
 }
@@ -301,6 +735,26 @@ async fn bench(options: &chorus_client::ClientOptions, args: BenchArgs, json: bo
                     report.p50_ms,
                     report.max_ms,
                     report.failover_ms
+                );
+            }
+        }
+        Some(BenchMode::Flood { rate, duration, connections, inflight, size }) => {
+            let config = bench::FloodConfig { rate, duration, connections, inflight, size };
+            let report = bench::run_flood(options, &config).await?;
+            if json {
+                out!("{}", serde_json::to_string(&report)?);
+            } else {
+                out!(
+                    "victim at {rate} msgs/s: ack p50 {} µs, p99 {} µs alone; p50 {} µs, p99 {} µs during the flood \
+                     ({:.2}× p99)\nflood: {:.0} acknowledged and {:.0} refused (rate_limited) sends/s; victim errors: {:?}",
+                    report.alone.p50_us,
+                    report.alone.p99_us,
+                    report.flooded.p50_us,
+                    report.flooded.p99_us,
+                    report.p99_ratio,
+                    report.flood_acked_per_s,
+                    report.flood_refused_per_s,
+                    report.victim_errors
                 );
             }
         }
@@ -359,14 +813,36 @@ fn format_time(ts_ms: u64) -> String {
         .unwrap_or_else(|| ts_ms.to_string())
 }
 
+/// How a membership event reads in a room's timeline.
+fn describe_event(m: &Message) -> Option<String> {
+    use chorus_proto::client::MessageKind as K;
+    let reason = String::from_utf8_lossy(&m.body);
+    let because = if reason.is_empty() { String::new() } else { format!(": {reason}") };
+    Some(match K::try_from(m.kind).unwrap_or(K::Text) {
+        K::Text => return None,
+        K::Joined => format!("{} joined", m.sender),
+        K::Left => format!("{} left", m.sender),
+        K::Invited => format!("{} invited {}", m.sender, m.target),
+        K::Kicked => format!("{} removed {}{because}", m.sender, m.target),
+        K::Banned => format!("{} banned {}{because}", m.sender, m.target),
+        K::Unbanned => format!("{} lifted the ban of {}", m.sender, m.target),
+        K::RoleChanged => format!("{} made {} {}", m.sender, m.target, role_name(m.role)),
+    })
+}
+
 fn print_message(m: &Message, json: bool) {
     let body = String::from_utf8_lossy(&m.body);
     if json {
+        let kind = chorus_proto::client::MessageKind::try_from(m.kind)
+            .map(|k| k.as_str_name().trim_start_matches("MESSAGE_KIND_").to_lowercase())
+            .unwrap_or_else(|_| "unknown".into());
         out!(
             "{}",
             json!({"room": m.room, "seq": m.seq, "ts_ms": m.ts_ms, "sender": m.sender, "body": body,
-                   "client_seq": m.client_seq})
+                   "client_seq": m.client_seq, "kind": kind, "target": m.target})
         );
+    } else if let Some(event) = describe_event(m) {
+        out!("#{:<6} {}  -- {event} --", m.seq, format_time(m.ts_ms));
     } else {
         out!("#{:<6} {}  {}: {}", m.seq, format_time(m.ts_ms), m.sender, body);
     }
@@ -401,11 +877,16 @@ async fn follow(client: &Client, room: &str, after: u64, json: bool) -> anyhow::
     }
 }
 
-async fn chat(client: &Client, room: &str) -> anyhow::Result<()> {
-    ensure_room(client, room, false).await?;
-    let recent = client.history(room, HistoryFrom::Before(u64::MAX), 10, true).await?;
-    let user = client.options().user.clone();
-    out!("-- {room}: you are {user}; type a message and press enter, /quit to leave --");
+async fn chat_in(client: &Client, room: &str, title: &str) -> anyhow::Result<()> {
+    let user = client.user().unwrap_or_default();
+    let recent = match client.history(room, HistoryFrom::Before(u64::MAX), 10, true).await {
+        Err(e) if e.code() == Some("not_member") => {
+            client.join(room).await.with_context(|| format!("joining {room}"))?;
+            client.history(room, HistoryFrom::Before(u64::MAX), 10, true).await?
+        }
+        other => other?,
+    };
+    out!("-- {title}: you are {user}; type a message and press enter, /quit to leave --");
     for m in &recent.messages {
         print_message(m, false);
     }
@@ -430,8 +911,9 @@ async fn chat(client: &Client, room: &str) -> anyhow::Result<()> {
                     continue;
                 }
                 // The message comes back through the subscription, in its place in the room.
-                if let Err(e) = client.send(room, line.to_owned()).await {
-                    eprintln!("chorus: not sent: {e}{}", indeterminate_hint(&e));
+                if let Err(e) = send_joining(client, room, line.to_owned()).await {
+                    let hint = e.downcast_ref::<ClientError>().map(indeterminate_hint).unwrap_or("");
+                    eprintln!("chorus: not sent: {e:#}{hint}");
                 }
             }
             _ = tokio::signal::ctrl_c() => return Ok(()),

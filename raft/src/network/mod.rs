@@ -79,6 +79,21 @@ pub enum PeerSetupError {
     BadClusterId(String),
 }
 
+/// This node's mutual-TLS material for calling its peers (PEM): the cluster CA, which every
+/// peer's certificate must be issued by, and this node's own certificate and key.
+#[derive(Clone)]
+pub struct PeerClientTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The name a node's peer certificate is issued for: a peer's certificate must name the node
+/// that was dialled.
+pub fn peer_name(node: NodeId) -> String {
+    format!("node-{node}.chorus")
+}
+
 /// A gRPC client for every other node. Connections are made lazily and re-made after failures.
 pub struct PeerClients {
     self_id: NodeId,
@@ -91,12 +106,16 @@ impl PeerClients {
     /// Connections leave from `local_ip` when given (the address this node's peer endpoint
     /// listens on), so that peers, and packet filters, see where they come from. Starts the
     /// replication stream of each peer, so must be called inside a tokio runtime.
+    /// With `tls`, peers are called over mutual TLS (`https`), each expected to present a
+    /// certificate of the cluster CA naming it ([`peer_name`]); without, in plaintext (tests of
+    /// this crate only: chorusd always authenticates its peers).
     pub fn new(
         self_id: NodeId,
         cluster_id: &str,
         peers: &BTreeMap<NodeId, String>,
         local_ip: Option<std::net::IpAddr>,
         connect_timeout: Duration,
+        tls: Option<&PeerClientTls>,
     ) -> Result<PeerClients, PeerSetupError> {
         let cluster_id: AsciiMetadataValue =
             MetadataValue::try_from(cluster_id).map_err(|_| PeerSetupError::BadClusterId(cluster_id.to_owned()))?;
@@ -108,8 +127,16 @@ impl PeerClients {
                 continue;
             }
             let bad = |reason: String| PeerSetupError::BadAddress { node: id, addr: addr.clone(), reason };
-            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| bad(e.to_string()))?
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| bad(e.to_string()))?;
+            if let Some(tls) = tls {
+                let config = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem))
+                    .identity(tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+                    .domain_name(peer_name(id));
+                endpoint = endpoint.tls_config(config).map_err(|e| bad(format!("TLS: {e}")))?;
+            }
+            let endpoint = endpoint
                 .connect_timeout(connect_timeout)
                 .local_address(local_ip)
                 .tcp_nodelay(true)

@@ -1,78 +1,13 @@
 use std::collections::BTreeMap;
 
-use chorus_proto::storage::{ClusterIdentity, Op};
-use openraft::{CommittedLeaderId, RaftSnapshotBuilder};
+use chorus_proto::storage::Op;
+use openraft::RaftSnapshotBuilder;
 
+use super::fixture::{Fixture, SHARD};
+use super::messages::{EXPIRY_BLOCK, expired_blocks, expiry_floor};
 use super::*;
-use crate::db::DbOptions;
+use crate::error::QueryError;
 use crate::types::Membership;
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    db: Arc<NodeDb>,
-    sm: ShardStateMachine,
-    next_index: u64,
-}
-
-const SHARD: ShardId = 1;
-
-type KeyValue = (Box<[u8]>, Box<[u8]>);
-
-fn open_db(dir: &std::path::Path) -> Arc<NodeDb> {
-    let identity = ClusterIdentity { cluster_id: "test".into(), node_id: 1, shard_count: 4, format_version: 0 };
-    NodeDb::open(dir, identity, &DbOptions::default()).unwrap()
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open_db(dir.path());
-        let sm = ShardStateMachine::open(db.clone(), SHARD).unwrap();
-        Fixture { _dir: dir, db, sm, next_index: 1 }
-    }
-
-    fn entry(&mut self, payload: EntryPayload<TypeConfig>) -> Entry {
-        let index = self.next_index;
-        self.next_index += 1;
-        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload }
-    }
-
-    async fn apply_cmd(&mut self, ts_ms: u64, ops: Vec<op::Kind>) -> Vec<Result<OpOutcome, CommandError>> {
-        let cmd = Command { ts_ms, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect() };
-        let entry = self.entry(EntryPayload::Normal(cmd.into()));
-        let mut responses = self.sm.apply([entry]).await.unwrap();
-        assert_eq!(responses.len(), 1);
-        responses.pop().unwrap().results
-    }
-
-    async fn create(&mut self, room: &str) {
-        let r = self.apply_cmd(1_000, vec![create_room_op(room, "admin")]).await;
-        assert!(matches!(r[0], Ok(OpOutcome::RoomCreated { .. })), "{r:?}");
-    }
-
-    async fn send(&mut self, room: &str, client: &str, client_seq: u64, body: &str) -> Result<OpOutcome, CommandError> {
-        let mut r =
-            self.apply_cmd(2_000, vec![append_op(room, "alice", client.as_bytes(), client_seq, body.to_owned())]).await;
-        r.pop().unwrap()
-    }
-
-    /// Every state-machine key and value of the shard, for "nothing was written" checks.
-    fn sm_contents(&self) -> Vec<KeyValue> {
-        let cf = self.db.cf_sm().unwrap();
-        let mut opts = ReadOptions::default();
-        opts.set_iterate_upper_bound(keys::shard_end(SHARD).to_vec());
-        let start = keys::shard_prefix(SHARD);
-        self.db
-            .rocks()
-            .iterator_cf_opt(cf, opts, IteratorMode::From(&start, Direction::Forward))
-            .map(|r| r.unwrap())
-            .collect()
-    }
-
-    fn history(&self, room: &str, query: HistoryQuery) -> HistoryPage {
-        self.sm.reader().history(room, query).unwrap()
-    }
-}
 
 fn seqs(page: &HistoryPage) -> Vec<u64> {
     page.messages.iter().map(|m| m.seq).collect()
@@ -93,7 +28,7 @@ async fn every_room_gets_a_dense_ordered_sequence() {
             let body = format!("msg {batch}/{i}");
             ops.push(append_op("general", "alice", b"c1", client_seq, body.clone()));
             expected_general.push(body);
-            ops.push(append_op("random", "bob", b"c2", client_seq, "x"));
+            ops.push(append_op("random", "alice", b"c2", client_seq, "x"));
         }
         let results = f.apply_cmd(1_000 + batch, ops).await;
         assert!(results.iter().all(|r| matches!(r, Ok(OpOutcome::Appended { duplicate: false, .. }))));
@@ -146,7 +81,7 @@ async fn dedup_state_is_bounded_by_the_window() {
     let mut client_seq = 0;
     while client_seq < total {
         let batch_end = (client_seq + 500).min(total);
-        let ops = (client_seq + 1..=batch_end).map(|s| append_op("r", "a", b"c", s, "")).collect();
+        let ops = (client_seq + 1..=batch_end).map(|s| append_op("r", "alice", b"c", s, "")).collect();
         client_seq = batch_end;
         f.apply_cmd(5, ops).await;
     }
@@ -169,7 +104,7 @@ async fn append_range(f: &mut Fixture, room: &str, client: &[u8], from: u64, to:
     let mut next = from;
     while next <= to {
         let end = (next + 499).min(to);
-        let ops = (next..=end).map(|s| append_op(room, "a", client, s, "")).collect();
+        let ops = (next..=end).map(|s| append_op(room, "alice", client, s, "")).collect();
         for r in f.apply_cmd(5, ops).await {
             assert!(matches!(r, Ok(OpOutcome::Appended { duplicate: false, .. })), "{r:?}");
         }
@@ -213,7 +148,7 @@ async fn dedup_state_stays_bounded_for_a_client_that_sends_to_several_rooms() {
     while next <= total {
         // Uneven batches, so that some expired records were written by the same batch.
         let end = (next + 1 + next % 700).min(total);
-        let ops = (next..=end).map(|s| append_op(room_of(s), "a", b"c", s, "")).collect();
+        let ops = (next..=end).map(|s| append_op(room_of(s), "alice", b"c", s, "")).collect();
         for r in f.apply_cmd(5, ops).await {
             assert!(matches!(r, Ok(OpOutcome::Appended { duplicate: false, .. })), "{r:?}");
         }
@@ -277,23 +212,23 @@ async fn bad_input_gets_its_specific_error_and_writes_nothing() {
     let huge = vec![b'x'; Limits::PROTOCOL.max_body_bytes + 1];
     let cases: Vec<(op::Kind, CommandError)> = vec![
         (
-            append_op("r", "a", b"c", 2, huge.clone()),
+            append_op("r", "alice", b"c", 2, huge.clone()),
             CommandError::BodyTooLarge { size: huge.len(), limit: Limits::PROTOCOL.max_body_bytes },
         ),
         (
-            append_op("bad name", "a", b"c", 2, "x"),
+            append_op("bad name", "alice", b"c", 2, "x"),
             CommandError::RoomNameInvalid {
                 name: "bad name".into(),
                 reason: "may contain only ASCII letters, digits, '.', '_' and '-'",
             },
         ),
-        (append_op("nope", "a", b"c", 2, "x"), CommandError::RoomNotFound { room: "nope".into() }),
+        (append_op("nope", "alice", b"c", 2, "x"), CommandError::RoomNotFound { room: "nope".into() }),
         (
             append_op("r", "", b"c", 2, "x"),
             CommandError::SenderInvalid { sender: "".into(), reason: "must not be empty" },
         ),
-        (append_op("r", "a", b"", 2, "x"), CommandError::ClientIdInvalid { reason: "must not be empty" }),
-        (append_op("r", "a", b"c", 0, "x"), CommandError::ClientSeqZero),
+        (append_op("r", "alice", b"", 2, "x"), CommandError::ClientIdInvalid { reason: "must not be empty" }),
+        (append_op("r", "alice", b"c", 0, "x"), CommandError::ClientSeqZero),
         (create_room_op("r", "a"), CommandError::RoomExists { room: "r".into() }),
         (create_room_op("", "a"), CommandError::RoomNameInvalid { name: "".into(), reason: "must not be empty" }),
     ];
@@ -302,12 +237,14 @@ async fn bad_input_gets_its_specific_error_and_writes_nothing() {
         assert_eq!(results, vec![Err(expected)]);
     }
     // A command over the protocol's batch limit: every op refused.
-    let ops =
-        (0..Limits::PROTOCOL.max_ops_per_command + 1).map(|i| append_op("r", "a", b"d", i as u64 + 1, "")).collect();
+    let ops = (0..Limits::PROTOCOL.max_ops_per_command + 1)
+        .map(|i| append_op("r", "alice", b"d", i as u64 + 1, ""))
+        .collect();
     let results = f.apply_cmd(3_000, ops).await;
     assert!(results.iter().all(|r| matches!(r, Err(CommandError::BatchTooLarge { .. }))));
     // An operation of unknown kind (from a newer version) is refused on its own.
-    let entry = f.entry(EntryPayload::Normal(Command { ts_ms: 1, ops: vec![Op { kind: None }] }.into()));
+    let entry =
+        f.entry(EntryPayload::Normal(Command { ts_ms: 1, ops: vec![Op { kind: None }], rules: CURRENT_RULES }.into()));
     let responses = f.sm.apply([entry]).await.unwrap();
     assert_eq!(responses[0].results, vec![Err(CommandError::UnknownOperation)]);
 
@@ -324,9 +261,9 @@ async fn a_refused_op_does_not_affect_its_neighbours_in_the_batch() {
         .apply_cmd(
             10_000,
             vec![
-                append_op("r", "a", b"c", 1, "x"),
-                append_op("missing", "a", b"c", 1, "y"),
-                append_op("r", "a", b"c", 2, "z"),
+                append_op("r", "alice", b"c", 1, "x"),
+                append_op("missing", "alice", b"c", 1, "y"),
+                append_op("r", "alice", b"c", 2, "z"),
             ],
         )
         .await;
@@ -339,9 +276,9 @@ async fn a_refused_op_does_not_affect_its_neighbours_in_the_batch() {
 async fn room_timestamps_never_go_backwards() {
     let mut f = Fixture::new();
     f.create("r").await;
-    let a = f.apply_cmd(50_000, vec![append_op("r", "a", b"c", 1, "")]).await;
+    let a = f.apply_cmd(50_000, vec![append_op("r", "alice", b"c", 1, "")]).await;
     // A new leader with a slower clock.
-    let b = f.apply_cmd(40_000, vec![append_op("r", "a", b"c", 2, "")]).await;
+    let b = f.apply_cmd(40_000, vec![append_op("r", "alice", b"c", 2, "")]).await;
     assert_eq!(a[0], Ok(OpOutcome::Appended { seq: 1, ts_ms: 50_000, duplicate: false }));
     assert_eq!(b[0], Ok(OpOutcome::Appended { seq: 2, ts_ms: 50_000, duplicate: false }));
 }
@@ -364,7 +301,7 @@ async fn applied_state_and_membership_move_with_the_data() {
 async fn history_pages_in_both_directions() {
     let mut f = Fixture::new();
     f.create("r").await;
-    let ops = (1..=50).map(|i| append_op("r", "a", b"c", i, format!("m{i}"))).collect();
+    let ops = (1..=50).map(|i| append_op("r", "alice", b"c", i, format!("m{i}"))).collect();
     f.apply_cmd(1, ops).await;
     let q = |query| seqs(&f.history("r", query));
     assert_eq!(q(HistoryQuery::After { after: 0, limit: 3 }), vec![1, 2, 3]);
@@ -379,11 +316,11 @@ async fn history_pages_in_both_directions() {
     assert_eq!(all.messages.len(), 50);
     let reader = f.sm.reader();
     assert!(matches!(
-        reader.history("absent", HistoryQuery::After { after: 0, limit: 1 }),
+        reader.history("absent", HistoryQuery::After { after: 0, limit: 1 }, "alice"),
         Err(QueryError::Invalid(CommandError::RoomNotFound { .. }))
     ));
     assert!(matches!(
-        reader.history("no/slash", HistoryQuery::After { after: 0, limit: 1 }),
+        reader.history("no/slash", HistoryQuery::After { after: 0, limit: 1 }, "alice"),
         Err(QueryError::Invalid(CommandError::RoomNameInvalid { .. }))
     ));
 }
@@ -395,11 +332,11 @@ async fn rooms_are_listed_in_name_order_with_paging() {
         f.create(name).await;
     }
     let reader = f.sm.reader();
-    let names = |rooms: Vec<RoomRecord>| rooms.into_iter().map(|r| r.name).collect::<Vec<_>>();
-    assert_eq!(names(reader.list_rooms(None, 10).unwrap()), ["alpha", "bravo", "charlie", "delta"]);
-    assert_eq!(names(reader.list_rooms(None, 2).unwrap()), ["alpha", "bravo"]);
-    assert_eq!(names(reader.list_rooms(Some("bravo"), 10).unwrap()), ["charlie", "delta"]);
-    assert_eq!(names(reader.list_rooms(Some("b"), 1).unwrap()), ["bravo"]);
+    let names = |page: rooms::RoomPage| page.rooms.into_iter().map(|r| r.room.name).collect::<Vec<_>>();
+    assert_eq!(names(reader.list_rooms(None, 10, "alice", false).unwrap()), ["alpha", "bravo", "charlie", "delta"]);
+    assert_eq!(names(reader.list_rooms(None, 2, "alice", false).unwrap()), ["alpha", "bravo"]);
+    assert_eq!(names(reader.list_rooms(Some("bravo"), 10, "alice", false).unwrap()), ["charlie", "delta"]);
+    assert_eq!(names(reader.list_rooms(Some("b"), 1, "alice", false).unwrap()), ["bravo"]);
 }
 
 #[tokio::test]
@@ -407,7 +344,7 @@ async fn subscribers_see_appended_messages_in_order() {
     let mut f = Fixture::new();
     f.create("r").await;
     let mut events = f.sm.reader().subscribe();
-    f.apply_cmd(1, vec![append_op("r", "a", b"c", 1, "x"), append_op("r", "a", b"c", 2, "y")]).await;
+    f.apply_cmd(1, vec![append_op("r", "alice", b"c", 1, "x"), append_op("r", "alice", b"c", 2, "y")]).await;
     f.send("r", "c", 2, "y").await.unwrap(); // a duplicate: no event
     f.send("r", "c", 3, "z").await.unwrap();
     let mut seen = Vec::new();
@@ -431,19 +368,34 @@ async fn replicas_applying_the_same_entries_are_identical() {
         let ops = (0..rng.random_range(1..8))
             .map(|_| {
                 let room = rooms[rng.random_range(0..rooms.len())];
+                // Members come and go (kicks, bans, roles), so appends are refused or not
+                // depending on where in the batch they fall.
+                let users = ["s", "t", "u"];
+                let user = users[rng.random_range(0..users.len())];
+                let other = users[rng.random_range(0..users.len())];
+                let actions = [
+                    MembershipAction::Join,
+                    MembershipAction::Leave,
+                    MembershipAction::Kick,
+                    MembershipAction::Ban,
+                    MembershipAction::Unban,
+                    MembershipAction::Invite,
+                ];
                 if rng.random_bool(0.1) {
-                    create_room_op(room, "x")
+                    create_room_op(room, "s")
+                } else if rng.random_bool(0.15) {
+                    membership_op(room, user, actions[rng.random_range(0..actions.len())], other)
                 } else {
                     let client = [b'c', rng.random_range(0..3u8)];
                     // Client seqs climb past the dedup window, out of order and with retries,
                     // spread over the rooms: expiry runs, on sparse client seqs too.
                     let client_seq = i * 60 + rng.random_range(1..120);
-                    append_op(room, "s", &client, client_seq, vec![0u8; rng.random_range(0..100)])
+                    append_op(room, user, &client, client_seq, vec![0u8; rng.random_range(0..100)])
                 }
             })
             .map(|k| Op { kind: Some(k) })
             .collect();
-        entries.push(Command { ts_ms: 1_000 + rng.random_range(0..100) + i, ops });
+        entries.push(Command { ts_ms: 1_000 + rng.random_range(0..100) + i, ops, rules: CURRENT_RULES });
     }
     // One replica applies each entry on its own, the other in runs of up to 100 entries (as a
     // follower catching up does): the result must not depend on how entries are grouped.
@@ -506,7 +458,15 @@ async fn installing_a_snapshot_replaces_the_whole_state() {
     follower.create("stale").await;
     follower.send("stale", "c", 1, "old").await.unwrap();
     install_snapshot_of(&mut leader, &mut follower).await;
-    let names: Vec<_> = follower.sm.reader().list_rooms(None, 10).unwrap().into_iter().map(|r| r.name).collect();
+    let names: Vec<_> = follower
+        .sm
+        .reader()
+        .list_rooms(None, 10, "alice", false)
+        .unwrap()
+        .rooms
+        .into_iter()
+        .map(|r| r.room.name)
+        .collect();
     assert_eq!(names, ["kept"]);
     assert_eq!(leader.sm_contents().len(), follower.sm_contents().len());
     // The installed snapshot is the follower's current one, and survives a restart.
@@ -572,6 +532,7 @@ async fn room_metadata_is_stored() {
         creator: "ann".into(),
         metadata: metadata.clone(),
         retention_max_messages: 0,
+        visibility: 0,
     });
     f.apply_cmd(77, vec![op]).await;
     let room = f.sm.reader().room("r").unwrap().unwrap();
@@ -583,13 +544,14 @@ async fn retention_keeps_the_newest_messages_and_history_starts_there() {
     let mut f = Fixture::new();
     let create = op::Kind::CreateRoom(CreateRoom {
         room: "short".into(),
-        creator: "ann".into(),
+        creator: "alice".into(),
         metadata: BTreeMap::new(),
         retention_max_messages: 10,
+        visibility: 0,
     });
     f.apply_cmd(1, vec![create]).await;
     // One big batch (range delete) and single appends (point deletes).
-    f.apply_cmd(2, (1..=100).map(|i| append_op("short", "a", b"c", i, format!("m{i}"))).collect()).await;
+    f.apply_cmd(2, (1..=100).map(|i| append_op("short", "alice", b"c", i, format!("m{i}"))).collect()).await;
     for i in 101..=105 {
         f.send("short", "c", i, "x").await.unwrap();
     }

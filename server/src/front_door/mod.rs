@@ -5,9 +5,16 @@
 //! `Event` frames) and finishes. Limits: connections per node, concurrent streams per
 //! connection (QUIC flow control enforces it), request frame size, time to send the request,
 //! and requests in flight per node. A bad stream gets an error on that stream only.
+//!
+//! Every connection is signed in once (see [`crate::auth`]): the handlers of requests other
+//! than Hello, Register, Login, Refresh and LoginExternal receive the [`Identity`] verified
+//! here, never a name the client gave.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use crate::auth::Identity;
+use crate::auth::connections::ConnectionAuth;
 
 use chorus_proto::client::{Request, Response, request, response};
 use chorus_proto::framing::{self, FrameError};
@@ -33,15 +40,32 @@ pub mod close_codes {
     pub const REQUEST_TOO_LARGE: u32 = 3;
 }
 
-/// Per-connection state: who said hello.
+/// Per-connection state: whether it said hello, who it is signed in as, its request budget.
 pub struct Session {
-    pub user: OnceLock<String>,
+    pub hello: OnceLock<()>,
+    pub auth: Arc<ConnectionAuth>,
     pub remote: std::net::SocketAddr,
+    pub requests: Option<governor::DefaultDirectRateLimiter>,
 }
 
 impl Session {
-    pub fn user(&self) -> Result<&str, ServiceError> {
-        self.user.get().map(String::as_str).ok_or(ServiceError::HelloRequired)
+    pub fn new(node: &Node, quic: Option<quinn::Connection>, remote: std::net::SocketAddr) -> Session {
+        Session {
+            hello: OnceLock::new(),
+            auth: ConnectionAuth::new(quic, node.config.auth.access_token_ttl),
+            remote,
+            requests: node.rate.connection_limiter(),
+        }
+    }
+
+    pub fn said_hello(&self) -> Result<(), ServiceError> {
+        self.hello.get().copied().ok_or(ServiceError::HelloRequired)
+    }
+
+    /// The signed-in identity of this connection.
+    pub fn identity(&self) -> Result<Arc<Identity>, ServiceError> {
+        self.said_hello()?;
+        self.auth.identity()
     }
 }
 
@@ -94,7 +118,7 @@ pub async fn serve(node: Arc<Node>, endpoint: quinn::Endpoint) {
 }
 
 async fn handle_connection(node: Arc<Node>, connection: quinn::Connection) {
-    let session = Arc::new(Session { user: OnceLock::new(), remote: connection.remote_address() });
+    let session = Arc::new(Session::new(&node, Some(connection.clone()), connection.remote_address()));
     loop {
         let stream = tokio::select! {
             _ = node.clients_shutdown.cancelled() => break,
@@ -166,11 +190,15 @@ async fn handle_stream(
             // The budget bounds requests waiting for an answer; a subscription lives on for
             // as long as the client wants, so it must not keep its share.
             drop(budget);
-            if let Err(e) = session.user() {
-                requests::subscribe::refuse(&mut send, &e).await;
-                return;
-            }
-            requests::subscribe::handle(node, subscribe, send).await;
+            let me = crate::rate_limit::connection_request(session.requests.as_ref()).and_then(|()| session.identity());
+            let me = match me {
+                Ok(me) => me,
+                Err(e) => {
+                    requests::subscribe::refuse(&mut send, &e).await;
+                    return;
+                }
+            };
+            requests::subscribe::handle(node, me, session.auth.clone(), subscribe, send).await;
         }
         Some(kind) => {
             let outcome = match node.inflight.clone().try_acquire_owned() {

@@ -1,15 +1,18 @@
 //! The gRPC service other nodes call: Raft RPCs for the shards this node hosts, forwarded
 //! client requests, relayed subscriptions, status and bootstrap probes.
 //!
-//! Requests from another cluster (a different `chorus-cluster-id` header) are refused before
-//! they reach any handler.
+//! Peers authenticate each other with mutual TLS (see `peer_tls`). Requests from another
+//! cluster (a different `chorus-cluster-id` header), or whose certificate does not name the
+//! node they say they come from (`chorus-node-id`), are refused before they reach any handler.
+//! Because peers are authenticated, the users named in forwarded commands, reads and feeds
+//! (`actor`, `viewer`) are those the forwarding node verified.
 
 use std::sync::Arc;
 
 use chorus_proto::client;
 use chorus_proto::peer::peer_server::{Peer, PeerServer};
 use chorus_proto::peer::{self as pb};
-use chorus_raft::network::{CLUSTER_ID_HEADER, MAX_PEER_MESSAGE_BYTES, service as raft_rpc};
+use chorus_raft::network::{CLUSTER_ID_HEADER, MAX_PEER_MESSAGE_BYTES, NODE_ID_HEADER, service as raft_rpc};
 use chorus_raft::{ChorusRaft, ShardId};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -183,11 +186,17 @@ impl Peer for PeerService {
         Ok(Response::new(forward::serve_forwarded_read(&self.node, request.into_inner()).await))
     }
 
+    async fn read_index(&self, request: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
+        Ok(Response::new(forward::serve_read_index(&self.node, request.into_inner()).await))
+    }
+
     type SubscribeStream = SubscribeStream;
 
     async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<SubscribeStream>, Status> {
         let request = request.into_inner();
         let cursor = request.cursor.ok_or_else(|| Status::invalid_argument("Subscribe without a cursor"))?;
+        chorus_raft::limits::validate_user_name(&request.viewer)
+            .map_err(|e| Status::invalid_argument(format!("Subscribe for no valid user: {e}")))?;
         let replica = self
             .node
             .shards
@@ -210,7 +219,9 @@ impl Peer for PeerService {
         self.node.client_tasks.spawn(async move {
             let _permit = permit;
             let out = tx.clone();
-            let result = subscription::follow_local(reader, cursor.room, cursor.after_seq, tx, cancel.clone()).await;
+            let feed =
+                subscription::follow_local(reader, cursor.room, request.viewer, cursor.after_seq, tx, cancel.clone());
+            let result = feed.await;
             let last = match result {
                 Err(e) => Some(e.to_event(None)),
                 Ok(()) if cancel.is_cancelled() => Some(ServiceError::ShuttingDown.to_event(None)),
@@ -254,39 +265,60 @@ impl Peer for PeerService {
     }
 }
 
-/// Refuses requests from nodes of another cluster.
+/// Refuses requests from nodes of another cluster, and from callers whose certificate does not
+/// name the node they say they are.
 #[derive(Clone)]
-struct SameCluster {
+struct PeerAuth {
     cluster_id: String,
+    nodes: std::collections::BTreeSet<chorus_raft::NodeId>,
 }
 
-impl tonic::service::Interceptor for SameCluster {
+impl tonic::service::Interceptor for PeerAuth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let theirs = request.metadata().get(CLUSTER_ID_HEADER).and_then(|v| v.to_str().ok());
-        if theirs == Some(self.cluster_id.as_str()) {
-            return Ok(request);
+        if theirs != Some(self.cluster_id.as_str()) {
+            return Err(Status::permission_denied(format!(
+                "request from cluster {:?}, but this node belongs to cluster {:?}: check --initial-cluster, \
+                 --cluster-token, --shard-count and --replication-factor on every node",
+                theirs.unwrap_or("<none>"),
+                self.cluster_id
+            )));
         }
-        Err(Status::permission_denied(format!(
-            "request from cluster {:?}, but this node belongs to cluster {:?}: check --initial-cluster, \
-             --cluster-token, --shard-count and --replication-factor on every node",
-            theirs.unwrap_or("<none>"),
-            self.cluster_id
-        )))
+        let node: Option<chorus_raft::NodeId> =
+            request.metadata().get(NODE_ID_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        let Some(node) = node.filter(|n| self.nodes.contains(n)) else {
+            return Err(Status::permission_denied("request from no node of this cluster (chorus-node-id)"));
+        };
+        let certs = request.peer_certs();
+        let Some(cert) = certs.as_ref().and_then(|c| c.first()) else {
+            return Err(Status::unauthenticated("peers must present their certificate (mutual TLS)"));
+        };
+        if !crate::peer_tls::names_node(cert, node) {
+            return Err(Status::permission_denied(format!(
+                "the caller says it is node {node}, but its certificate is not node {node}'s"
+            )));
+        }
+        Ok(request)
     }
 }
 
 /// Binds the peer address and serves until the node's peer shutdown.
-pub async fn serve(node: Arc<Node>) -> std::io::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
+pub async fn serve(
+    node: Arc<Node>,
+    tls: &crate::peer_tls::PeerTls,
+) -> anyhow::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
     let listener = tokio::net::TcpListener::bind(node.config.peer_addr).await?;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let interceptor = SameCluster { cluster_id: node.layout.cluster_id.clone() };
+    let interceptor =
+        PeerAuth { cluster_id: node.layout.cluster_id.clone(), nodes: node.layout.nodes.keys().copied().collect() };
     let service = PeerServer::new(PeerService { node: node.clone() })
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES + (1 << 20))
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES + (1 << 20));
     let service = tonic::service::interceptor::InterceptedService::new(service, interceptor);
     let shutdown = node.peers_shutdown.clone();
+    let builder = tonic::transport::Server::builder().tls_config(tls.server_config())?;
     Ok(tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        builder
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
             .add_service(service)

@@ -1,5 +1,8 @@
-//! Hello: the client says who it is (a user name, no authentication yet) and learns about the
-//! cluster. Must be the first request of a connection, and only once.
+//! Hello: the first request of a connection. The client learns about the cluster and, with an
+//! access token, signs the connection in; a later Hello with a fresh token of the same user
+//! renews the sign-in without touching the connection's streams. A Hello whose token is
+//! refused leaves the connection as it was (a first one leaves it able to Register, Login,
+//! Refresh or LoginExternal).
 
 use chorus_proto::client::{Hello, HelloReply};
 
@@ -7,15 +10,23 @@ use crate::error::ServiceError;
 use crate::front_door::Session;
 use crate::node::Node;
 
-pub fn handle(node: &Node, session: &Session, hello: Hello) -> Result<HelloReply, ServiceError> {
-    chorus_raft::limits::validate_sender(&hello.user)?;
-    if let Err(user) = session.user.set(hello.user.clone())
-        && user != hello.user
-    {
-        return Err(ServiceError::HelloTwice(session.user.get().cloned().unwrap_or_default()));
+pub async fn handle(node: &Node, session: &Session, hello: Hello) -> Result<HelloReply, ServiceError> {
+    let _ = session.hello.set(());
+    if !hello.access_token.is_empty() {
+        let identity = crate::auth::tokens::verify(node, &hello.access_token).await?;
+        node.connections.sign_in(&session.auth, identity)?;
     }
-    tracing::debug!(user = %hello.user, client = %hello.client_name, remote = %session.remote, "hello");
-    Ok(HelloReply {
+    let (user, access_expires_ms) = match session.auth.identity() {
+        Ok(identity) => (identity.user.clone(), identity.expires_ms),
+        Err(_) => (String::new(), 0),
+    };
+    tracing::debug!(%user, client = %hello.client_name, remote = %session.remote, "hello");
+    Ok(reply(node, user, access_expires_ms))
+}
+
+/// What Hello answers: the cluster, and the connection's sign-in.
+pub fn reply(node: &Node, user: String, access_expires_ms: u64) -> HelloReply {
+    HelloReply {
         node_id: node.id,
         cluster_id: node.layout.cluster_id.clone(),
         node_addrs: node.client_addrs().into_values().collect(),
@@ -23,5 +34,9 @@ pub fn handle(node: &Node, session: &Session, hello: Hello) -> Result<HelloReply
         server_version: env!("CARGO_PKG_VERSION").to_owned(),
         shard_count: node.layout.shard_count,
         leaders: node.shard_leaders(0..node.layout.shard_count, false),
-    })
+        user,
+        access_expires_ms,
+        registration: node.config.auth.registration.as_str().to_owned(),
+        external_issuer: node.external.as_ref().map(|e| e.issuer().to_owned()).unwrap_or_default(),
+    }
 }

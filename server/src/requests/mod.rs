@@ -1,10 +1,15 @@
 //! One module per client request kind: validate, execute (locally or through the shard's
-//! leader), answer.
+//! leader), answer. Handlers of signed-in requests take the connection's verified
+//! [`Identity`]; only Hello, ClusterStatus and the sign-in requests ([`account`]) run on a
+//! connection that is not signed in.
 
+pub mod account;
+pub mod admin;
 pub mod create_room;
 pub mod hello;
 pub mod history;
 pub mod list_rooms;
+pub mod membership;
 pub mod send;
 pub mod send_batch;
 pub mod status;
@@ -24,21 +29,47 @@ pub async fn dispatch(
     session: &Session,
     kind: request::Kind,
 ) -> Result<response::Kind, ServiceError> {
-    if !matches!(kind, request::Kind::Hello(_)) {
-        session.user()?;
-    }
+    use request::Kind as K;
+    use response::Kind as R;
+    crate::rate_limit::connection_request(session.requests.as_ref())?;
     match kind {
-        request::Kind::Hello(hello) => hello::handle(node, session, hello).map(response::Kind::Hello),
-        request::Kind::CreateRoom(create) => {
-            create_room::handle(node, session, create).await.map(response::Kind::RoomCreated)
-        }
-        request::Kind::Send(send) => send::handle(node, session, send, true).await.map(response::Kind::Sent),
-        request::Kind::SendBatch(batch) => {
-            send_batch::handle(node, session, batch).await.map(response::Kind::SentBatch)
-        }
-        request::Kind::History(history) => history::handle(node, history).await.map(response::Kind::History),
-        request::Kind::ListRooms(list) => list_rooms::handle(node, list).await.map(response::Kind::Rooms),
-        request::Kind::ClusterStatus(_) => Ok(response::Kind::ClusterStatus(status::handle(node).await)),
-        request::Kind::Subscribe(_) => Err(ServiceError::Internal("subscriptions are not unary".into())),
+        K::Hello(hello) => return hello::handle(node, session, hello).await.map(R::Hello),
+        K::Subscribe(_) => return Err(ServiceError::Internal("subscriptions are not unary".into())),
+        _ => {}
+    }
+    session.said_hello()?;
+    match kind {
+        // The cluster's shape, for operators' health checks: no sign-in needed.
+        K::ClusterStatus(_) => return Ok(R::ClusterStatus(status::handle(node).await)),
+        K::Register(r) => return account::register(node, session, r).await.map(R::SignedIn),
+        K::Login(l) => return account::login(node, session, l).await.map(R::SignedIn),
+        K::Refresh(r) => return account::refresh(node, session, r).await.map(R::SignedIn),
+        K::LoginExternal(l) => return account::login_external(node, session, l).await.map(R::SignedIn),
+        _ => {}
+    }
+    let me = session.identity()?;
+    match kind {
+        K::CreateRoom(create) => create_room::handle(node, &me, create).await.map(R::RoomCreated),
+        K::Send(send) => send::handle(node, &me, send, true).await.map(R::Sent),
+        K::SendBatch(batch) => send_batch::handle(node, &me, batch).await.map(R::SentBatch),
+        K::History(history) => history::handle(node, &me, history).await.map(R::History),
+        K::ListRooms(list) => list_rooms::handle(node, &me, list).await.map(R::Rooms),
+        K::Logout(l) => account::logout(node, &me, l).await.map(R::LoggedOut),
+        K::ListSessions(_) => account::list_sessions(node, &me).await.map(R::Sessions),
+        K::Whoami(_) => Ok(R::Whoami(account::whoami(&me))),
+        K::Membership(m) => membership::change(node, &me, m).await.map(R::MembershipChanged),
+        K::Members(m) => membership::members(node, &me, m).await.map(R::Members),
+        K::OpenDirect(d) => membership::open_direct(node, &me, d).await.map(R::DirectRoom),
+        K::CreateUser(u) => admin::create_user(node, &me, u).await.map(R::Done),
+        K::SetUserDisabled(d) => admin::set_user_disabled(node, &me, d).await.map(R::Done),
+        K::ListUsers(l) => admin::list_users(node, &me, l).await.map(R::Users),
+        K::RotateSigningKey(_) => admin::rotate_signing_key(node, &me).await.map(R::Done),
+        K::Hello(_)
+        | K::Subscribe(_)
+        | K::ClusterStatus(_)
+        | K::Register(_)
+        | K::Login(_)
+        | K::Refresh(_)
+        | K::LoginExternal(_) => Err(ServiceError::Internal("handled above".into())),
     }
 }

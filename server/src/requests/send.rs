@@ -1,4 +1,6 @@
-//! Send: appends one message to a room, exactly once per (client_id, client_seq).
+//! Send: appends one message to a room as the signed-in user, exactly once per (client_id,
+//! client_seq). The room's state machine refuses it unless the user is a joined member when
+//! the entry applies.
 
 use chorus_proto::client::{Send, SendReply};
 use chorus_proto::storage::{AppendMessage, op};
@@ -6,15 +8,21 @@ use std::sync::Arc;
 
 use chorus_raft::OpOutcome;
 
+use crate::auth::Identity;
 use crate::error::ServiceError;
-use crate::front_door::Session;
 use crate::node::Node;
 
 /// `lone`: the request carries this send alone (see `Batcher::submit`).
-pub async fn handle(node: &Arc<Node>, session: &Session, send: Send, lone: bool) -> Result<SendReply, ServiceError> {
+pub async fn handle(node: &Arc<Node>, me: &Identity, send: Send, lone: bool) -> Result<SendReply, ServiceError> {
+    node.rate.sends(&me.user, 1)?;
+    send_as(node, me, send, lone).await
+}
+
+/// Appends `send` as `me`, whose rate was taken already.
+pub async fn send_as(node: &Arc<Node>, me: &Identity, send: Send, lone: bool) -> Result<SendReply, ServiceError> {
     let append = AppendMessage {
         room: send.room,
-        sender: session.user()?.to_owned(),
+        sender: me.user.clone(),
         client_id: send.client_id,
         client_seq: send.client_seq,
         body: send.body,

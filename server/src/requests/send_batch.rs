@@ -7,25 +7,28 @@ use std::sync::Arc;
 
 use chorus_proto::client::{SendBatch, SendBatchReply, SendResult, send_result};
 
+use crate::auth::Identity;
 use crate::error::ServiceError;
-use crate::front_door::Session;
 use crate::node::Node;
 
 /// Most sends in one batch.
 pub const MAX_SENDS_PER_BATCH: usize = 1024;
 
-pub async fn handle(node: &Arc<Node>, session: &Session, batch: SendBatch) -> Result<SendBatchReply, ServiceError> {
+pub async fn handle(node: &Arc<Node>, me: &Identity, batch: SendBatch) -> Result<SendBatchReply, ServiceError> {
     if batch.sends.len() > MAX_SENDS_PER_BATCH {
         return Err(ServiceError::InvalidArgument(format!(
             "{} sends in one batch, over the limit of {MAX_SENDS_PER_BATCH}",
             batch.sends.len()
         )));
     }
-    session.user()?;
     let shards: std::collections::BTreeSet<_> =
         batch.sends.iter().map(|send| node.layout.router.shard_for_room(&send.room)).collect();
     let lone = batch.sends.len() == 1;
-    let sends = batch.sends.into_iter().map(|send| super::send::handle(node, session, send, lone));
+    // Each send takes its own token of the user's rate: those beyond it are refused alone.
+    let sends = batch.sends.into_iter().map(|send| async move {
+        node.rate.sends(&me.user, 1)?;
+        super::send::send_as(node, me, send, lone).await
+    });
     let outcomes = futures::future::join_all(sends).await;
     let results = outcomes
         .into_iter()

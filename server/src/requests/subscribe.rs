@@ -3,6 +3,11 @@
 //! Each room is followed by its own feed task (see `subscription.rs`); a bounded channel joins
 //! them to the stream writer. On shutdown the stream ends with a `Closing` event; a room whose
 //! feed fails gets an `Error` event naming it, and the other rooms go on.
+//!
+//! The stream lives as long as the connection's sign-in: it ends with `token_revoked` when the
+//! session is revoked, and with `token_expired` if the access token expires without the client
+//! renewing the connection's sign-in (a Hello with a fresh token, which the reference client
+//! sends before the token expires: the stream is not touched).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -13,6 +18,8 @@ use chorus_proto::client::{self, Subscribe, event};
 use chorus_proto::framing;
 use tokio::sync::mpsc;
 
+use crate::auth::Identity;
+use crate::auth::connections::{ConnectionAuth, SignIn};
 use crate::error::ServiceError;
 use crate::node::Node;
 use crate::subscription;
@@ -47,7 +54,38 @@ fn validate(subscribe: &Subscribe) -> Result<(), ServiceError> {
     Ok(())
 }
 
-pub async fn handle(node: Arc<Node>, subscribe: Subscribe, mut send: quinn::SendStream) {
+/// Resolves when the connection's sign-in stops being valid: its token expired (and was not
+/// renewed), or its session was revoked; the error to end the stream with.
+async fn sign_in_ends(auth: &ConnectionAuth) -> ServiceError {
+    let mut changes = auth.watch();
+    loop {
+        if let SignIn::Revoked(reason) = &*changes.borrow_and_update() {
+            return ServiceError::TokenRevoked(reason.clone());
+        }
+        let wait = auth
+            .valid_until_ms()
+            .map(|until| Duration::from_millis(until.saturating_sub(crate::auth::now_ms())))
+            .unwrap_or(Duration::ZERO);
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() {
+                return ServiceError::ShuttingDown;
+            },
+            _ = tokio::time::sleep(wait) => {
+                if let Err(e) = auth.identity() {
+                    return e;
+                }
+            }
+        }
+    }
+}
+
+pub async fn handle(
+    node: Arc<Node>,
+    me: Arc<Identity>,
+    auth: Arc<ConnectionAuth>,
+    subscribe: Subscribe,
+    mut send: quinn::SendStream,
+) {
     if let Err(e) = validate(&subscribe) {
         refuse(&mut send, &e).await;
         return;
@@ -65,10 +103,11 @@ pub async fn handle(node: Arc<Node>, subscribe: Subscribe, mut send: quinn::Send
     let (tx, mut rx) = mpsc::channel(subscription::OUTGOING_BUFFER);
     let mut feeds = tokio::task::JoinSet::new();
     for cursor in subscribe.rooms {
-        let (tx, cancel, node) = (tx.clone(), cancel.clone(), node.clone());
+        let (tx, cancel, node, viewer) = (tx.clone(), cancel.clone(), node.clone(), me.user.clone());
         feeds.spawn(async move {
             let room = cursor.room.clone();
-            if let Err(e) = subscription::follow(&node, cursor.room, cursor.after_seq, tx.clone(), cancel).await {
+            let feed = subscription::follow(&node, cursor.room, viewer, cursor.after_seq, tx.clone(), cancel);
+            if let Err(e) = feed.await {
                 let _ = tx.send(e.to_event(Some(&room)).into()).await;
             }
         });
@@ -77,9 +116,16 @@ pub async fn handle(node: Arc<Node>, subscribe: Subscribe, mut send: quinn::Send
     let mut last_write: Option<tokio::time::Instant> = None;
     // Reused across writes: each write hands QUIC the filled part without copying it.
     let mut frames = BytesMut::with_capacity(COALESCE_BYTES);
+    let ended = sign_in_ends(&auth);
+    tokio::pin!(ended);
+    let mut ended_by: Option<ServiceError> = None;
     let closing_reason = loop {
         tokio::select! {
             _ = node.clients_shutdown.cancelled() => break Some("node shutting down"),
+            e = &mut ended => {
+                ended_by = Some(e);
+                break None;
+            }
             stopped = send.stopped() => {
                 tracing::debug!(?stopped, "subscriber stopped the stream");
                 break None;
@@ -111,6 +157,12 @@ pub async fn handle(node: Arc<Node>, subscribe: Subscribe, mut send: quinn::Send
     cancel.cancel();
     feeds.abort_all();
     while feeds.join_next().await.is_some() {}
+    if let Some(e) = ended_by {
+        tracing::debug!(error = %e, "subscription ends with its sign-in");
+        let _ = framing::write_message(&mut send, &e.to_event(None)).await;
+        let _ = send.finish();
+        return;
+    }
     if let Some(reason) = closing_reason {
         let closing = client::Event { kind: Some(event::Kind::Closing(client::Closing { reason: reason.into() })) };
         let _ = framing::write_message(&mut send, &closing).await;

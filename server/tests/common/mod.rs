@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use chorus_client::{Client, ClientOptions, ClusterStatusReply, Trust};
+use chorus_client::{Client, ClientOptions, ClusterStatusReply, Credentials, Trust};
 
 mod ports;
 use ports::free_port;
@@ -41,6 +41,7 @@ pub struct TestCluster {
 
 impl TestCluster {
     /// Starts `n` nodes with replication factor `rf`, `shards` shards and extra chorusd flags.
+    /// Unless `extra` says otherwise, registration is open and there are no rate limits.
     pub fn start(n: u64, rf: usize, shards: u32, extra: &[&str]) -> TestCluster {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
@@ -48,6 +49,9 @@ impl TestCluster {
         let out = Command::new(CHORUSD).args(["gen-cert", "--out"]).arg(&tls).output().unwrap();
         assert!(out.status.success(), "gen-cert failed: {}", String::from_utf8_lossy(&out.stderr));
         let fingerprint = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let ca = dir.path().join("ca");
+        let out = Command::new(CHORUSD).args(["ca", "init", "--dir"]).arg(&ca).output().unwrap();
+        assert!(out.status.success(), "ca init failed: {}", String::from_utf8_lossy(&out.stderr));
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
             let node = TestNode {
@@ -72,7 +76,20 @@ impl TestCluster {
             tls.join("key.pem").display().to_string(),
             "--log".into(),
             "info,openraft=warn".into(),
+            "--peer-ca-dir".into(),
+            ca.display().to_string(),
         ];
+        for (flag, value) in [
+            ("--registration", "open"),
+            ("--rate-sends-per-user", "0"),
+            ("--rate-requests-per-connection", "0"),
+            ("--rate-registrations-per-address", "0"),
+            ("--rate-rooms-per-user", "0"),
+        ] {
+            if !extra.contains(&flag) {
+                base_args.extend([flag.to_string(), value.to_string()]);
+            }
+        }
         base_args.extend(extra.iter().map(|s| s.to_string()));
         let mut cluster =
             TestCluster { dir, nodes, fingerprint, shard_count: shards, initial_cluster, base_args, _serial: serial };
@@ -168,17 +185,35 @@ impl TestCluster {
         }
     }
 
+    /// Options of a client signed in as `user` (registered on first use, password
+    /// [`password_of`]), that knows only the given nodes.
     pub fn options(&self, ids: &[u64], user: &str) -> ClientOptions {
-        let nodes = ids.iter().map(|id| self.nodes[id].client_addr.clone()).collect();
-        let pin = chorus_client::tls::parse_fingerprint(&self.fingerprint).unwrap();
-        ClientOptions::new(nodes, Trust::Fingerprints(vec![pin]), user)
+        let credentials = Credentials::RegisterOrLogin { user: user.to_owned(), password: password_of(user) };
+        self.options_with(ids, credentials)
     }
 
-    /// A client that knows only the given nodes.
+    pub fn options_with(&self, ids: &[u64], credentials: Credentials) -> ClientOptions {
+        let nodes = ids.iter().map(|id| self.nodes[id].client_addr.clone()).collect();
+        let pin = chorus_client::tls::parse_fingerprint(&self.fingerprint).unwrap();
+        ClientOptions::new(nodes, Trust::Fingerprints(vec![pin]), credentials)
+    }
+
+    /// A client signed in as `user` that knows only the given nodes.
     pub async fn client(&self, ids: &[u64], user: &str) -> Client {
+        self.connect(self.options(ids, user)).await
+    }
+
+    /// A client that is not signed in.
+    pub async fn anonymous(&self, ids: &[u64]) -> Client {
+        self.connect(self.options_with(ids, Credentials::Anonymous)).await
+    }
+
+    /// Connects, retrying for up to 30 s while the cluster starts.
+    pub async fn connect(&self, options: ClientOptions) -> Client {
+        let ids = options.nodes.clone();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match Client::connect(self.options(ids, user)).await {
+            match Client::connect(options.clone()).await {
                 Ok(c) => return c,
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
@@ -192,7 +227,7 @@ impl TestCluster {
     /// Waits until every shard has a leader and every running replica has applied what it
     /// committed, as seen from node `via`.
     pub async fn wait_ready(&self, via: u64) -> ClusterStatusReply {
-        let client = self.client(&[via], "probe").await;
+        let client = self.anonymous(&[via]).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(status) = client.cluster_status().await
@@ -229,6 +264,11 @@ impl Drop for TestCluster {
             }
         }
     }
+}
+
+/// The password of test user `user`.
+pub fn password_of(user: &str) -> String {
+    format!("{user}-secret-password")
 }
 
 /// The shard a room lands on (same function as the server's).
