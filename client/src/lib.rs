@@ -421,6 +421,8 @@ impl Client {
                     self.inner.next_node.store(i + 1, Ordering::Relaxed);
                     return Ok(connection);
                 }
+                // The session is over (revoked, disabled): no other node will take it.
+                Err(e) if matches!(e.code(), Some("token_revoked" | "unauthenticated")) => return Err(e),
                 Err(e) => {
                     self.suspect(node);
                     errors.push(format!("{node}: {e}"));

@@ -22,6 +22,7 @@ struct Node {
     client_addr: String,
     fingerprint: String,
     home: tempfile::TempDir,
+    data: PathBuf,
 }
 
 impl Drop for Node {
@@ -38,6 +39,7 @@ fn start_node() -> Node {
     let peer_addr = format!("127.0.0.1:{}", free_port());
     let child = Command::new(target_bin("chorusd"))
         .args(["--node-id", "1", "--shard-count", "2", "--client-addr", &client_addr, "--peer-addr", &peer_addr])
+        .args(["--registration", "open"])
         .arg("--data-dir")
         .arg(&data)
         .stdout(Stdio::null())
@@ -52,17 +54,22 @@ fn start_node() -> Node {
     }
     std::thread::sleep(Duration::from_millis(100));
     let fingerprint = std::fs::read_to_string(&fp_file).unwrap().trim().to_string();
-    Node { child, client_addr, fingerprint, home }
+    Node { child, client_addr, fingerprint, home, data }
 }
 
 fn chorus(node: &Node, args: &[&str], stdin: Option<&str>) -> Output {
+    chorus_as(node, "default", args, stdin)
+}
+
+/// `chorus` signed in as profile `profile` (each profile keeps its own session).
+fn chorus_as(node: &Node, profile: &str, args: &[&str], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_chorus"));
     cmd.args(args)
         .env_clear()
         .env("HOME", node.home.path())
         .env("CHORUS_NODES", &node.client_addr)
         .env("CHORUS_FINGERPRINT", &node.fingerprint)
-        .env("CHORUS_USER", "tester")
+        .env("CHORUS_PROFILE", profile)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -84,10 +91,10 @@ fn ok(output: Output) -> String {
 }
 
 /// Retries a command until the node has elected its leaders.
-fn ok_eventually(node: &Node, args: &[&str]) -> String {
+fn ok_eventually(node: &Node, args: &[&str], stdin: Option<&str>) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let output = chorus(node, args, None);
+        let output = chorus(node, args, stdin);
         if output.status.success() || Instant::now() > deadline {
             return ok(output);
         }
@@ -102,7 +109,9 @@ fn json_lines(text: &str) -> Vec<serde_json::Value> {
 #[test]
 fn the_cli_sends_reads_lists_tails_and_chats() {
     let node = start_node();
-    let sent = ok_eventually(&node, &["send", "general", "hello world", "--create"]);
+    let signed_in = ok_eventually(&node, &["register", "tester", "--password-stdin"], Some("tester-password\n"));
+    assert_eq!(signed_in.trim(), "registered and signed in as tester");
+    let sent = ok(chorus(&node, &["send", "general", "hello world", "--create"], None));
     assert!(sent.starts_with("sent to general as #1"), "{sent}");
     let sent = ok(chorus(&node, &["--json", "send", "general", "second"], None));
     assert_eq!(json_lines(&sent)[0]["seq"], 2);
@@ -120,11 +129,13 @@ fn the_cli_sends_reads_lists_tails_and_chats() {
 
     let status: serde_json::Value = serde_json::from_str(&ok(chorus(&node, &["--json", "status"], None))).unwrap();
     assert_eq!(status["shard_count"], 2);
+    assert_eq!(status["shards"].as_array().unwrap().len(), 3, "two room shards and the meta group: {status}");
     assert!(status["shards"].as_array().unwrap().iter().all(|s| s["leader"] == 1), "{status}");
     let table = ok(chorus(&node, &["status"], None));
     assert!(table.contains("SHARD") && table.contains("leader"), "{table}");
     // A reader that goes away (`chorus status | head -1`) ends the command quietly.
     let mut closed = Command::new(env!("CARGO_BIN_EXE_chorus"));
+    // Status needs no sign-in.
     closed
         .arg("status")
         .env_clear()
@@ -149,6 +160,7 @@ fn the_cli_sends_reads_lists_tails_and_chats() {
     let mut tail = Command::new(env!("CARGO_BIN_EXE_chorus"))
         .args(["--json", "tail", "general", "--from", "1"])
         .env_clear()
+        .env("CHORUS_PROFILE", "default")
         .env("HOME", node.home.path())
         .env("CHORUS_NODES", &node.client_addr)
         .env("CHORUS_FINGERPRINT", &node.fingerprint)
@@ -188,4 +200,102 @@ fn without_a_way_to_trust_the_server_the_cli_says_what_to_pass() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--fingerprint") && stderr.contains("cluster.sh"), "{stderr}");
+}
+
+/// The admin's password, from the credentials file the first start wrote.
+fn admin_password(node: &Node) -> String {
+    let path = node.data.join("admin-credentials");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "no {}", path.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = text.lines().find_map(|l| l.strip_prefix("password = \"")).unwrap();
+    line.trim_end_matches('"').to_string()
+}
+
+#[test]
+fn the_cli_signs_in_manages_rooms_and_members_and_signs_out() {
+    let node = start_node();
+    ok_eventually(&node, &["status"], None);
+    let not_signed_in = chorus(&node, &["rooms"], None);
+    assert!(!not_signed_in.status.success());
+    assert!(String::from_utf8_lossy(&not_signed_in.stderr).contains("chorus login"), "says how to sign in");
+
+    // Two identities on one machine, by profile.
+    let register = |profile: &str, user: &str| {
+        ok_eventually_as(&node, profile, &["register", user, "--password-stdin"], &format!("{user}-password\n"))
+    };
+    register("ann", "ann");
+    register("bob", "bob");
+    let whoami = ok(chorus_as(&node, "ann", &["whoami"], None));
+    assert!(whoami.starts_with("ann (session "), "{whoami}");
+    let session_file = node.home.path().join(".config/chorus/sessions/ann.toml");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&session_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(!std::fs::read_to_string(&session_file).unwrap().contains("ann-password"), "no password is kept");
+
+    // A private room: bob cannot read it until invited and joined.
+    ok(chorus_as(&node, "ann", &["create", "plans", "--private"], None));
+    ok(chorus_as(&node, "ann", &["send", "plans", "secret plan"], None));
+    let refused = chorus_as(&node, "bob", &["history", "plans"], None);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not_member"), "{refused:?}");
+    let rooms = ok(chorus_as(&node, "bob", &["--json", "rooms"], None));
+    assert!(!rooms.contains("plans"), "bob does not see the private room: {rooms}");
+    ok(chorus_as(&node, "ann", &["invite", "plans", "bob"], None));
+    ok(chorus_as(&node, "bob", &["join", "plans"], None));
+    let history = ok(chorus_as(&node, "bob", &["history", "plans"], None));
+    assert!(history.contains("ann: secret plan") && history.contains("-- bob joined --"), "{history}");
+    let members = ok(chorus_as(&node, "bob", &["members", "plans"], None));
+    assert!(members.contains("ann") && members.contains("owner") && members.contains("bob"), "{members}");
+    // Kicked, bob cannot send there any more; the kick is in the room's history.
+    ok(chorus_as(&node, "ann", &["kick", "plans", "bob", "--reason", "oops"], None));
+    let after = chorus_as(&node, "bob", &["send", "plans", "still here?"], None);
+    assert!(!after.status.success(), "{after:?}");
+    let history = ok(chorus_as(&node, "ann", &["history", "plans"], None));
+    assert!(history.contains("ann removed bob: oops") && !history.contains("still here?"), "{history}");
+
+    // Direct messages: one room per pair, whoever opens it.
+    ok(chorus_as(&node, "ann", &["dm", "bob", "hi bob"], None));
+    ok(chorus_as(&node, "bob", &["dm", "ann", "hi ann"], None));
+    let mine = json_lines(&ok(chorus_as(&node, "bob", &["--json", "rooms", "--mine"], None)));
+    let direct: Vec<_> = mine.iter().filter(|r| r["visibility"] == "direct").collect();
+    assert_eq!(direct.len(), 1, "{mine:?}");
+    assert_eq!(direct[0]["last_seq"], 2);
+
+    // Admin: create, list and disable accounts.
+    let password = admin_password(&node);
+    ok(chorus_as(&node, "admin", &["login", "admin", "--password-stdin"], Some(&format!("{password}\n"))));
+    ok(chorus_as(&node, "admin", &["admin", "user", "add", "carol", "--password-stdin"], Some("carol-password\n")));
+    let users = ok(chorus_as(&node, "admin", &["admin", "user", "list"], None));
+    assert!(users.contains("carol") && users.contains("ann") && users.contains("admin"), "{users}");
+    let not_admin = chorus_as(&node, "ann", &["admin", "user", "list"], None);
+    assert!(String::from_utf8_lossy(&not_admin.stderr).contains("forbidden"), "{not_admin:?}");
+    ok(chorus_as(&node, "admin", &["admin", "user", "disable", "bob"], None));
+    let disabled = chorus_as(&node, "bob", &["whoami"], None);
+    assert!(!disabled.status.success(), "bob's session ended: {disabled:?}");
+    let login = chorus_as(&node, "bob", &["login", "bob", "--password-stdin"], Some("bob-password\n"));
+    assert!(String::from_utf8_lossy(&login.stderr).contains("user_disabled"), "{login:?}");
+
+    // Wrong password, then signing out.
+    let wrong = chorus_as(&node, "ann2", &["login", "ann", "--password-stdin"], Some("not-her-password\n"));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("invalid_credentials"), "{wrong:?}");
+    ok(chorus_as(&node, "ann", &["logout"], None));
+    assert!(!session_file.exists(), "logout forgets the session");
+    let gone = chorus_as(&node, "ann", &["whoami"], None);
+    assert!(!gone.status.success());
+}
+
+fn ok_eventually_as(node: &Node, profile: &str, args: &[&str], stdin: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = chorus_as(node, profile, args, Some(stdin));
+        if output.status.success() || Instant::now() > deadline {
+            return ok(output);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use chorus_client::{Client, ClientOptions, ClusterStatusReply, Credentials, Trust};
 
 mod ports;
+pub mod raw;
 use ports::free_port;
 
 /// Cluster tests run one at a time: several clusters on two cores make elections flaky.
