@@ -11,6 +11,10 @@
 #                with the writing client connected to another node, then to the killed one
 #   idle         CPU of each node with 256 shards and no traffic, over 30 s
 #   catch-up     a node down while 100k messages are written: time until it serves the same history
+#   flood        one user floods a node (rate limits on) while another sends 20 msgs/s through it
+#
+# Every connection signs in (a bench user, and users of its own for the load); rate limits are
+# off except for the flood benchmark.
 #
 # Usage: scripts/bench.sh [--no-write]   (--no-write: print the results, leave the docs alone)
 set -euo pipefail
@@ -29,10 +33,16 @@ OUT="$TARGET/bench"
 mkdir -p "$OUT"
 
 cargo build --release --locked -p chorus-server -p chorus-client --bins
+# The bench signs in as a user of its own, kept apart from the user's own profiles.
+export XDG_CONFIG_HOME="$OUT/config" CHORUS_PROFILE=bench
 chorus() { "$BIN/chorus" "$@"; }
-fresh() { # fresh cluster with the given extra node flags
+# Rate limits measure abuse, not throughput: off, except for the flood benchmark.
+NO_LIMITS="--rate-sends-per-user 0 --rate-requests-per-connection 0 --rate-registrations-per-address 0 --rate-rooms-per-user 0"
+fresh() { # fresh cluster with the given extra node flags, and the bench user signed in
   scripts/cluster.sh reset >/dev/null 2>&1 || true
+  rm -rf "$XDG_CONFIG_HOME/chorus/sessions"
   CHORUS_NODE_ARGS="$*" scripts/cluster.sh up >/dev/null
+  chorus register bench-runner --password-stdin <<<"bench-runner-password" >/dev/null
 }
 median() { python3 -c 'import sys,statistics; v=[float(x) for x in sys.argv[1:]]; print(statistics.median(v))' "$@"; }
 field() { python3 -c 'import sys,json; d=json.load(sys.stdin); print(eval("d"+sys.argv[1]))' "$1"; }
@@ -41,7 +51,7 @@ results=()
 say() { echo "bench: $*" >&2; }
 
 # --- sequential -------------------------------------------------------------------------------
-fresh
+fresh $NO_LIMITS
 SEQ_CMD="chorus bench --connections 1 --inflight 1 --rooms 1 --duration 10s"
 p50=(); p99=(); rate=()
 for _ in $(seq "$RUNS"); do
@@ -100,8 +110,20 @@ j=$(chorus --json bench failover --subscriber-on-leader --kills 5 --kill-cmd "sc
 FAILS_P50=$(field '["p50_ms"]' <<<"$j"); FAILS_ALL=$(field '["failover_ms"]' <<<"$j")
 say "failover, subscriber on the killed node: p50 ${FAILS_P50} ms ($FAILS_ALL)"
 
-# --- catch-up ---------------------------------------------------------------------------------
+# --- abuse limits: one user's flood beside another user, on one node -----------------------------
 fresh
+FL_CMD="chorus bench flood --rate 20 --duration 20s --connections 4 --inflight 64"
+alone=(); flooded=(); ratio=()
+for _ in $(seq "$RUNS"); do
+  j=$(chorus --json bench flood --rate 20 --duration 20s --connections 4 --inflight 64)
+  alone+=("$(field '["alone"]["p99_us"]' <<<"$j")"); flooded+=("$(field '["flooded"]["p99_us"]' <<<"$j")")
+  ratio+=("$(field '["p99_ratio"]' <<<"$j")")
+done
+FL_ALONE=$(median "${alone[@]}"); FL_FLOODED=$(median "${flooded[@]}"); FL_RATIO=$(median "${ratio[@]}")
+say "flood: victim p99 ${FL_ALONE} µs alone, ${FL_FLOODED} µs flooded (${FL_RATIO}×)"
+
+# --- catch-up ---------------------------------------------------------------------------------
+fresh $NO_LIMITS
 CU_CMD="kill node 3; chorus bench --count 100000 --connections 8 --inflight 64 --rooms 64; restart node 3"
 scripts/cluster.sh kill 3 >/dev/null
 chorus --nodes 127.0.0.1:7401,127.0.0.1:7402 bench --count 100000 --connections 8 --inflight 64 --rooms 64 >/dev/null
@@ -122,7 +144,7 @@ same=$(diff <(chorus --nodes 127.0.0.1:7403 --json rooms --limit 1000 | python3 
 say "catch-up: ${CU_S} s after restart; node 3's rooms vs node 1's: $same"
 
 # --- idle cost with 256 shards ----------------------------------------------------------------
-fresh --shard-count 256
+fresh --shard-count 256 $NO_LIMITS
 sleep 10
 ticks=$(getconf CLK_TCK)
 cpu() { awk '{print $14 + $15}' "/proc/$(pid_of "$1")/stat"; }
@@ -156,6 +178,7 @@ Medians of $RUNS runs where several were made.
 | leader failover, delivery to a subscriber connected to the killed leader (5 kills) | p50 ${FAILS_P50} ms (all: ${FAILS_ALL}) | | | \`$FAILS_CMD\` |
 | idle, 256 shards, 30 s | ${IDLE% } % of one core per node | ≤ 3 % | $(verdict "$IDLE_MAX <= 3") | \`CHORUS_NODE_ARGS="--shard-count 256" scripts/cluster.sh up\`, CPU from /proc |
 | catch-up, 100k messages | ${CU_S} s after restart; history $same | | | \`$CU_CMD\` |
+| one user flooding a node (default rate limits), another at 20 msgs/s | the other's ack p99 $(printf %.1f "$(python3 -c "print($FL_ALONE/1000)")") ms alone, $(printf %.1f "$(python3 -c "print($FL_FLOODED/1000)")") ms during the flood ($(printf %.2f "$FL_RATIO")×) | ≤ 2× | $(verdict "$FL_RATIO <= 2") | \`$FL_CMD\` |
 EOF
 )
 echo "$REPORT"

@@ -11,7 +11,9 @@
 #   scripts/cluster.sh restart N    (re)start node N with its data
 #   scripts/cluster.sh logs N       follow node N's log
 #
-# Node N listens for clients on 127.0.0.1:740N (QUIC) and for peers on 127.0.0.1:730N (gRPC).
+# Node N listens for clients on 127.0.0.1:740N (QUIC) and for peers on 127.0.0.1:730N (gRPC,
+# mutual TLS with the cluster CA in $DIR/ca). Registration is open: anyone can `chorus register`.
+# The first admin's password is in $DIR/node-1/admin-credentials.
 # CHORUS_NODE_ARGS adds chorusd flags to every node (e.g. "--shard-count 256" before 'up').
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,6 +70,7 @@ start_node() {
     --peer-addr "127.0.0.1:$((7300 + i))" \
     --initial-cluster "$(initial_cluster "$n")" \
     --tls-cert "$DIR/tls/cert.pem" --tls-key "$DIR/tls/key.pem" \
+    --peer-ca-dir "$DIR/ca" \
     $(cat "$DIR/node-args" 2>/dev/null) \
     >>"$DIR/logs/node-$i.log" 2>&1 </dev/null &
   echo $! >"$(pidfile "$i")"
@@ -113,10 +116,19 @@ up() {
   build
   mkdir -p "$DIR/logs" "$DIR/run"
   echo "$n" >"$DIR/size"
-  # Settings every node of this cluster keeps across restarts.
-  [ -f "$DIR/node-args" ] || echo "${CHORUS_NODE_ARGS:-}" >"$DIR/node-args"
+  # Settings every node of this cluster keeps across restarts: open registration, so that a
+  # newcomer can register and chat at once (unless CHORUS_NODE_ARGS says otherwise).
+  if [ ! -f "$DIR/node-args" ]; then
+    local args="${CHORUS_NODE_ARGS:-}"
+    case " $args " in *" --registration "*) ;; *) args="--registration open $args" ;; esac
+    echo "$args" >"$DIR/node-args"
+  fi
   if [ ! -f "$DIR/tls/cert.pem" ]; then
     "$BIN/chorusd" gen-cert --out "$DIR/tls" --san localhost --san 127.0.0.1 >/dev/null
+  fi
+  # The cluster's CA: each node issues its own peer certificate from it at first start.
+  if [ ! -f "$DIR/ca/ca.pem" ]; then
+    "$BIN/chorusd" ca init --dir "$DIR/ca" 2>/dev/null
   fi
   local fingerprint nodes="" i
   fingerprint=$(tr -d '[:space:]' <"$DIR/tls/fingerprint")
@@ -133,15 +145,19 @@ EOF
 Chorus is up: $n nodes, clients on 127.0.0.1:7401..740$n (QUIC), data in $DIR.
 Certificate fingerprint (SHA-256): $fingerprint
 
-Chat from two terminals (the chorus CLI finds this cluster through $DIR/client.toml):
-  $BIN/chorus chat general
-  $BIN/chorus --user bob chat general
+Chat from two terminals (the chorus CLI finds this cluster through $DIR/client.toml);
+register once per person, then chat (each --profile keeps its own sign-in):
+  $BIN/chorus register ann && $BIN/chorus chat general
+  $BIN/chorus --profile bob register bob && $BIN/chorus --profile bob chat general
 
 Or one command at a time:
   $BIN/chorus send general "hello" --create
   $BIN/chorus history general
-  $BIN/chorus tail general --from 1
+  $BIN/chorus create plans --private && $BIN/chorus invite plans bob
+  $BIN/chorus dm bob "hi"
   $BIN/chorus status
+
+The first admin's password: $DIR/node-1/admin-credentials (chorus --profile admin login admin).
 
 Stop it with: scripts/cluster.sh down
 EOF

@@ -73,8 +73,9 @@ impl Client {
         loop {
             let after = all.last().map(|m| m.user.clone()).unwrap_or_default();
             let page = self.members(room, &after, 1000).await?;
+            let empty = page.members.is_empty();
             all.extend(page.members);
-            if !page.more {
+            if !page.more || empty {
                 return Ok(all);
             }
         }

@@ -274,6 +274,11 @@ fn the_cli_signs_in_manages_rooms_and_members_and_signs_out() {
     assert!(users.contains("carol") && users.contains("ann") && users.contains("admin"), "{users}");
     let not_admin = chorus_as(&node, "ann", &["admin", "user", "list"], None);
     assert!(String::from_utf8_lossy(&not_admin.stderr).contains("forbidden"), "{not_admin:?}");
+    // A new signing key: sessions signed in before keep working, and new sign-ins use it.
+    ok(chorus_as(&node, "admin", &["admin", "rotate-key"], None));
+    ok(chorus_as(&node, "bob", &["whoami"], None));
+    ok(chorus_as(&node, "carol", &["login", "carol", "--password-stdin"], Some("carol-password\n")));
+    ok(chorus_as(&node, "carol", &["whoami"], None));
     ok(chorus_as(&node, "admin", &["admin", "user", "disable", "bob"], None));
     let disabled = chorus_as(&node, "bob", &["whoami"], None);
     assert!(!disabled.status.success(), "bob's session ended: {disabled:?}");

@@ -42,7 +42,7 @@ pub mod defaults {
     pub const OIDC_ALGORITHMS: &str = "RS256,ES256,EdDSA";
     pub const OIDC_USERNAME_CLAIM: &str = "preferred_username";
     pub const RATE_SENDS_PER_USER: &str = "50/s,200";
-    pub const RATE_REQUESTS_PER_CONNECTION: &str = "500/s,1000";
+    pub const RATE_REQUESTS_PER_CONNECTION: &str = "100/s,200";
     pub const RATE_ROOMS_PER_USER: &str = "10/min,20";
     pub const RATE_FAILED_LOGINS_PER_USER: &str = "5/min,10";
     pub const RATE_FAILED_LOGINS_PER_ADDRESS: &str = "30/min,60";
@@ -323,7 +323,8 @@ pub struct RunArgs {
     #[arg(long, env = "CHORUS_RATE_SENDS_PER_USER")]
     pub rate_sends_per_user: Option<RateSpec>,
 
-    /// Requests of any kind one client connection may make. [default: 500/s,1000]
+    /// Requests of any kind one client connection may make (a connection over it is refused,
+    /// and takes no new request until the wait it was told has passed). [default: 100/s,200]
     #[arg(long, env = "CHORUS_RATE_REQUESTS_PER_CONNECTION")]
     pub rate_requests_per_connection: Option<RateSpec>,
 
@@ -604,7 +605,7 @@ fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
     tuning.config(0).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     let rate =
         |flag: &Option<RateSpec>, key: &Option<RateSpec>, default: &str| -> Result<Option<RateSpec>, ConfigError> {
-            let spec = match flag.clone().or(key.clone()) {
+            let spec = match flag.or(*key) {
                 Some(spec) => spec,
                 None => default.parse().map_err(ConfigError::Invalid)?,
             };

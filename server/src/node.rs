@@ -272,11 +272,14 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     Ok(RunningNode { node, quic, peer_server, failed })
 }
 
-/// Drops the rate limiters' state of quiet keys now and then, so that it stays bounded.
+/// Drops the rate limiters' state of quiet keys, and the registry's entries of closed
+/// connections, now and then, so that both stay bounded.
 async fn forget_idle_rates(node: Arc<Node>) {
     let mut ticker = ticker(Duration::from_secs(60));
     while node.next_tick(&mut ticker).await {
         node.rate.forget_idle();
+        let signed_in = node.connections.count();
+        tracing::debug!(signed_in, "signed-in client connections");
     }
 }
 

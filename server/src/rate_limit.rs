@@ -204,14 +204,30 @@ impl RateLimiters {
         }
     }
 
+    /// Whether a sign-in naming no user (a refresh, an external token) may be tried from
+    /// `address` now.
+    pub fn address_allowed(&self, address: IpAddr) -> Result<(), ServiceError> {
+        self.blocked_addresses.check(&address).map_err(|wait| limited("failed sign-ins from this address", wait))
+    }
+
+    /// A sign-in naming no user failed from `address`.
+    pub fn address_failed(&self, address: IpAddr) {
+        if let Err(wait) = self.failed_logins_per_address.take(&address, 1) {
+            self.blocked_addresses.block(address, wait);
+        }
+    }
+
     /// An account is registered from `address`.
     pub fn registration(&self, address: IpAddr) -> Result<(), ServiceError> {
         self.registrations_per_address.take(&address, 1).map_err(|wait| limited("accounts registered", wait))
     }
 
     /// A new connection's own bucket for its requests.
-    pub fn connection_limiter(&self) -> Option<DefaultDirectRateLimiter> {
-        self.requests_per_connection.map(DefaultDirectRateLimiter::direct)
+    pub fn connection_rate(&self) -> ConnectionRate {
+        ConnectionRate {
+            limiter: self.requests_per_connection.map(DefaultDirectRateLimiter::direct),
+            held_until: Mutex::new(None),
+        }
     }
 
     /// Drops the state of keys that have been quiet long enough to have full buckets again.
@@ -226,12 +242,33 @@ impl RateLimiters {
     }
 }
 
-/// One request on a connection with bucket `limiter`.
-pub fn connection_request(limiter: Option<&DefaultDirectRateLimiter>) -> Result<(), ServiceError> {
-    let Some(limiter) = limiter else { return Ok(()) };
-    limiter.check().map_err(|not_until| {
-        limited("requests on this connection", not_until.wait_time_from(DefaultClock::default().now()))
-    })
+/// One connection's request budget. A request over it is refused with `rate_limited`, and the
+/// connection takes no new stream until the wait it was told has passed: a client that ignores
+/// the answer and keeps asking is slowed by QUIC's stream limit instead of costing the node a
+/// refusal per request.
+pub struct ConnectionRate {
+    limiter: Option<DefaultDirectRateLimiter>,
+    held_until: Mutex<Option<Instant>>,
+}
+
+impl ConnectionRate {
+    /// One request.
+    pub fn request(&self) -> Result<(), ServiceError> {
+        let Some(limiter) = &self.limiter else { return Ok(()) };
+        limiter.check().map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
+            limited("requests on this connection", wait)
+        })
+    }
+
+    /// Waits out the pause a refusal asked for, if any.
+    pub async fn wait_if_held(&self) {
+        let until = self.held_until.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(until) = until {
+            tokio::time::sleep_until(until.into()).await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -280,5 +317,38 @@ mod tests {
         limiters.login_failed("ann", addr);
         assert!(matches!(limiters.login_allowed("ann", addr), Err(ServiceError::RateLimited { .. })));
         assert!(limiters.login_allowed("bob", addr).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_its_rate_is_refused_then_held_for_the_wait() {
+        let limits = RateLimits { requests_per_connection: "10/s,2".parse().ok(), ..Default::default() };
+        let rate = RateLimiters::new(&limits).connection_rate();
+        assert!(rate.request().is_ok() && rate.request().is_ok());
+        let refused = rate.request();
+        assert!(matches!(refused, Err(ServiceError::RateLimited { .. })), "{refused:?}");
+        let started = Instant::now();
+        rate.wait_if_held().await;
+        assert!(started.elapsed() >= Duration::from_millis(50), "held {:?}", started.elapsed());
+        assert!(rate.request().is_ok(), "a token came back meanwhile");
+        let started = Instant::now();
+        rate.wait_if_held().await;
+        assert!(started.elapsed() < Duration::from_millis(20), "not held without a refusal");
+    }
+
+    #[test]
+    fn failures_that_name_no_user_count_against_their_address_only() {
+        let limits = RateLimits {
+            failed_logins_per_user: "1/min,1".parse().ok(),
+            failed_logins_per_address: "1/min,2".parse().ok(),
+            ..Default::default()
+        };
+        let limiters = RateLimiters::new(&limits);
+        let (mallory, ann): (IpAddr, IpAddr) = ([10, 0, 0, 66].into(), [10, 0, 0, 7].into());
+        for _ in 0..3 {
+            limiters.address_failed(mallory);
+        }
+        assert!(limiters.address_allowed(mallory).is_err(), "bad refresh tokens from one address block it");
+        assert!(limiters.address_allowed(ann).is_ok(), "and nobody else");
+        assert!(limiters.login_allowed("ann", ann).is_ok(), "no user name is blocked by them");
     }
 }

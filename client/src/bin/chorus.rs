@@ -954,7 +954,8 @@ fn print_status(s: &ClusterStatusReply) {
                 format!("{} {} {} {}", r.node, r.role, r.applied, lag)
             })
             .collect();
-        out!("{:<6} {:<7} {:<6} {:<8} {}", shard.shard, leader, shard.term, shard.committed, replicas.join(" | "));
+        let name = if shard.shard == s.meta_shard { "meta".to_string() } else { shard.shard.to_string() };
+        out!("{:<6} {:<7} {:<6} {:<8} {}", name, leader, shard.term, shard.committed, replicas.join(" | "));
     }
 }
 

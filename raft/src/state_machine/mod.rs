@@ -116,6 +116,9 @@ pub enum HistoryQuery {
     Before { before: u64, limit: usize },
 }
 
+/// A RocksDB key and its value.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 /// The part of a shard's state machine that readers share with the applier.
 pub(crate) struct ShardView {
     pub(crate) shard: ShardId,
@@ -165,7 +168,7 @@ impl ShardView {
     }
 
     /// Keys and values of `[start, end)`, in order, at most `limit` of them.
-    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Box<[u8]>, Box<[u8]>)>, StoreError> {
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
         let cf = self.db.cf_sm()?;
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(end.to_vec());

@@ -144,9 +144,11 @@ impl ShardReader {
         };
         let limit = limit.clamp(1, MAX_PAGE);
         let mut members = Vec::new();
-        let mut more = false;
-        // Bans hidden from a member make the scan longer than the page: bounded all the same.
-        for (key, value) in self.view.scan(&from, &end, ROOM_SCAN_BUDGET)? {
+        // Bans hidden from a member make the scan longer than the page: bounded all the same
+        // (a page cut short by the budget says `more`).
+        let scanned = self.view.scan(&from, &end, ROOM_SCAN_BUDGET)?;
+        let mut more = scanned.len() == ROOM_SCAN_BUDGET;
+        for (key, value) in scanned {
             let member = MemberRecord::decode(value.as_ref())
                 .map_err(|e| StoreError::corrupt(format!("member record {key:?} of room {room:?}"), e))?;
             if state(Some(&member)) == MembershipState::Banned && !sees_bans {

@@ -45,7 +45,7 @@ pub struct Session {
     pub hello: OnceLock<()>,
     pub auth: Arc<ConnectionAuth>,
     pub remote: std::net::SocketAddr,
-    pub requests: Option<governor::DefaultDirectRateLimiter>,
+    pub requests: crate::rate_limit::ConnectionRate,
 }
 
 impl Session {
@@ -54,7 +54,7 @@ impl Session {
             hello: OnceLock::new(),
             auth: ConnectionAuth::new(quic, node.config.auth.access_token_ttl),
             remote,
-            requests: node.rate.connection_limiter(),
+            requests: node.rate.connection_rate(),
         }
     }
 
@@ -122,7 +122,10 @@ async fn handle_connection(node: Arc<Node>, connection: quinn::Connection) {
     loop {
         let stream = tokio::select! {
             _ = node.clients_shutdown.cancelled() => break,
-            stream = connection.accept_bi() => stream,
+            stream = async {
+                session.requests.wait_if_held().await;
+                connection.accept_bi().await
+            } => stream,
         };
         match stream {
             Ok((send, recv)) => {
@@ -190,7 +193,7 @@ async fn handle_stream(
             // The budget bounds requests waiting for an answer; a subscription lives on for
             // as long as the client wants, so it must not keep its share.
             drop(budget);
-            let me = crate::rate_limit::connection_request(session.requests.as_ref()).and_then(|()| session.identity());
+            let me = session.requests.request().and_then(|()| session.identity());
             let me = match me {
                 Ok(me) => me,
                 Err(e) => {

@@ -188,13 +188,13 @@ pub async fn refresh(node: &Node, session: &Session, r: Refresh) -> Result<Signe
     let address = session.remote.ip();
     let (session_id, hash) = refresh::parse(&r.refresh_token)
         .ok_or_else(|| ServiceError::Unauthenticated("malformed refresh token".into()))?;
-    node.rate.login_allowed("", address)?;
+    node.rate.address_allowed(address)?;
     let record = node.read_meta(|m| m.session(&session_id).map_err(internal), Option::is_some).await?;
     let Some(record) = record else {
         return Err(ServiceError::TokenRevoked("the session ended (signed out): sign in again".into()));
     };
     if !refresh::same(&hash, &record.refresh_hash) {
-        node.rate.login_failed("", address);
+        node.rate.address_failed(address);
         return Err(ServiceError::Unauthenticated("wrong refresh token".into()));
     }
     let now = now_ms();
@@ -224,12 +224,12 @@ pub async fn login_external(node: &Node, session: &Session, l: LoginExternal) ->
         return Err(ServiceError::Forbidden("no external identity provider is configured on this cluster".into()));
     };
     let address = session.remote.ip();
-    node.rate.login_allowed("", address)?;
+    node.rate.address_allowed(address)?;
     let device = check_device(&l.device)?;
     let external = match verifier.verify(&l.token).await {
         Ok(external) => external,
         Err(e) => {
-            node.rate.login_failed("", address);
+            node.rate.address_failed(address);
             return Err(e);
         }
     };

@@ -31,7 +31,7 @@ pub async fn dispatch(
 ) -> Result<response::Kind, ServiceError> {
     use request::Kind as K;
     use response::Kind as R;
-    crate::rate_limit::connection_request(session.requests.as_ref())?;
+    session.requests.request()?;
     match kind {
         K::Hello(hello) => return hello::handle(node, session, hello).await.map(R::Hello),
         K::Subscribe(_) => return Err(ServiceError::Internal("subscriptions are not unary".into())),

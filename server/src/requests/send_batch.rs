@@ -24,10 +24,20 @@ pub async fn handle(node: &Arc<Node>, me: &Identity, batch: SendBatch) -> Result
     let shards: std::collections::BTreeSet<_> =
         batch.sends.iter().map(|send| node.layout.router.shard_for_room(&send.room)).collect();
     let lone = batch.sends.len() == 1;
-    // Each send takes its own token of the user's rate: those beyond it are refused alone.
-    let sends = batch.sends.into_iter().map(|send| async move {
-        node.rate.sends(&me.user, 1)?;
-        super::send::send_as(node, me, send, lone).await
+    // Each send takes its own token of the user's rate: those beyond it are refused alone. A
+    // user over their rate already has the whole batch refused at once (no token per send).
+    let over = node.rate.sends(&me.user, 1).err();
+    let sends = batch.sends.into_iter().enumerate().map(|(i, send)| {
+        let over = over.clone();
+        async move {
+            if let Some(e) = over {
+                return Err(e);
+            }
+            if i > 0 {
+                node.rate.sends(&me.user, 1)?;
+            }
+            super::send::send_as(node, me, send, lone).await
+        }
     });
     let outcomes = futures::future::join_all(sends).await;
     let results = outcomes
