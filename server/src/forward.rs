@@ -328,15 +328,11 @@ pub async fn history(
                     query: Some(pb::read_request::Query::History(request)),
                     viewer: viewer.to_owned(),
                 };
-                match read_at(node, target, read, remaining).await {
-                    Attempt::Done(pb::read_reply::Result::History(page)) => Attempt::Done(history_page_from_pb(page)),
-                    Attempt::Done(_) => {
-                        Attempt::Retry { maybe_applied: false, reason: format!("node {target} sent a wrong reply") }
-                    }
-                    Attempt::Redirect(l) => Attempt::Redirect(l),
-                    Attempt::Retry { reason, .. } => Attempt::Retry { maybe_applied: false, reason },
-                    Attempt::Failed(e) => Attempt::Failed(e),
-                }
+                read_reply_at(node, target, read, remaining, |reply| match reply {
+                    pb::read_reply::Result::History(page) => Some(history_page_from_pb(page)),
+                    _ => None,
+                })
+                .await
             }
         }
     })
@@ -442,15 +438,11 @@ pub async fn members(
                 query: Some(pb::read_request::Query::Members(request)),
                 viewer: viewer.to_owned(),
             };
-            match read_at(node, target, read, remaining).await {
-                Attempt::Done(pb::read_reply::Result::Members(list)) => Attempt::Done(list),
-                Attempt::Done(_) => {
-                    Attempt::Retry { maybe_applied: false, reason: format!("node {target} sent a wrong reply") }
-                }
-                Attempt::Redirect(l) => Attempt::Redirect(l),
-                Attempt::Retry { reason, .. } => Attempt::Retry { maybe_applied: false, reason },
-                Attempt::Failed(e) => Attempt::Failed(e),
-            }
+            read_reply_at(node, target, read, remaining, |reply| match reply {
+                pb::read_reply::Result::Members(list) => Some(list),
+                _ => None,
+            })
+            .await
         }
     })
     .await
@@ -571,6 +563,26 @@ fn cap_page_bytes(mut page: HistoryPage) -> HistoryPage {
     page
 }
 
+/// A read at `target`, its reply taken by `pick` (`None`: a reply of the wrong kind). A read
+/// never changes anything, so a failed attempt may always be retried elsewhere.
+async fn read_reply_at<T>(
+    node: &Node,
+    target: NodeId,
+    read: pb::ReadRequest,
+    remaining: Duration,
+    pick: impl FnOnce(pb::read_reply::Result) -> Option<T>,
+) -> Attempt<T> {
+    match read_at(node, target, read, remaining).await {
+        Attempt::Done(reply) => match pick(reply) {
+            Some(value) => Attempt::Done(value),
+            None => Attempt::Retry { maybe_applied: false, reason: format!("node {target} sent a wrong reply") },
+        },
+        Attempt::Redirect(l) => Attempt::Redirect(l),
+        Attempt::Retry { reason, .. } => Attempt::Retry { maybe_applied: false, reason },
+        Attempt::Failed(e) => Attempt::Failed(e),
+    }
+}
+
 async fn read_at(
     node: &Node,
     target: NodeId,
@@ -674,18 +686,17 @@ pub async fn list_rooms_of_shard(
                 query: Some(pb::read_request::Query::ListRooms(request)),
                 viewer: viewer.to_owned(),
             };
-            match read_at(node, target, read, remaining).await {
-                Attempt::Done(pb::read_reply::Result::RoomPage(page)) => Attempt::Done(page),
-                Attempt::Done(_) => {
-                    Attempt::Retry { maybe_applied: false, reason: format!("node {target} sent a wrong reply") }
-                }
+            let page = read_reply_at(node, target, read, remaining, |reply| match reply {
+                pb::read_reply::Result::RoomPage(page) => Some(page),
+                _ => None,
+            });
+            match page.await {
                 // A non-replica answering NotLeader: try the next replica.
                 Attempt::Redirect(_) => Attempt::Retry {
                     maybe_applied: false,
                     reason: format!("node {target} does not host shard {shard}"),
                 },
-                Attempt::Retry { reason, .. } => Attempt::Retry { maybe_applied: false, reason },
-                Attempt::Failed(e) => Attempt::Failed(e),
+                other => other,
             }
         }
     })

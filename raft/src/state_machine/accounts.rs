@@ -408,7 +408,7 @@ mod tests {
     use chorus_proto::storage::op;
 
     use super::*;
-    use crate::state_machine::fixture::Fixture;
+    use crate::state_machine::fixture::{Fixture, refused};
     use crate::state_machine::{ShardEvent, create_room_op};
 
     fn credential(password: &str) -> Bytes {
@@ -455,13 +455,6 @@ mod tests {
             session_id: id.map(|id| Bytes::from(vec![id; SESSION_ID_LEN])).unwrap_or_default(),
             actor: actor.into(),
         })
-    }
-
-    fn refused(result: Result<OpOutcome, CommandError>) -> &'static str {
-        match result {
-            Err(e) => e.code(),
-            Ok(ok) => panic!("expected a refusal, got {ok:?}"),
-        }
     }
 
     #[tokio::test]

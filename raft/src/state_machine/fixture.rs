@@ -112,3 +112,11 @@ impl Fixture {
         self.sm.reader().history(room, query, "alice").unwrap()
     }
 }
+
+/// The code of a refusal; panics on a success.
+pub fn refused(result: Result<OpOutcome, CommandError>) -> &'static str {
+    match result {
+        Err(e) => e.code(),
+        Ok(ok) => panic!("expected a refusal, got {ok:?}"),
+    }
+}

@@ -527,7 +527,7 @@ mod tests {
     use chorus_proto::storage::op;
 
     use super::*;
-    use crate::state_machine::fixture::Fixture;
+    use crate::state_machine::fixture::{Fixture, refused};
     use crate::state_machine::{HistoryQuery, append_op, membership_op};
 
     const ALL: HistoryQuery = HistoryQuery::After { after: 0, limit: 1000 };
@@ -570,13 +570,6 @@ mod tests {
                 (m.seq, kind, who)
             })
             .collect()
-    }
-
-    fn refused(result: Result<OpOutcome, CommandError>) -> &'static str {
-        match result {
-            Err(e) => e.code(),
-            Ok(ok) => panic!("expected a refusal, got {ok:?}"),
-        }
     }
 
     #[tokio::test]

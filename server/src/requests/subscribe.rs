@@ -64,7 +64,7 @@ async fn sign_in_ends(auth: &ConnectionAuth) -> ServiceError {
         }
         let wait = auth
             .valid_until_ms()
-            .map(|until| Duration::from_millis(until.saturating_sub(crate::auth::now_ms())))
+            .map(|until| Duration::from_millis(until.saturating_sub(crate::auth::now_ms()) + 1))
             .unwrap_or(Duration::ZERO);
         tokio::select! {
             changed = changes.changed() => if changed.is_err() {
