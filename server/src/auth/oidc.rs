@@ -4,7 +4,9 @@
 //! `(issuer, subject)` is the identity; the meta group maps it to a Chorus user on first use.
 //!
 //! A JWKS URL is fetched at start, every [`REFRESH_EVERY`], and when a token names a key id
-//! the set lacks (providers rotate keys), at most once per [`REFETCH_AT_MOST_EVERY`].
+//! the set lacks (providers rotate keys); whatever the reason, and whether fetches succeed or
+//! fail, at most once per [`REFETCH_AT_MOST_EVERY`], so tokens naming unknown keys, or a
+//! provider that is down, cost one fetch per period and not one per sign-in.
 
 use std::time::{Duration, Instant};
 
@@ -34,7 +36,9 @@ pub struct ExternalIdentity {
 
 struct Keys {
     set: JwkSet,
+    /// The last successful fetch, and the last attempt.
     fetched: Option<Instant>,
+    attempted: Option<Instant>,
 }
 
 /// Checks one provider's tokens.
@@ -108,10 +112,16 @@ impl ExternalVerifier {
                 Some(http_client()?)
             }
         };
-        let verifier =
-            ExternalVerifier { config, keys: Mutex::new(Keys { set: JwkSet { keys: vec![] }, fetched: None }), http };
+        let verifier = ExternalVerifier {
+            config,
+            keys: Mutex::new(Keys { set: JwkSet { keys: vec![] }, fetched: None, attempted: None }),
+            http,
+        };
         match verifier.load().await {
-            Ok(set) => *verifier.keys.lock().await = Keys { set, fetched: Some(Instant::now()) },
+            Ok(set) => {
+                let now = Some(Instant::now());
+                *verifier.keys.lock().await = Keys { set, fetched: now, attempted: now };
+            }
             Err(e) if verifier.http.is_some() => {
                 tracing::warn!(error = %e, "could not fetch the identity provider's keys yet; will retry")
             }
@@ -127,7 +137,7 @@ impl ExternalVerifier {
     async fn load(&self) -> Result<JwkSet, String> {
         let bytes = match (&self.config.jwks, &self.http) {
             (JwksSource::File(path), _) => {
-                std::fs::read(path).map_err(|e| format!("reading the JWKS file {}: {e}", path.display()))?
+                tokio::fs::read(path).await.map_err(|e| format!("reading the JWKS file {}: {e}", path.display()))?
             }
             (JwksSource::Url(url), Some(http)) => {
                 let response = http.get(url).send().await.map_err(|e| format!("fetching {url}: {e}"))?;
@@ -152,10 +162,14 @@ impl ExternalVerifier {
         let mut keys = self.keys.lock().await;
         let stale = keys.fetched.is_none_or(|at| at.elapsed() > REFRESH_EVERY);
         let missing = find(&keys.set, kid, alg).is_none();
-        let may_refetch = keys.fetched.is_none_or(|at| at.elapsed() > REFETCH_AT_MOST_EVERY);
-        if self.http.is_some() && (stale || (missing && may_refetch)) {
+        let may_fetch = keys.attempted.is_none_or(|at| at.elapsed() > REFETCH_AT_MOST_EVERY);
+        if self.http.is_some() && may_fetch && (stale || missing) {
+            keys.attempted = Some(Instant::now());
             match self.load().await {
-                Ok(set) => *keys = Keys { set, fetched: Some(Instant::now()) },
+                Ok(set) => {
+                    keys.set = set;
+                    keys.fetched = keys.attempted;
+                }
                 Err(e) => tracing::warn!(error = %e, "fetching the identity provider's keys"),
             }
         }
@@ -269,6 +283,39 @@ mod tests {
             assert_eq!(made, name, "{claim:?}");
             assert!(chorus_raft::limits::validate_user_name(&made).is_ok(), "{made:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_provider_that_is_down_is_asked_once_per_period_not_once_per_sign_in() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.read(&mut [0u8; 4096]);
+                let _ = stream
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            }
+        });
+        let config = OidcConfig {
+            issuer: "https://id.example".into(),
+            audience: "chorus".into(),
+            jwks: JwksSource::Url(url),
+            algorithms: vec![Algorithm::ES256],
+            username_claim: "preferred_username".into(),
+        };
+        let verifier = ExternalVerifier::new(config).await.unwrap();
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "fetched at start");
+        for _ in 0..5 {
+            assert!(verifier.key_for(Some("rotated"), Algorithm::ES256).await.is_err());
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "once more for the unknown key, then not within the period");
     }
 
     #[test]
