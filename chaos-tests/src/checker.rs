@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::history::{EVENT_PREFIX, ReadOutcome, Record, SendOutcome};
+use crate::history::{EVENT_PREFIX, ReadOutcome, Record, SendOutcome, writer_name};
 
 const EXAMPLES: usize = 5;
 
@@ -324,7 +324,7 @@ pub fn check(records: &[Record]) -> Report {
             }
             // w<process>-<client_seq>: writer <process>'s message.
             let Some(process) = entry.strip_prefix('w').and_then(|b| b.split('-').next()) else { continue };
-            let writer = format!("writer{process}");
+            let writer = writer_name(process);
             if !members.contains(writer.as_str()) {
                 report.flag("sent_while_not_member", || {
                     format!(

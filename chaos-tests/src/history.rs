@@ -12,6 +12,11 @@ use std::sync::Mutex;
 use chorus_proto::client::{Message, MessageKind};
 use serde::{Deserialize, Serialize};
 
+/// The user name writer `process` signs in as (its bodies are `w<process>-<client_seq>`).
+pub fn writer_name(process: impl std::fmt::Display) -> String {
+    format!("writer{process}")
+}
+
 /// Recorded membership events start with this; message bodies never do.
 pub const EVENT_PREFIX: &str = "!";
 

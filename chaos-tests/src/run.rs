@@ -148,7 +148,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
     let mut process = 0u64;
     for i in 0..config.writers {
         process += 1;
-        let client = connect(options(&cluster, i as usize, &workload::writer_name(process))?).await?;
+        let client = connect(options(&cluster, i as usize, &crate::history::writer_name(process))?).await?;
         tasks.push(tokio::spawn(workload::writer(process, client, config.seed ^ (process << 32), ctx.clone())));
     }
     for i in 0..config.readers {

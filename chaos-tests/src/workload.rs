@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-use crate::history::{HistoryWriter, ReadOutcome, Record, SendOutcome, entry_text};
+use crate::history::{HistoryWriter, ReadOutcome, Record, SendOutcome, entry_text, writer_name};
 
 /// Nanoseconds since the run started, on one monotonic clock.
 #[derive(Clone, Copy)]
@@ -75,11 +75,6 @@ pub struct Context {
 
 fn error_parts(e: &ClientError) -> (String, String) {
     (e.code().unwrap_or("client").to_owned(), e.to_string())
-}
-
-/// The user name of writer `process`.
-pub fn writer_name(process: u64) -> String {
-    format!("writer{process}")
 }
 
 /// Joins `room` (again), retrying through failures until it is done or the run stops.

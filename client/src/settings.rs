@@ -237,11 +237,6 @@ mod tests {
         let err = args.resolve_with(FileSettings::default(), FileSettings::default()).unwrap_err();
         assert!(err.to_string().contains("--fingerprint"), "{err}");
     }
-}
-
-#[cfg(test)]
-mod profile_tests {
-    use super::*;
 
     #[test]
     fn a_profile_is_private_to_its_owner_and_named_safely() {

@@ -204,11 +204,7 @@ impl SmKeys {
     /// `[start, end)` of every member record of a room, in user name order.
     pub fn member_range(&self, room_id: u64) -> (Vec<u8>, Vec<u8>) {
         let start = self.key(SM_TAG_MEMBER, &[&room_id.to_be_bytes()]);
-        let end = match room_id.checked_add(1) {
-            Some(next) => self.key(SM_TAG_MEMBER, &[&next.to_be_bytes()]),
-            None => self.key(SM_TAG_MEMBER + 1, &[]),
-        };
-        (start, end)
+        (start.clone(), prefix_end(start))
     }
 
     pub fn user_room(&self, user: &str, room: &str) -> Vec<u8> {

@@ -3,7 +3,7 @@
 
 use chorus_proto::client;
 use chorus_proto::framing::FrameError;
-use chorus_raft::{CommandError, QueryError, ShardId};
+use chorus_raft::{CommandError, QueryError, ShardId, StoreError};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ServiceError {
@@ -121,8 +121,15 @@ impl From<QueryError> for ServiceError {
     fn from(e: QueryError) -> Self {
         match e {
             QueryError::Invalid(e) => ServiceError::Command(e),
-            QueryError::Store(e) => ServiceError::Internal(e.to_string()),
+            QueryError::Store(e) => e.into(),
         }
+    }
+}
+
+/// A replica's storage failed reading: nothing the client can change.
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        ServiceError::Internal(e.to_string())
     }
 }
 

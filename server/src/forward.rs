@@ -18,6 +18,7 @@ use chorus_raft::state_machine::{CURRENT_RULES, MAX_PAGE};
 use chorus_raft::{HistoryPage, HistoryQuery, NodeId, OpOutcome, ShardId, SharedCommand};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 
+use crate::auth::now_ms;
 use crate::error::ServiceError;
 use crate::node::Node;
 
@@ -36,10 +37,6 @@ enum Attempt<T> {
     },
     /// Final: do not retry.
     Failed(ServiceError),
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// A transport error where the request certainly never left this node.
@@ -368,7 +365,7 @@ pub fn history_query(h: &client::History) -> HistoryQuery {
 
 /// On the shard's leader, confirms the leadership with a quorum and waits until the replica
 /// has applied everything committed before: what it reads next is linearizable.
-async fn linearizable_here(node: &Node, shard: ShardId, remaining: Duration) -> Result<(), Attempt<()>> {
+async fn linearizable_here<T>(node: &Node, shard: ShardId, remaining: Duration) -> Result<(), Attempt<T>> {
     let Some(replica) = node.shards.get(&shard) else {
         return Err(Attempt::Redirect(None));
     };
@@ -388,16 +385,6 @@ async fn linearizable_here(node: &Node, shard: ShardId, remaining: Duration) -> 
     }
 }
 
-/// An attempt that stopped before its read, in the attempt type of the read.
-fn stopped<T>(attempt: Attempt<()>) -> Attempt<T> {
-    match attempt {
-        Attempt::Done(()) => Attempt::Failed(ServiceError::Internal("a read stopped after succeeding".into())),
-        Attempt::Redirect(l) => Attempt::Redirect(l),
-        Attempt::Retry { maybe_applied, reason } => Attempt::Retry { maybe_applied, reason },
-        Attempt::Failed(e) => Attempt::Failed(e),
-    }
-}
-
 async fn history_here(
     node: &Node,
     shard: ShardId,
@@ -411,7 +398,7 @@ async fn history_here(
         return Attempt::Redirect(None);
     };
     if linearizable && let Err(stop) = linearizable_here(node, shard, remaining).await {
-        return stopped(stop);
+        return stop;
     }
     match replica.reader.history(room, query, viewer) {
         Ok(page) => Attempt::Done(cap_page_bytes(page)),
@@ -459,7 +446,7 @@ async fn members_here(
         return Attempt::Redirect(None);
     };
     if let Err(stop) = linearizable_here(node, shard, remaining).await {
-        return stopped(stop);
+        return stop;
     }
     let limit = if request.limit == 0 { 100 } else { (request.limit as usize).min(MAX_PAGE) };
     match replica.reader.members(&request.room, viewer, &request.after, limit) {

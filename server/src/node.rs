@@ -206,7 +206,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             &layout.nodes,
             local_ip,
             Duration::from_millis(500),
-            Some(&peer_tls.client_material()),
+            Some(&peer_tls),
         )
         .context("setting up peer connections")?,
     );

@@ -12,6 +12,8 @@
 use std::path::{Path, PathBuf};
 
 use chorus_raft::NodeId;
+pub use chorus_raft::network::PeerTls;
+use chorus_raft::network::peer_name;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
@@ -39,27 +41,8 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> PeerTlsError
     move |source| PeerTlsError::Io { context, source }
 }
 
-/// The DNS name a node's peer certificate is issued for.
-pub fn node_name(node: NodeId) -> String {
-    chorus_raft::network::peer_name(node)
-}
-
-/// The PEM material a node uses with its peers.
-#[derive(Clone)]
-pub struct PeerTls {
-    pub ca_pem: String,
-    pub cert_pem: String,
-    pub key_pem: String,
-}
-
-impl std::fmt::Debug for PeerTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PeerTls { .. }")
-    }
-}
-
 fn write_private(path: &Path, contents: &str) -> Result<(), PeerTlsError> {
-    crate::auth::bootstrap::write_private(path, contents).map_err(io(format!("writing {}", path.display())))
+    crate::tls::write_private(path, contents.as_bytes()).map_err(io(format!("writing {}", path.display())))
 }
 
 fn read(path: &Path) -> Result<String, PeerTlsError> {
@@ -97,8 +80,8 @@ pub fn issue(ca_dir: &Path, node: NodeId, out: &Path) -> Result<(), PeerTlsError
     let ca_key = KeyPair::from_pem(&read(&ca_dir.join("ca.key"))?)?;
     let issuer = Issuer::new(ca_params()?, ca_key);
     let key_pair = KeyPair::generate()?;
-    let mut params = CertificateParams::new(vec![node_name(node)])?;
-    params.distinguished_name.push(DnType::CommonName, node_name(node));
+    let mut params = CertificateParams::new(vec![peer_name(node)])?;
+    params.distinguished_name.push(DnType::CommonName, peer_name(node));
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     let cert = params.signed_by(&key_pair, &issuer)?;
@@ -112,7 +95,7 @@ pub fn issue(ca_dir: &Path, node: NodeId, out: &Path) -> Result<(), PeerTlsError
 /// Whether a DER certificate is valid for node `node`'s name (its chain is checked by TLS).
 pub fn names_node(cert: &CertificateDer<'_>, node: NodeId) -> bool {
     let Ok(cert) = webpki::EndEntityCert::try_from(cert) else { return false };
-    let Ok(name) = ServerName::try_from(node_name(node)) else { return false };
+    let Ok(name) = ServerName::try_from(peer_name(node)) else { return false };
     cert.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
@@ -148,26 +131,17 @@ pub fn load(source: &PeerTlsSource, data_dir: &Path, node: NodeId) -> Result<Pee
         return Err(PeerTlsError::Invalid(format!(
             "{} is not a certificate of node {node} (it must name {}): issue one with `chorusd ca issue --node-id {node}`",
             cert.display(),
-            node_name(node)
+            peer_name(node)
         )));
     }
     Ok(tls)
 }
 
-impl PeerTls {
-    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
-        tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca_pem))
-    }
-
-    pub fn client_material(&self) -> chorus_raft::network::PeerClientTls {
-        chorus_raft::network::PeerClientTls {
-            ca_pem: self.ca_pem.clone(),
-            cert_pem: self.cert_pem.clone(),
-            key_pem: self.key_pem.clone(),
-        }
-    }
+/// The peer server's TLS: this node's certificate, and the cluster CA its callers' must be of.
+pub fn server_config(tls: &PeerTls) -> tonic::transport::ServerTlsConfig {
+    tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+        .client_ca_root(tonic::transport::Certificate::from_pem(&tls.ca_pem))
 }
 
 #[cfg(test)]

@@ -50,23 +50,21 @@ pub fn generate_self_signed(dir: &Path, sans: &[String]) -> Result<String, TlsEr
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     let certified = rcgen::generate_simple_self_signed(sans.to_vec())?;
     let fp = fingerprint(certified.cert.der());
-    write_private(&dir.join("key.pem"), certified.signing_key.serialize_pem().as_bytes())?;
+    let key = dir.join("key.pem");
+    write_private(&key, certified.signing_key.serialize_pem().as_bytes())
+        .map_err(io(format!("writing {}", key.display())))?;
     std::fs::write(dir.join("cert.pem"), certified.cert.pem()).map_err(io("writing cert.pem"))?;
     std::fs::write(dir.join("fingerprint"), format!("{fp}\n")).map_err(io("writing fingerprint"))?;
     Ok(fp)
 }
 
-fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+/// Writes a file only its owner can read (keys, credentials), and syncs it.
+pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(format!("writing {}", path.display())))?;
-    file.write_all(contents).map_err(io(format!("writing {}", path.display())))
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
 }
 
 /// Loads the configured certificate, or the node's own self-signed one (generating it on first

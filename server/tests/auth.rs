@@ -270,16 +270,7 @@ async fn a_failover_during_registration_and_sign_in_leaves_one_usable_account() 
     cluster.spawn(meta);
     cluster.wait_ready(others[0]).await;
     // Each account exists once and its password works, through any node.
-    let admin_password = {
-        let path = cluster.nodes[&1].data_dir.join("admin-credentials");
-        let text = std::fs::read_to_string(&path).unwrap();
-        text.lines().find_map(|l| l.strip_prefix("password = \"")).unwrap().trim_end_matches('"').to_string()
-    };
-    let admin = cluster
-        .connect(
-            cluster.options_with(&[1, 2, 3], Credentials::Password { user: "admin".into(), password: admin_password }),
-        )
-        .await;
+    let admin = admin_client(&cluster).await;
     let users = admin.admin_list_users("", 1000).await.unwrap().users;
     for (user, _) in &signed {
         assert_eq!(users.iter().filter(|u| &u.user == user).count(), 1, "{user}");
@@ -347,6 +338,24 @@ async fn admin_client(cluster: &TestCluster) -> Client {
         text.lines().find_map(|l| l.strip_prefix("password = \"")).unwrap().trim_end_matches('"').to_string();
     let nodes: Vec<u64> = cluster.nodes.keys().copied().collect();
     cluster.connect(cluster.options_with(&nodes, Credentials::Password { user: "admin".into(), password })).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_admins_credentials_file_appears_even_if_the_node_died_before_writing_it() {
+    let mut cluster = TestCluster::start(1, 1, 1, &[]);
+    cluster.wait_ready(1).await;
+    admin_client(&cluster).await;
+    // As if the node had died between the account's commit and the file's rename: the
+    // password is still pending, and the account exists.
+    let file = cluster.nodes[&1].data_dir.join("admin-credentials");
+    let pending = file.with_extension("pending");
+    cluster.kill(1);
+    std::fs::rename(&file, &pending).unwrap();
+    cluster.spawn(1);
+    cluster.wait_ready(1).await;
+    let admin = admin_client(&cluster).await;
+    assert!(admin.whoami().await.unwrap().admin);
+    assert!(!pending.exists(), "the pending file became the credentials file");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,13 +79,20 @@ pub enum PeerSetupError {
     BadClusterId(String),
 }
 
-/// This node's mutual-TLS material for calling its peers (PEM): the cluster CA, which every
-/// peer's certificate must be issued by, and this node's own certificate and key.
+/// This node's mutual-TLS material with its peers (PEM): the cluster CA, which every peer's
+/// certificate must be issued by, and this node's own certificate and key.
 #[derive(Clone)]
-pub struct PeerClientTls {
+pub struct PeerTls {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+}
+
+/// Never prints the key.
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerTls { .. }")
+    }
 }
 
 /// The name a node's peer certificate is issued for: a peer's certificate must name the node
@@ -115,7 +122,7 @@ impl PeerClients {
         peers: &BTreeMap<NodeId, String>,
         local_ip: Option<std::net::IpAddr>,
         connect_timeout: Duration,
-        tls: Option<&PeerClientTls>,
+        tls: Option<&PeerTls>,
     ) -> Result<PeerClients, PeerSetupError> {
         let cluster_id: AsciiMetadataValue =
             MetadataValue::try_from(cluster_id).map_err(|_| PeerSetupError::BadClusterId(cluster_id.to_owned()))?;

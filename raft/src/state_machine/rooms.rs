@@ -263,7 +263,7 @@ impl ApplyBatch<'_> {
             by: c.creator.clone(),
             since_seq: 0,
         };
-        self.set_membership(&c.room, room_id, &c.creator, None, Some(owner));
+        self.set_membership(&c.room, room_id, &c.creator, None, Some(owner))?;
         Ok(Ok(OpOutcome::RoomCreated { room_id, ts_ms }))
     }
 
@@ -307,7 +307,7 @@ impl ApplyBatch<'_> {
         user: &str,
         before: Option<&MemberRecord>,
         after: Option<MemberRecord>,
-    ) {
+    ) -> Result<(), StoreError> {
         let counts = |m: Option<&MemberRecord>| match state(m) {
             MembershipState::Joined => (1u64, u64::from(role(m) == Role::Owner)),
             _ => (0, 0),
@@ -326,13 +326,13 @@ impl ApplyBatch<'_> {
             }
             _ => None,
         };
-        // The overlay keeps the index consistent within the batch; the writes cannot fail but
-        // for a missing column family, which opening the database rules out.
-        let _ = match listed {
-            Some(value) => self.put(index, value),
-            None => self.delete(index),
-        };
+        // Through the overlay, so that the index is consistent within the batch.
+        match listed {
+            Some(value) => self.put(index, value)?,
+            None => self.delete(index)?,
+        }
         self.set_member(room_id, user, after);
+        Ok(())
     }
 
     pub(super) fn change_membership(&mut self, m: &ChangeMembership, ts_ms: u64) -> OpResult {
@@ -470,7 +470,7 @@ impl ApplyBatch<'_> {
             n.since_seq = seq;
             n
         });
-        self.set_membership(&room.name, room.room_id, target_name, target.as_ref(), new);
+        self.set_membership(&room.name, room.room_id, target_name, target.as_ref(), new)?;
         Ok(Ok(OpOutcome::MembershipChanged { seq, ts_ms }))
     }
 
@@ -516,7 +516,7 @@ impl ApplyBatch<'_> {
                 by: d.actor.clone(),
                 since_seq: 0,
             };
-            self.set_membership(&d.room, room_id, user, None, Some(member));
+            self.set_membership(&d.room, room_id, user, None, Some(member))?;
         }
         Ok(Ok(OpOutcome::DirectOpened { created: true }))
     }

@@ -6,18 +6,20 @@
 //!   node gets through.
 //! - The meta group's first node (the one that initializes it) creates the first admin,
 //!   `admin`, with a random password, once (`bootstrap`: refused if it was ever done): it
-//!   writes the credential to `<data-dir>/admin-credentials` (mode 0600) before proposing, and
-//!   says in the log where it is, never what it is. Registration never hands out the name.
+//!   writes the credential to `<data-dir>/admin-credentials.pending` (mode 0600) before
+//!   proposing, renames it `admin-credentials` once the account is known to have it (see
+//!   `first_admin`), and says in the log where it is, never what it is. Registration never
+//!   hands out the name.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chorus_proto::storage::{AddSigningKey, CreateUser, op};
+use chorus_proto::storage::{CreateUser, op};
 use chorus_raft::keys::META_SHARD;
 
 use super::passwords;
-use super::tokens::{new_kid, new_signing_key};
+use super::tokens::new_signing_key_op;
 use crate::error::ServiceError;
 use crate::forward;
 use crate::node::Node;
@@ -34,7 +36,7 @@ pub fn credentials_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Runs until the cluster has a signing key (and, on the meta group's first node, its first
-/// admin), or the node shuts down.
+/// admin, with its credentials file settled), or the node shuts down.
 pub async fn run(node: Arc<Node>) {
     let makes_admin = node.layout.initializer(META_SHARD) == node.id;
     let mut key_done = false;
@@ -50,7 +52,6 @@ pub async fn run(node: Arc<Node>) {
             }
         };
         key_done |= !state.active_kid.is_empty();
-        admin_done |= state.admin_bootstrapped;
         if !key_done {
             match add_first_key(&node).await {
                 Ok(()) => key_done = true,
@@ -58,7 +59,7 @@ pub async fn run(node: Arc<Node>) {
             }
         }
         if !admin_done {
-            match add_first_admin(&node).await {
+            match first_admin(&node, state.admin_bootstrapped).await {
                 Ok(()) => admin_done = true,
                 Err(e) => tracing::debug!(error = %e, "no first admin yet; retrying"),
             }
@@ -70,15 +71,7 @@ pub async fn run(node: Arc<Node>) {
 }
 
 async fn add_first_key(node: &Node) -> Result<(), ServiceError> {
-    let (private_pkcs8, public_key) = new_signing_key()?;
-    let op = op::Kind::AddSigningKey(AddSigningKey {
-        kid: new_kid(),
-        private_pkcs8: private_pkcs8.into(),
-        public_key: public_key.into(),
-        only_if_none: true,
-        actor: String::new(),
-    });
-    match forward::propose_one(node, META_SHARD, op).await {
+    match forward::propose_one(node, META_SHARD, new_signing_key_op("", true)?).await {
         Ok(_) => {
             tracing::info!("created the cluster's token signing key");
             Ok(())
@@ -89,69 +82,65 @@ async fn add_first_key(node: &Node) -> Result<(), ServiceError> {
 }
 
 /// The password of an earlier attempt whose outcome is unknown, if any.
-fn pending_password(pending: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(pending).ok()?;
+async fn pending_password(pending: &Path) -> Option<String> {
+    let text = tokio::fs::read_to_string(pending).await.ok()?;
     let line = text.lines().find_map(|l| l.strip_prefix("password = \""))?;
     Some(line.trim_end_matches('"').to_owned())
 }
 
-async fn add_first_admin(node: &Node) -> Result<(), ServiceError> {
+/// Creates the first admin, or settles what an earlier attempt left. An attempt's password
+/// waits in `admin-credentials.pending` until the account is known to have it (the file then
+/// becomes `admin-credentials`) or not to (the file goes). `bootstrapped`: this node's meta
+/// replica says the first admin exists: made by an attempt whose answer was lost (a timeout
+/// while the cluster formed), or long ago.
+async fn first_admin(node: &Node, bootstrapped: bool) -> Result<(), ServiceError> {
     let path = credentials_path(&node.config.data_dir);
     let pending = path.with_extension("pending");
-    // A retry uses the password of the attempt before it, which may have taken effect.
-    let password = match pending_password(&pending) {
-        Some(password) => password,
-        None => {
+    let password = match (pending_password(&pending).await, bootstrapped) {
+        (Some(password), _) => password,
+        (None, true) => return Ok(()),
+        (None, false) => {
             let password = super::hex(&super::refresh::random::<12>());
-            write_private(&pending, &format!("user = \"{FIRST_ADMIN}\"\npassword = \"{password}\"\n"))
+            let text = format!("user = \"{FIRST_ADMIN}\"\npassword = \"{password}\"\n");
+            let file = pending.clone();
+            tokio::task::spawn_blocking(move || crate::tls::write_private(&file, text.as_bytes()))
+                .await
+                .map_err(|e| ServiceError::Internal(format!("writing {}: {e}", pending.display())))?
                 .map_err(|e| ServiceError::Internal(format!("writing {}: {e}", pending.display())))?;
             password
         }
     };
-    let (phc, credential_id) = passwords::hash(&password).await?;
-    let op = op::Kind::CreateUser(CreateUser {
-        name: FIRST_ADMIN.into(),
-        password_phc: phc,
-        credential_id: credential_id.to_vec().into(),
-        admin: true,
-        actor: String::new(),
-        bootstrap: true,
-    });
-    match forward::propose_one(node, META_SHARD, op).await {
-        Ok(_) => {
-            std::fs::rename(&pending, &path)
-                .map_err(|e| ServiceError::Internal(format!("renaming {}: {e}", pending.display())))?;
-            tracing::info!(
-                user = FIRST_ADMIN,
-                credentials = %path.display(),
-                "created the first admin; its password is in the credentials file (mode 0600)"
-            );
-            Ok(())
-        }
-        Err(e) if e.code() == "user_exists" => {
-            // Made by an earlier attempt of ours (whose answer was lost), or long ago.
-            let admin = node.meta_reader()?.user(FIRST_ADMIN).map_err(|e| ServiceError::Internal(e.to_string()))?;
-            if passwords::verify(admin.map(|a| a.password_phc), &password).await? {
-                std::fs::rename(&pending, &path)
-                    .map_err(|e| ServiceError::Internal(format!("renaming {}: {e}", pending.display())))?;
-                tracing::info!(user = FIRST_ADMIN, credentials = %path.display(), "created the first admin");
-            } else {
-                let _ = std::fs::remove_file(&pending);
-            }
-            Ok(())
-        }
-        Err(e) => {
-            // The outcome may be unknown: keep the pending file until a retry settles it.
-            Err(e)
+    if !bootstrapped {
+        let account = passwords::new_account(FIRST_ADMIN.into(), &password, true, "").await?;
+        let op = op::Kind::CreateUser(CreateUser { bootstrap: true, ..account });
+        match forward::propose_one(node, META_SHARD, op).await {
+            Ok(_) => return settle(&pending, &path, true).await,
+            Err(e) if e.code() == "user_exists" => {}
+            // The outcome may be unknown: the pending file stays until a retry settles it.
+            Err(e) => return Err(e),
         }
     }
+    let admin = node.read_meta(|r| Ok(r.user(FIRST_ADMIN)?), Option::is_some).await?;
+    let ours = passwords::verify(admin.map(|a| a.password_phc), &password).await?;
+    settle(&pending, &path, ours).await
 }
 
-/// Writes a file only its owner can read.
-pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()
+/// The pending credentials become the credentials file if theirs is the admin's password
+/// (`ours`), else are removed.
+async fn settle(pending: &Path, path: &Path, ours: bool) -> Result<(), ServiceError> {
+    if !ours {
+        if let Err(e) = tokio::fs::remove_file(pending).await {
+            tracing::warn!(error = %e, file = %pending.display(), "removing stale admin credentials");
+        }
+        return Ok(());
+    }
+    tokio::fs::rename(pending, path)
+        .await
+        .map_err(|e| ServiceError::Internal(format!("renaming {}: {e}", pending.display())))?;
+    tracing::info!(
+        user = FIRST_ADMIN,
+        credentials = %path.display(),
+        "created the first admin; its password is in the credentials file (mode 0600)"
+    );
+    Ok(())
 }

@@ -190,24 +190,18 @@ fn applies_to(revocation: &Revocation, identity: &Identity) -> bool {
     }
 }
 
-/// Checks a connection's sign-in against the meta replica as it is now.
+/// Checks a connection's sign-in against the meta replica as it is now: the reason it no
+/// longer stands, if so. A replica that cannot be read leaves the connection be.
 fn still_valid(node: &Node, identity: &Identity) -> Result<(), String> {
     let reader = node.meta_reader().map_err(|e| e.to_string())?;
-    match reader.session(&identity.session_id) {
-        Ok(Some(session)) if session.user == identity.user => {}
-        Ok(_) => return Err("the session ended".into()),
+    let checked = reader.session(&identity.session_id).map_err(ServiceError::from).and_then(|session| {
+        super::tokens::standing(reader, session, Some(&identity.user), Some(identity.issued_ms), now_ms())
+    });
+    match checked {
+        Ok(_) => Ok(()),
+        Err(ServiceError::TokenRevoked(reason)) => Err(reason),
         Err(e) => {
-            tracing::warn!(error = %e, "checking a session");
-            return Ok(());
-        }
-    }
-    match reader.user(&identity.user) {
-        Ok(Some(user)) if user.disabled => Err("the account is disabled".into()),
-        Ok(Some(user)) if identity.issued_ms < user.revoked_before_ms => Err("signed out everywhere".into()),
-        Ok(Some(_)) => Ok(()),
-        Ok(None) => Err("the account no longer exists".into()),
-        Err(e) => {
-            tracing::warn!(error = %e, "checking a user");
+            tracing::warn!(error = %e, user = %identity.user, "checking a signed-in connection");
             Ok(())
         }
     }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::{Algorithm, Argon2, Params, Version};
+use chorus_proto::storage::CreateUser;
 use tokio::sync::Semaphore;
 
 use crate::error::ServiceError;
@@ -74,6 +75,20 @@ pub async fn hash(password: &str) -> Result<(String, [u8; 32]), ServiceError> {
     .await??;
     let id = credential_id(&phc);
     Ok((phc, id))
+}
+
+/// The record of a new account `name` with `password` (hashed here), made by `actor` (empty:
+/// the user themself, or the cluster).
+pub async fn new_account(name: String, password: &str, admin: bool, actor: &str) -> Result<CreateUser, ServiceError> {
+    let (phc, credential_id) = hash(password).await?;
+    Ok(CreateUser {
+        name,
+        password_phc: phc,
+        credential_id: credential_id.to_vec().into(),
+        admin,
+        actor: actor.to_owned(),
+        bootstrap: false,
+    })
 }
 
 pub fn credential_id(phc: &str) -> [u8; 32] {

@@ -8,7 +8,8 @@
 //! failure has its own message, and expiry its own code (`token_expired`: refresh it), as does
 //! revocation (`token_revoked`: sign in again).
 
-use chorus_proto::storage::{SessionRecord, UserRecord};
+use chorus_proto::storage::{AddSigningKey, SessionRecord, UserRecord, op};
+use chorus_raft::ShardReader;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -39,10 +40,17 @@ fn unauthenticated(why: impl Into<String>) -> ServiceError {
     ServiceError::Unauthenticated(why.into())
 }
 
-/// Signs a new access token for `user`'s session; the token and its expiry (ms).
-pub fn issue(node: &Node, user: &str, session_id: &[u8], admin: bool) -> Result<(String, u64), ServiceError> {
+/// A newly signed access token, with the times it carries (ms since the Unix epoch).
+pub struct Issued {
+    pub token: String,
+    pub issued_ms: u64,
+    pub expires_ms: u64,
+}
+
+/// Signs a new access token for `user`'s session.
+pub fn issue(node: &Node, user: &str, session_id: &[u8], admin: bool) -> Result<Issued, ServiceError> {
     let reader = node.meta_reader()?;
-    let (keys, state) = reader.signing_keys().map_err(|e| ServiceError::Internal(e.to_string()))?;
+    let (keys, state) = reader.signing_keys()?;
     let Some(key) = keys.iter().find(|k| k.kid == state.active_kid) else {
         return Err(ServiceError::Unavailable { reason: "the cluster has no signing key yet (it is starting)".into() });
     };
@@ -63,7 +71,7 @@ pub fn issue(node: &Node, user: &str, session_id: &[u8], admin: bool) -> Result<
     header.kid = Some(key.kid.clone());
     let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_der(&key.private_pkcs8))
         .map_err(|e| ServiceError::Internal(format!("signing an access token: {e}")))?;
-    Ok((token, expires_ms))
+    Ok(Issued { token, issued_ms: now, expires_ms })
 }
 
 /// The header's `alg` and `kid`, read before anything is trusted, so that a token of the
@@ -106,12 +114,7 @@ pub async fn verify(node: &Node, token: &str) -> Result<Identity, ServiceError> 
     }
     let kid = kid.ok_or_else(|| unauthenticated("the token names no signing key"))?;
     let find_key = |keys: &Vec<chorus_proto::storage::SigningKeyRecord>| keys.iter().any(|k| k.kid == kid);
-    let keys = node
-        .read_meta(
-            |r| r.signing_keys().map(|(keys, _)| keys).map_err(|e| ServiceError::Internal(e.to_string())),
-            find_key,
-        )
-        .await?;
+    let keys = node.read_meta(|r| Ok(r.signing_keys()?.0), find_key).await?;
     let key = keys
         .iter()
         .find(|k| k.kid == kid)
@@ -141,47 +144,62 @@ pub async fn verify(node: &Node, token: &str) -> Result<Identity, ServiceError> 
         }
     };
     let session_id: [u8; 16] = unhex(&claims.sid).ok_or_else(|| unauthenticated("malformed session id"))?;
-    let session: Option<SessionRecord> = node
-        .read_meta(|r| r.session(&session_id).map_err(|e| ServiceError::Internal(e.to_string())), Option::is_some)
-        .await?;
-    let now = now_ms();
+    let session = node.read_meta(|r| Ok(r.session(&session_id)?), Option::is_some).await?;
+    let (_, user) = standing(node.meta_reader()?, session, Some(&claims.sub), Some(claims.iat_ms), now_ms())?;
+    Ok(Identity {
+        user: user.name,
+        session_id,
+        admin: user.admin,
+        issued_ms: claims.iat_ms,
+        expires_ms: claims.exp.saturating_mul(1000),
+    })
+}
+
+/// Whether a sign-in still stands, against the meta group as `reader` has it: `session`
+/// exists, is `claimed_user`'s (when a token names one) and has not expired; its account exists
+/// and is enabled; and the account was not signed out everywhere after `issued_ms` (a token's
+/// time of issue; `None` for a refresh token, whose session such a revocation ended). The
+/// session and the account, if so; else `token_revoked`, saying why.
+pub fn standing(
+    reader: &ShardReader,
+    session: Option<SessionRecord>,
+    claimed_user: Option<&str>,
+    issued_ms: Option<u64>,
+    now_ms: u64,
+) -> Result<(SessionRecord, UserRecord), ServiceError> {
+    let revoked = |why: &str| Err(ServiceError::TokenRevoked(why.into()));
     let session = match session {
-        Some(s) if s.user == claims.sub && s.expires_ms > now => s,
-        Some(s) if s.user == claims.sub => {
-            return Err(ServiceError::TokenRevoked("the session expired: sign in again".into()));
-        }
-        _ => return Err(ServiceError::TokenRevoked("the session ended (signed out): sign in again".into())),
+        Some(s) if claimed_user.is_none_or(|u| u == s.user) => s,
+        _ => return revoked("the session ended (signed out): sign in again"),
     };
-    let user: Option<UserRecord> =
-        node.meta_reader()?.user(&session.user).map_err(|e| ServiceError::Internal(e.to_string()))?;
-    match user {
-        Some(u) if u.disabled => Err(ServiceError::TokenRevoked("the account is disabled".into())),
-        Some(u) if claims.iat_ms < u.revoked_before_ms => {
-            Err(ServiceError::TokenRevoked("the token was revoked (signed out everywhere): sign in again".into()))
+    if session.expires_ms <= now_ms {
+        return revoked("the session expired: sign in again");
+    }
+    match reader.user(&session.user)? {
+        None => revoked("the account no longer exists"),
+        Some(u) if u.disabled => revoked("the account is disabled"),
+        Some(u) if issued_ms.is_some_and(|at| at < u.revoked_before_ms) => {
+            revoked("the token was revoked (signed out everywhere): sign in again")
         }
-        Some(u) => Ok(Identity {
-            user: u.name,
-            session_id,
-            admin: u.admin,
-            issued_ms: claims.iat_ms,
-            expires_ms: claims.exp.saturating_mul(1000),
-        }),
-        None => Err(ServiceError::TokenRevoked("the account no longer exists".into())),
+        Some(u) => Ok((session, u)),
     }
 }
 
-/// A new Ed25519 key pair for signing tokens: its PKCS#8 private key and raw public key.
-pub fn new_signing_key() -> Result<(Vec<u8>, Vec<u8>), ServiceError> {
+/// The operation that makes a new Ed25519 signing key (named by 16 random bytes in hex) the
+/// cluster's active one; `actor`: the admin rotating it, empty for the cluster's first key
+/// (`only_if_none`).
+pub fn new_signing_key_op(actor: &str, only_if_none: bool) -> Result<op::Kind, ServiceError> {
     use ring::signature::KeyPair as _;
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
         .map_err(|_| ServiceError::Internal("generating a signing key failed".into()))?;
     let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
         .map_err(|_| ServiceError::Internal("reading the new signing key failed".into()))?;
-    Ok((pkcs8.as_ref().to_vec(), pair.public_key().as_ref().to_vec()))
-}
-
-/// A fresh key id: 16 random bytes in hex.
-pub fn new_kid() -> String {
-    hex(&super::refresh::random::<16>())
+    Ok(op::Kind::AddSigningKey(AddSigningKey {
+        kid: hex(&super::refresh::random::<16>()),
+        private_pkcs8: pkcs8.as_ref().to_vec().into(),
+        public_key: pair.public_key().as_ref().to_vec().into(),
+        only_if_none,
+        actor: actor.to_owned(),
+    }))
 }

@@ -316,7 +316,7 @@ pub async fn serve(
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES + (1 << 20));
     let service = tonic::service::interceptor::InterceptedService::new(service, interceptor);
     let shutdown = node.peers_shutdown.clone();
-    let builder = tonic::transport::Server::builder().tls_config(tls.server_config())?;
+    let builder = tonic::transport::Server::builder().tls_config(crate::peer_tls::server_config(tls))?;
     Ok(tokio::spawn(async move {
         builder
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))

@@ -11,7 +11,7 @@ use std::time::Duration;
 use chorus_proto::client::{
     LoggedOut, Login, LoginExternal, Logout, Refresh, Register, SessionInfo, SessionList, SignedIn, WhoAmIReply,
 };
-use chorus_proto::storage::{CreateSession, CreateUser, ExternalLogin, RevokeSessions, TouchSession, op};
+use chorus_proto::storage::{CreateSession, ExternalLogin, RevokeSessions, TouchSession, op};
 use chorus_raft::OpOutcome;
 use chorus_raft::keys::META_SHARD;
 
@@ -26,10 +26,6 @@ use crate::node::Node;
 /// A session is extended when it is refreshed at least this long after it was last extended.
 const TOUCH_EVERY: Duration = Duration::from_secs(24 * 3600);
 
-fn internal(e: impl std::fmt::Display) -> ServiceError {
-    ServiceError::Internal(e.to_string())
-}
-
 fn check_device(device: &str) -> Result<String, ServiceError> {
     let device = device.trim();
     if device.len() > chorus_raft::limits::MAX_DEVICE_BYTES || device.chars().any(char::is_control) {
@@ -43,7 +39,7 @@ fn check_device(device: &str) -> Result<String, ServiceError> {
 /// Signing in is possible once the cluster has its signing key (made when it first starts):
 /// until then, nothing is written and the client is told to retry.
 fn check_signing_key(node: &Node) -> Result<(), ServiceError> {
-    let state = node.meta_reader()?.auth_state().map_err(internal)?;
+    let state = node.meta_reader()?.auth_state()?;
     if state.active_kid.is_empty() {
         return Err(ServiceError::Unavailable { reason: "the cluster is starting: it has no signing key yet".into() });
     }
@@ -72,21 +68,21 @@ fn signed_in(
     refresh_token: String,
     session_expires_ms: u64,
 ) -> Result<SignedIn, ServiceError> {
-    let (access_token, access_expires_ms) = tokens::issue(node, user, session_id, admin)?;
+    let issued = tokens::issue(node, user, session_id, admin)?;
     let identity = Identity {
         user: user.to_owned(),
         session_id: *session_id,
         admin,
-        issued_ms: now_ms(),
-        expires_ms: access_expires_ms,
+        issued_ms: issued.issued_ms,
+        expires_ms: issued.expires_ms,
     };
     if session.auth.user().is_none_or(|u| u == user) {
         node.connections.sign_in(&session.auth, identity)?;
     }
     Ok(SignedIn {
         user: user.to_owned(),
-        access_token,
-        access_expires_ms,
+        access_token: issued.token,
+        access_expires_ms: issued.expires_ms,
         refresh_token,
         session_id: hex(session_id),
         session_expires_ms,
@@ -97,7 +93,7 @@ fn signed_in(
 fn session_created(outcome: Result<OpOutcome, ServiceError>) -> Result<(String, u64, bool), ServiceError> {
     match outcome? {
         OpOutcome::SessionCreated { user, expires_ms, admin } => Ok((user, expires_ms, admin)),
-        other => Err(internal(format!("a new session answered with {other:?}"))),
+        other => Err(ServiceError::Internal(format!("a new session answered with {other:?}"))),
     }
 }
 
@@ -126,25 +122,16 @@ pub async fn register(node: &Node, session: &Session, r: Register) -> Result<Sig
     passwords::check_strength(&r.password)?;
     let device = check_device(&r.device)?;
     node.rate.registration(session.remote.ip())?;
-    let (phc, credential_id) = passwords::hash(&r.password).await?;
+    let account = passwords::new_account(name.clone(), &r.password, false, "").await?;
     let refresh = refresh::new_refresh();
     // One entry: the account, and a session against its credential. If the name is taken, the
     // session is refused too (it names another credential).
-    let ops = vec![
-        op::Kind::CreateUser(CreateUser {
-            name: name.clone(),
-            password_phc: phc,
-            credential_id: credential_id.to_vec().into(),
-            admin: false,
-            actor: String::new(),
-            bootstrap: false,
-        }),
-        op::Kind::CreateSession(new_session(node, &name, &refresh, device, &credential_id)),
-    ];
+    let first_session = new_session(node, &name, &refresh, device, &account.credential_id);
+    let ops = vec![op::Kind::CreateUser(account), op::Kind::CreateSession(first_session)];
     let span = tracing::info_span!("register", user = %name);
     let mut results = tracing::Instrument::instrument(forward::propose(node, META_SHARD, ops), span).await?;
     if results.len() != 2 {
-        return Err(internal(format!("{} results for a registration", results.len())));
+        return Err(ServiceError::Internal(format!("{} results for a registration", results.len())));
     }
     let created = results.remove(1);
     results.remove(0)?;
@@ -160,7 +147,7 @@ pub async fn login(node: &Node, session: &Session, l: Login) -> Result<SignedIn,
     node.rate.login_allowed(&name, address)?;
     let device = check_device(&l.device)?;
     let user = if chorus_raft::limits::validate_user_name(&name).is_ok() {
-        node.read_meta(|r| r.user(&name).map_err(internal), Option::is_some).await?
+        node.read_meta(|r| Ok(r.user(&name)?), Option::is_some).await?
     } else {
         None
     };
@@ -189,22 +176,13 @@ pub async fn refresh(node: &Node, session: &Session, r: Refresh) -> Result<Signe
     let (session_id, hash) = refresh::parse(&r.refresh_token)
         .ok_or_else(|| ServiceError::Unauthenticated("malformed refresh token".into()))?;
     node.rate.address_allowed(address)?;
-    let record = node.read_meta(|m| m.session(&session_id).map_err(internal), Option::is_some).await?;
-    let Some(record) = record else {
-        return Err(ServiceError::TokenRevoked("the session ended (signed out): sign in again".into()));
-    };
-    if !refresh::same(&hash, &record.refresh_hash) {
+    let record = node.read_meta(|m| Ok(m.session(&session_id)?), Option::is_some).await?;
+    if record.as_ref().is_some_and(|r| !refresh::same(&hash, &r.refresh_hash)) {
         node.rate.address_failed(address);
         return Err(ServiceError::Unauthenticated("wrong refresh token".into()));
     }
     let now = now_ms();
-    if record.expires_ms <= now {
-        return Err(ServiceError::TokenRevoked("the session expired: sign in again".into()));
-    }
-    let user = node.meta_reader()?.user(&record.user).map_err(internal)?;
-    let Some(user) = user.filter(|u| !u.disabled) else {
-        return Err(ServiceError::TokenRevoked("the account is disabled".into()));
-    };
+    let (record, user) = tokens::standing(node.meta_reader()?, record, None, None, now)?;
     if now.saturating_sub(record.touched_ms) >= TOUCH_EVERY.as_millis() as u64 {
         // Extends the session; a failure only means the next refresh tries again.
         let op = op::Kind::TouchSession(TouchSession {
@@ -264,7 +242,7 @@ pub async fn logout(node: &Node, me: &Identity, l: Logout) -> Result<LoggedOut, 
 }
 
 pub async fn list_sessions(node: &Node, me: &Identity) -> Result<SessionList, ServiceError> {
-    let sessions = node.meta_reader()?.sessions_of(&me.user).map_err(internal)?;
+    let sessions = node.meta_reader()?.sessions_of(&me.user)?;
     Ok(SessionList {
         sessions: sessions
             .into_iter()

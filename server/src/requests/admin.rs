@@ -11,24 +11,12 @@ use crate::error::ServiceError;
 use crate::forward;
 use crate::node::Node;
 
-fn internal(e: impl std::fmt::Display) -> ServiceError {
-    ServiceError::Internal(e.to_string())
-}
-
 pub async fn create_user(node: &Node, me: &Identity, u: CreateUser) -> Result<Done, ServiceError> {
     let name = normalize_user(&u.user);
     chorus_raft::limits::validate_user_name(&name)?;
     require_admin(node, me)?;
-    let (phc, credential_id) = passwords::hash(&u.password).await?;
-    let op = op::Kind::CreateUser(storage::CreateUser {
-        name,
-        password_phc: phc,
-        credential_id: credential_id.to_vec().into(),
-        admin: u.admin,
-        actor: me.user.clone(),
-        bootstrap: false,
-    });
-    forward::propose_one(node, META_SHARD, op).await?;
+    let account = passwords::new_account(name, &u.password, u.admin, &me.user).await?;
+    forward::propose_one(node, META_SHARD, op::Kind::CreateUser(account)).await?;
     Ok(Done {})
 }
 
@@ -64,22 +52,14 @@ pub async fn list_users(node: &Node, me: &Identity, l: ListUsers) -> Result<User
 }
 
 pub async fn rotate_signing_key(node: &Node, me: &Identity) -> Result<Done, ServiceError> {
-    let (private_pkcs8, public_key) = tokens::new_signing_key()?;
-    let op = op::Kind::AddSigningKey(storage::AddSigningKey {
-        kid: tokens::new_kid(),
-        private_pkcs8: private_pkcs8.into(),
-        public_key: public_key.into(),
-        only_if_none: false,
-        actor: me.user.clone(),
-    });
-    forward::propose_one(node, META_SHARD, op).await?;
+    forward::propose_one(node, META_SHARD, tokens::new_signing_key_op(&me.user, false)?).await?;
     tracing::info!(by = %me.user, "rotated the token signing key");
     Ok(Done {})
 }
 
 /// `me` is an enabled admin, as this node's replica of the meta group says.
 fn require_admin(node: &Node, me: &Identity) -> Result<(), ServiceError> {
-    match node.meta_reader()?.user(&me.user).map_err(internal)? {
+    match node.meta_reader()?.user(&me.user)? {
         Some(user) if user.admin && !user.disabled => Ok(()),
         _ => Err(ServiceError::Forbidden("only admins may do that".into())),
     }

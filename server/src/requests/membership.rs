@@ -13,15 +13,11 @@ use crate::error::ServiceError;
 use crate::forward;
 use crate::node::Node;
 
-fn internal(e: impl std::fmt::Display) -> ServiceError {
-    ServiceError::Internal(e.to_string())
-}
-
 /// `name` (normalized) is an account of the cluster.
 async fn existing_user(node: &Node, name: &str) -> Result<String, ServiceError> {
     let name = normalize_user(name);
     chorus_raft::limits::validate_user_name(&name)?;
-    match node.read_meta(|r| r.user(&name).map_err(internal), Option::is_some).await? {
+    match node.read_meta(|r| Ok(r.user(&name)?), Option::is_some).await? {
         Some(_) => Ok(name),
         None => Err(chorus_raft::CommandError::UserNotFound { user: name }.into()),
     }
@@ -54,7 +50,7 @@ pub async fn change(
     let span = tracing::debug_span!("membership", shard, room = %m.room, action = ?action);
     match tracing::Instrument::instrument(node.batcher.submit(node, shard, op, true), span).await? {
         OpOutcome::MembershipChanged { seq, ts_ms } => Ok(MembershipChanged { room: m.room, seq, ts_ms }),
-        other => Err(internal(format!("a membership change answered with {other:?}"))),
+        other => Err(ServiceError::Internal(format!("a membership change answered with {other:?}"))),
     }
 }
 
@@ -81,6 +77,6 @@ pub async fn open_direct(
     let op = op::Kind::OpenDirect(storage::OpenDirect { room: room.clone(), actor: me.user.clone(), users });
     match node.batcher.submit(node, shard, op, true).await? {
         OpOutcome::DirectOpened { created } => Ok(DirectRoom { room, created }),
-        other => Err(internal(format!("opening a direct room answered with {other:?}"))),
+        other => Err(ServiceError::Internal(format!("opening a direct room answered with {other:?}"))),
     }
 }
