@@ -74,10 +74,17 @@ pub fn issue(node: &Node, user: &str, session_id: &[u8], admin: bool) -> Result<
     Ok(Issued { token, issued_ms: now, expires_ms })
 }
 
-/// The header's `alg` and `kid`, read before anything is trusted, so that a token of the
-/// wrong kind is refused with a message that says so.
-pub(crate) fn header_of(token: &str) -> Result<(String, Option<String>), ServiceError> {
-    let malformed = |why: &str| unauthenticated(format!("malformed access token: {why}"));
+/// The header's `alg` and `kid` of a JWT (`what` names it in errors), read before anything is
+/// trusted, so that a token of the wrong kind is refused with a message that says so: empty,
+/// over `max_bytes`, not a JWT, or unsigned (`alg: none`).
+pub(crate) fn header_of(token: &str, what: &str, max_bytes: usize) -> Result<(String, Option<String>), ServiceError> {
+    if token.is_empty() {
+        return Err(unauthenticated(format!("no {what}")));
+    }
+    if token.len() > max_bytes {
+        return Err(unauthenticated(format!("the {what} is {} bytes, over the limit of {max_bytes}", token.len())));
+    }
+    let malformed = |why: &str| unauthenticated(format!("malformed {what}: {why}"));
     let mut parts = token.split('.');
     let (Some(header), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(malformed("not three dot-separated parts"));
@@ -91,24 +98,15 @@ pub(crate) fn header_of(token: &str) -> Result<(String, Option<String>), Service
     }
     let head: Head = serde_json::from_slice(&bytes).map_err(|_| malformed("the header is not JSON"))?;
     let alg = head.alg.ok_or_else(|| malformed("no algorithm"))?;
+    if alg.eq_ignore_ascii_case("none") {
+        return Err(unauthenticated("unsigned tokens (algorithm \"none\") are not accepted"));
+    }
     Ok((alg, head.kid))
 }
 
 /// Checks an access token and the session behind it; the identity it proves.
 pub async fn verify(node: &Node, token: &str) -> Result<Identity, ServiceError> {
-    if token.is_empty() {
-        return Err(unauthenticated("no access token"));
-    }
-    if token.len() > MAX_TOKEN_BYTES {
-        return Err(unauthenticated(format!(
-            "the access token is {} bytes, over the limit of {MAX_TOKEN_BYTES}",
-            token.len()
-        )));
-    }
-    let (alg, kid) = header_of(token)?;
-    if alg.eq_ignore_ascii_case("none") {
-        return Err(unauthenticated("unsigned tokens (algorithm \"none\") are not accepted"));
-    }
+    let (alg, kid) = header_of(token, "access token", MAX_TOKEN_BYTES)?;
     if alg != "EdDSA" {
         return Err(unauthenticated(format!("algorithm {alg:?} is not accepted: Chorus signs with EdDSA")));
     }
