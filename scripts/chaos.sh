@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Long chaos runs against a fresh local cluster (release build).
 #
-#   scripts/chaos.sh [--nodes 3|5] [--duration 30m] [--seed N] [--faults kill,pause,partition]
+#   scripts/chaos.sh [--nodes 3|5] [--duration 30m] [--seed N] [--faults kill,pause,partition,power-cut]
 #
 # Any other chorus-chaos flag is passed through (chorus-chaos run --help). The history, report,
 # node logs and data go to target/chaos/seed-<seed>/. Partitions need root: the script uses sudo
@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 source scripts/lib/system-deps.sh
 ensure_build_deps
 ensure_packages iptables
+# Power cuts mount each node's data dir through FUSE (fusermount3).
+ensure_packages fuse3
 
 args=()
 while [ $# -gt 0 ]; do

@@ -1,7 +1,9 @@
 //! The cluster under test: real `chorusd` processes, node N listening on its own loopback
 //! address 127.0.100.N (clients on port 7400, peers on 7300), so that the packet filter can
 //! cut any pair of nodes. Processes are killed (SIGKILL), paused (SIGSTOP/SIGCONT) and
-//! restarted with their data; every child is killed when the cluster is dropped.
+//! restarted with their data; every child is killed when the cluster is dropped. With lazy
+//! disks, each node's data dir is a lazyfs mount of its own (backed by `data/node-<id>`), so
+//! that a node can also lose its power: whatever it wrote and did not fsync is gone.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -9,6 +11,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, bail};
+use chorus_lazyfs::{CutReport, LazyFs};
+
+/// Where the nodes keep their data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disks {
+    /// Plain directories under `data/`.
+    Plain,
+    /// lazyfs mounts under `disks/`, backed by `data/`; `seed` picks the torn writes.
+    Lazy { seed: u64 },
+}
 
 pub struct NodeProcess {
     pub id: u64,
@@ -19,6 +31,9 @@ pub struct NodeProcess {
     pub log: PathBuf,
     child: Option<Child>,
     paused: bool,
+    /// The lazyfs mount `data_dir` is on, with lazy disks (unmounted when the cluster is dropped,
+    /// after its `Drop` killed every node).
+    disk: Option<LazyFs>,
 }
 
 pub struct ChaosCluster {
@@ -42,7 +57,14 @@ fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
 
 impl ChaosCluster {
     /// Starts `n` nodes under `dir` (data, logs, TLS).
-    pub fn start(chorusd: &Path, dir: &Path, n: u64, shards: u32, extra: &[String]) -> anyhow::Result<ChaosCluster> {
+    pub fn start(
+        chorusd: &Path,
+        dir: &Path,
+        n: u64,
+        shards: u32,
+        extra: &[String],
+        disks: Disks,
+    ) -> anyhow::Result<ChaosCluster> {
         if !(1..=9).contains(&n) {
             bail!("cluster size must be between 1 and 9");
         }
@@ -70,6 +92,16 @@ impl ChaosCluster {
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
             let ip = node_ip(id);
+            let backing = dir.join("data").join(format!("node-{id}"));
+            let (data_dir, disk) = match disks {
+                Disks::Plain => (backing, None),
+                Disks::Lazy { seed } => {
+                    let mountpoint = dir.join("disks").join(format!("node-{id}"));
+                    let disk = LazyFs::mount_seeded(&backing, &mountpoint, seed ^ id)
+                        .with_context(|| format!("mounting node {id}'s lazy disk on {}", mountpoint.display()))?;
+                    (mountpoint, Some(disk))
+                }
+            };
             nodes.insert(
                 id,
                 NodeProcess {
@@ -77,10 +109,11 @@ impl ChaosCluster {
                     ip,
                     client_addr: format!("{ip}:7400"),
                     peer_addr: format!("{ip}:7300"),
-                    data_dir: dir.join("data").join(format!("node-{id}")),
+                    data_dir,
                     log: dir.join("logs").join(format!("node-{id}.log")),
                     child: None,
                     paused: false,
+                    disk,
                 },
             );
         }
@@ -149,6 +182,15 @@ impl ChaosCluster {
         }
         node.paused = false;
         Ok(())
+    }
+
+    /// kill -9, then a power cut of the node's disk: every write it did not fsync is lost (with
+    /// `torn`, part of one survives). Needs lazy disks.
+    pub fn power_cut(&mut self, id: u64, torn: bool) -> anyhow::Result<CutReport> {
+        self.kill(id)?;
+        let node = self.nodes.get_mut(&id).context("no such node")?;
+        let disk = node.disk.as_mut().context("power cuts need lazy disks (Disks::Lazy)")?;
+        disk.power_cut(torn).with_context(|| format!("cutting node {id}'s power"))
     }
 
     /// SIGSTOP.

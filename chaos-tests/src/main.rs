@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "chorus-chaos",
     version,
-    about = "Kill, pause and partition a live Chorus cluster, and check every history"
+    about = "Kill, power-cut, pause and partition a live Chorus cluster, and check every history"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,8 +36,10 @@ enum Command {
         /// Seed of the fault schedule and the workload. [default: random]
         #[arg(long)]
         seed: Option<u64>,
-        /// Fault families: any of kill, pause, partition (partitions need root and iptables).
-        #[arg(long, default_value = "kill,pause,partition")]
+        /// Fault families: any of kill, pause, partition, power-cut (partitions need root and
+        /// iptables; power cuts need /dev/fuse and fusermount3, and are left out, with a warning,
+        /// where lazyfs cannot be mounted).
+        #[arg(long, default_value = "kill,pause,partition,power-cut")]
         faults: FaultSet,
         /// Where the history, report, logs and data go. [default: target/chaos/seed-<seed>]
         #[arg(long)]

@@ -1,9 +1,10 @@
 //! The nemesis: a seeded schedule of faults, one at a time — kill -9 of a random node or of the
-//! busy shard's leader, SIGSTOP/SIGCONT pauses, and partitions (isolate a node, isolate the
-//! leader, majority/minority split, bridge) — each held for a few seconds, then healed (killed
-//! nodes restart with their data). Every fault and every heal is recorded in the history. The
-//! first faults cover every enabled kind, so even a short run has a leader kill, a pause and a
-//! partition.
+//! busy shard's leader, power cuts (kill -9, then every write the node had not fsynced is lost,
+//! sometimes with one torn write; see `chorus-lazyfs`), SIGSTOP/SIGCONT pauses, and partitions
+//! (isolate a node, isolate the leader, majority/minority split, bridge) — each held for a few
+//! seconds, then healed (killed nodes restart with their data). Every fault and every heal is
+//! recorded in the history. The first faults cover every enabled kind, so even a short run has
+//! a leader kill, a power cut, a pause and a partition.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -19,26 +20,53 @@ use crate::history::{HistoryWriter, Record};
 use crate::netfilter::Netfilter;
 use crate::workload::Clock;
 
-/// The families of faults a run may use (`--faults kill,pause,partition`).
+/// The families of faults a run may use (`--faults kill,pause,partition,power-cut`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FaultSet {
     pub kill: bool,
     pub pause: bool,
     pub partition: bool,
+    /// Needs every node's data dir on a lazyfs mount (`cluster::Disks::Lazy`).
+    pub power_cut: bool,
+}
+
+impl FaultSet {
+    /// Leaves power cuts out, loudly, where lazyfs cannot be mounted (no /dev/fuse, no
+    /// fusermount3, or mounting not permitted).
+    pub fn usable_here(mut self) -> FaultSet {
+        if !self.power_cut {
+            return self;
+        }
+        let usable = match chorus_lazyfs::find_fusermount3() {
+            None => Err("fusermount3 is not installed (apt-get install fuse3)".to_owned()),
+            Some(_) => chorus_lazyfs::probe().map_err(|e| e.to_string()),
+        };
+        if let Err(why) = usable {
+            eprintln!();
+            eprintln!("chorus-chaos: WARNING: power-cut faults are OFF: lazyfs cannot be mounted here: {why}");
+            eprintln!("chorus-chaos: WARNING: this run does not test durability against power loss");
+            eprintln!();
+            self.power_cut = false;
+        }
+        self
+    }
 }
 
 impl std::str::FromStr for FaultSet {
     type Err = String;
 
     fn from_str(s: &str) -> Result<FaultSet, String> {
-        let mut set = FaultSet { kill: false, pause: false, partition: false };
+        let mut set = FaultSet { kill: false, pause: false, partition: false, power_cut: false };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part {
                 "kill" => set.kill = true,
                 "pause" => set.pause = true,
                 "partition" => set.partition = true,
+                "power-cut" => set.power_cut = true,
                 "none" => {}
-                other => return Err(format!("unknown fault {other:?} (use kill, pause, partition or none)")),
+                other => {
+                    return Err(format!("unknown fault {other:?} (use kill, pause, partition, power-cut or none)"));
+                }
             }
         }
         Ok(set)
@@ -49,6 +77,8 @@ impl std::str::FromStr for FaultSet {
 enum Fault {
     KillRandom,
     KillLeader,
+    PowerCut,
+    PowerCutLeader,
     Pause,
     Isolate,
     IsolateLeader,
@@ -74,6 +104,9 @@ impl Nemesis {
         let mut all = Vec::new();
         if self.faults.kill {
             all.extend([Fault::KillRandom, Fault::KillLeader]);
+        }
+        if self.faults.power_cut {
+            all.extend([Fault::PowerCut, Fault::PowerCutLeader]);
         }
         if self.faults.pause {
             all.push(Fault::Pause);
@@ -129,6 +162,9 @@ impl Nemesis {
         if self.faults.kill {
             plan.push_back(Fault::KillLeader);
         }
+        if self.faults.power_cut {
+            plan.push_back(Fault::PowerCutLeader);
+        }
         if self.faults.pause {
             plan.push_back(Fault::Pause);
         }
@@ -162,6 +198,18 @@ impl Nemesis {
                 };
                 self.lock().kill(node)?;
                 self.record(action, vec![node], "kill -9");
+                tokio::time::sleep(hold).await;
+                self.lock().start_node(node)?;
+                self.record("restart", vec![node], "");
+            }
+            Fault::PowerCut | Fault::PowerCutLeader => {
+                let (node, action) = match fault {
+                    Fault::PowerCutLeader => (self.leader(rng).await, "power-cut-leader"),
+                    _ => (random, "power-cut"),
+                };
+                let torn = rng.random_bool(0.5);
+                let cut = self.lock().power_cut(node, torn)?;
+                self.record(action, vec![node], format!("kill -9, then power cut: {cut}"));
                 tokio::time::sleep(hold).await;
                 self.lock().start_node(node)?;
                 self.record("restart", vec![node], "");
@@ -213,5 +261,20 @@ impl Nemesis {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn power_cuts_are_a_fault_family_of_their_own() {
+        let set: FaultSet = "kill, power-cut".parse().unwrap();
+        assert_eq!(set, FaultSet { kill: true, pause: false, partition: false, power_cut: true });
+        let none: FaultSet = "none".parse().unwrap();
+        assert!(!none.power_cut);
+        let err = "power".parse::<FaultSet>().unwrap_err();
+        assert!(err.contains("power-cut"), "{err}");
     }
 }

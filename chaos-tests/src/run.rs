@@ -11,7 +11,7 @@ use chorus_client::{Client, ClientOptions, Credentials, Trust};
 use tokio_util::sync::CancellationToken;
 
 use crate::checker::{self, Report};
-use crate::cluster::ChaosCluster;
+use crate::cluster::{ChaosCluster, Disks};
 use crate::history::{self, HistoryWriter, Record};
 use crate::nemesis::{FaultSet, Nemesis};
 use crate::netfilter::Netfilter;
@@ -90,9 +90,10 @@ async fn wait_converged(client: &Client, timeout: Duration) -> anyhow::Result<()
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
+    let faults = config.faults.usable_here();
     println!(
         "chorus-chaos: seed {} (replay with --seed {}), {} nodes, {:?}, faults {:?}",
-        config.seed, config.seed, config.nodes, config.duration, config.faults
+        config.seed, config.seed, config.nodes, config.duration, faults
     );
     std::fs::create_dir_all(&config.out).with_context(|| format!("creating {}", config.out.display()))?;
     let history_path = config.out.join("history.jsonl");
@@ -125,7 +126,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let cluster = ChaosCluster::start(&config.chorusd, &config.out, config.nodes, config.shards, &chorusd_args)?;
+    let disks = if faults.power_cut { Disks::Lazy { seed: config.seed } } else { Disks::Plain };
+    let cluster = ChaosCluster::start(&config.chorusd, &config.out, config.nodes, config.shards, &chorusd_args, disks)?;
     let admin = connect(options(&cluster, 0, "chaos-admin")?).await?;
     // The moderator, on another connection of the same user (the rooms' owner).
     let moderator = connect(options(&cluster, 1, "chaos-admin")?).await?;
@@ -172,7 +174,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
     let nemesis = Nemesis {
         cluster: cluster.clone(),
         net: net.clone(),
-        faults: config.faults,
+        faults,
         history: history.clone(),
         clock,
         status_client: admin.clone(),
