@@ -59,7 +59,7 @@ pub fn ca_init(dir: &Path) -> Result<(), PeerTlsError> {
     let key_pair = KeyPair::generate()?;
     let ca = ca_params()?.self_signed(&key_pair)?;
     write_private(&key, &key_pair.serialize_pem())?;
-    std::fs::write(&cert, ca.pem()).map_err(io(format!("writing {}", cert.display())))?;
+    crate::tls::write_durable(&cert, ca.pem().as_bytes(), 0o644).map_err(io(format!("writing {}", cert.display())))?;
     Ok(())
 }
 
@@ -87,8 +87,10 @@ pub fn issue(ca_dir: &Path, node: NodeId, out: &Path) -> Result<(), PeerTlsError
     let cert = params.signed_by(&key_pair, &issuer)?;
     std::fs::create_dir_all(out).map_err(io(format!("creating {}", out.display())))?;
     write_private(&out.join("node.key"), &key_pair.serialize_pem())?;
-    std::fs::write(out.join("node.pem"), cert.pem()).map_err(io("writing node.pem"))?;
-    std::fs::write(out.join("ca.pem"), &ca_pem).map_err(io("writing ca.pem"))?;
+    // The certificate last: a node whose `node.pem` exists has its key and CA too (a power cut
+    // in between leaves no `node.pem`, and the next start issues them again).
+    crate::tls::write_durable(&out.join("ca.pem"), ca_pem.as_bytes(), 0o644).map_err(io("writing ca.pem"))?;
+    crate::tls::write_durable(&out.join("node.pem"), cert.pem().as_bytes(), 0o644).map_err(io("writing node.pem"))?;
     Ok(())
 }
 
@@ -114,6 +116,9 @@ pub fn load(source: &PeerTlsSource, data_dir: &Path, node: NodeId) -> Result<Pee
         PeerTlsSource::Own => {
             let ca_dir = data_dir.join("tls").join("peer-ca");
             if !ca_dir.join("ca.pem").exists() {
+                // `ca.pem` is written last: a key without it is what a power cut left of an
+                // earlier start's `ca_init`, and no certificate was issued from it.
+                let _ = std::fs::remove_file(ca_dir.join("ca.key"));
                 ca_init(&ca_dir)?;
             }
             if !own.join("node.pem").exists() {

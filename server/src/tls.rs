@@ -41,7 +41,7 @@ pub struct ServerIdentity {
 /// SHA-256 of a DER certificate, as lowercase hex: what clients pin.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(digest.as_ref())
 }
 
 /// Writes a new self-signed certificate valid for `sans` into `dir` (cert.pem, key.pem,
@@ -53,18 +53,32 @@ pub fn generate_self_signed(dir: &Path, sans: &[String]) -> Result<String, TlsEr
     let key = dir.join("key.pem");
     write_private(&key, certified.signing_key.serialize_pem().as_bytes())
         .map_err(io(format!("writing {}", key.display())))?;
-    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).map_err(io("writing cert.pem"))?;
-    std::fs::write(dir.join("fingerprint"), format!("{fp}\n")).map_err(io("writing fingerprint"))?;
+    write_durable(&dir.join("cert.pem"), certified.cert.pem().as_bytes(), 0o644).map_err(io("writing cert.pem"))?;
+    write_durable(&dir.join("fingerprint"), format!("{fp}\n").as_bytes(), 0o644).map_err(io("writing fingerprint"))?;
     Ok(fp)
 }
 
 /// Writes a file only its owner can read (keys, credentials), and syncs it.
 pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    write_durable(path, contents, 0o600)
+}
+
+/// Writes `contents` to `path` so that a power cut leaves either the old file or the whole new
+/// one: a temporary file beside it, fsync'd, renamed over it, and the directory fsync'd. (A
+/// plain write survives kill -9 but not a power cut: the chaos run's power-cut fault once left
+/// a node's peer certificate empty, and the node never started again.)
+pub fn write_durable(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| std::io::Error::other(format!("{} names no file", path.display())))?;
+    let temp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&temp)?;
     file.write_all(contents)?;
-    file.sync_all()
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Loads the configured certificate, or the node's own self-signed one (generating it on first
@@ -106,7 +120,10 @@ pub fn load_or_generate(
     if configured.is_none() {
         // Keep the fingerprint file true even if someone replaced the generated cert.
         let fp_path = data_dir.join("tls").join("fingerprint");
-        std::fs::write(&fp_path, format!("{fingerprint}\n")).map_err(io(format!("writing {}", fp_path.display())))?;
+        if std::fs::read_to_string(&fp_path).ok().as_deref().map(str::trim) != Some(fingerprint.as_str()) {
+            write_durable(&fp_path, format!("{fingerprint}\n").as_bytes(), 0o644)
+                .map_err(io(format!("writing {}", fp_path.display())))?;
+        }
     }
     Ok(ServerIdentity { chain, key, fingerprint })
 }
