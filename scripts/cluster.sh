@@ -21,7 +21,9 @@ source scripts/lib/system-deps.sh
 
 DIR="${CHORUS_CLUSTER_DIR:-$HOME/.local/share/chorus/cluster}"
 TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
-BIN="$TARGET/release"
+# CHORUS_BIN_DIR: run these chorusd and chorus binaries instead of building (e.g. to compare
+# two builds).
+BIN="${CHORUS_BIN_DIR:-$TARGET/release}"
 export CHORUS_CLUSTER_DIR="$DIR"
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
@@ -113,7 +115,7 @@ up() {
   if [ "$existing" -gt 0 ] && [ "$existing" != "$n" ]; then
     die "$DIR holds a $existing-node cluster; 'scripts/cluster.sh reset' first to make a $n-node one"
   fi
-  build
+  [ -n "${CHORUS_BIN_DIR:-}" ] || build
   mkdir -p "$DIR/logs" "$DIR/run"
   echo "$n" >"$DIR/size"
   # Settings every node of this cluster keeps across restarts: open registration, so that a

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole Chorus test suite: unit and property tests, openraft's storage suite, crash
+# Runs the whole Chorus test suite: formatting and clippy (warnings are errors), unit and
+# property tests, openraft's storage suite, crash
 # and snapshot tests, multi-node integration tests with real chorusd processes, and a short
 # chaos run (kill -9, pause and partition a live 3-node cluster, then check every history).
 #
@@ -11,8 +12,13 @@ cd "$(dirname "$0")/.."
 source scripts/lib/system-deps.sh
 ensure_build_deps
 ensure_packages iptables
+ensure_packages fuse3
 
 TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
+
+# Formatting and lints first: they are quick, and a change that fails them does not land.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # Build everything once, then run: the build dominates on small machines.
 cargo build --workspace --bins --locked

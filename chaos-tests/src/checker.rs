@@ -16,6 +16,11 @@
 //!    stream is not the contiguous run of the final order after its cursor;
 //!    `subscription_error`: a subscription ended with an error instead of resuming.
 //!
+//! 9. `subscription_stalled` (progress): every subscriber running at the time receives each
+//!    acknowledged message of its rooms within [`PROGRESS_BOUND`] of the acknowledgement —
+//!    while a partition holds and after it heals, whichever node the subscriber was on. (A
+//!    feed on a node cut off from its shard's leader once went silent for good.)
+//!
 //! 8. `sent_while_not_member`: in a room's order, a message of a writer who was not a member
 //!    at that point: after their kick (and before they joined again), or before they joined.
 //!    Kicks and joins are entries of the room's sequence, so this is the order the state
@@ -33,6 +38,11 @@ use serde::Serialize;
 use crate::history::{EVENT_PREFIX, ReadOutcome, Record, SendOutcome, writer_name};
 
 const EXAMPLES: usize = 5;
+
+/// How long after its acknowledgement a message may take to reach every running subscriber:
+/// failure detection (a cut-off replica says so after twice the election timeout, a silent
+/// connection is dropped after two keep-alives), a resubscription elsewhere, and catch-up.
+pub const PROGRESS_BOUND_NS: u64 = 10_000_000_000;
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Anomalies {
@@ -335,6 +345,48 @@ pub fn check(records: &[Record]) -> Report {
         }
     }
 
+    // 9: progress. When each room's acknowledged messages were acknowledged, by seq.
+    let mut acked_at: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+    for record in records {
+        if let Record::Send { room, complete_ns, outcome: SendOutcome::Ok { seq, .. }, .. } = record {
+            acked_at.entry(room.as_str()).or_default().push((*seq, *complete_ns));
+        }
+    }
+    for list in acked_at.values_mut() {
+        list.sort_unstable();
+    }
+    for record in records {
+        let Record::Subscription { process, room, after, received, received_ns, started_ns, ended_ns, .. } = record
+        else {
+            continue;
+        };
+        if received_ns.len() != received.len() {
+            continue; // a history without arrival times
+        }
+        for &(seq, acked) in acked_at.get(room.as_str()).map(Vec::as_slice).unwrap_or(&[]) {
+            if seq <= *after || acked < *started_ns || acked.saturating_add(PROGRESS_BOUND_NS) > *ended_ns {
+                continue;
+            }
+            // The first arrival that covers `seq` (arrivals are in seq order).
+            let at = received.partition_point(|(s, _)| *s < seq);
+            let arrived = received_ns.get(at).copied();
+            if arrived.is_none_or(|t| t > acked.saturating_add(PROGRESS_BOUND_NS)) {
+                report.flag("subscription_stalled", || {
+                    let when = match arrived {
+                        Some(t) => format!("only {:.1} s later", t.saturating_sub(acked) as f64 / 1e9),
+                        None => format!("never (the subscription ran {:.1} s more)", (ended_ns - acked) as f64 / 1e9),
+                    };
+                    format!(
+                        "process {process}, {room:?}: #{seq}, acknowledged at {:.1} s, arrived {when} (bound {} s)",
+                        acked as f64 / 1e9,
+                        PROGRESS_BOUND_NS / 1_000_000_000
+                    )
+                });
+                break; // one per subscription: the rest of a stall says nothing new
+            }
+        }
+    }
+
     // 7: subscriptions.
     for record in records {
         let Record::Subscription { process, room, after, received, resumes, error, .. } = record else { continue };
@@ -425,6 +477,7 @@ mod tests {
                 started_ns: 0,
                 ended_ns: 100,
                 received: vec![(1, "a".into()), (2, "b".into()), (3, "c".into())],
+                received_ns: vec![12, 31, 45],
                 resumes: 1,
                 error: None,
             },
@@ -588,6 +641,7 @@ mod tests {
             started_ns: 0,
             ended_ns: 1,
             received: received.into_iter().map(|(s, b)| (s, b.to_string())).collect(),
+            received_ns: vec![],
             resumes: 0,
             error: None,
         };
@@ -603,6 +657,43 @@ mod tests {
     }
 
     #[test]
+    fn a_subscriber_that_stalls_is_found() {
+        const S: u64 = 1_000_000_000;
+        // A subscriber on a node cut off from the leader: #1 arrives, then nothing, while the
+        // cluster acknowledges #2 and the subscription runs on for a minute.
+        let history = |received: Vec<(u64, &str, u64)>| {
+            vec![
+                send("a", "r", 0, S, ok(1)),
+                send("b", "r", 2 * S, 3 * S, ok(2)),
+                Record::Subscription {
+                    process: 3,
+                    room: "r".into(),
+                    after: 0,
+                    started_ns: 0,
+                    ended_ns: 60 * S,
+                    received_ns: received.iter().map(|r| r.2).collect(),
+                    received: received.into_iter().map(|(s, b, _)| (s, b.to_string())).collect(),
+                    resumes: 0,
+                    error: None,
+                },
+                final_read(1, "r", true, &["a", "b"]),
+            ]
+        };
+        assert_eq!(anomalies(&history(vec![(1, "a", S)])), vec!["subscription_stalled".to_string()]);
+        // Late, beyond the bound: stalled too.
+        let late = 3 * S + PROGRESS_BOUND_NS + 1;
+        assert_eq!(anomalies(&history(vec![(1, "a", S), (2, "b", late)])), vec!["subscription_stalled".to_string()]);
+        // Within the bound (a resumption elsewhere takes a few seconds): fine.
+        assert!(anomalies(&history(vec![(1, "a", S), (2, "b", 8 * S)])).is_empty());
+        // A message acknowledged too close to the subscription's end is not held against it.
+        let mut h = history(vec![(1, "a", S)]);
+        if let Record::Subscription { ended_ns, .. } = &mut h[2] {
+            *ended_ns = 3 * S + PROGRESS_BOUND_NS - 1;
+        }
+        assert!(anomalies(&h).is_empty());
+    }
+
+    #[test]
     fn crashes_and_subscription_errors_are_found() {
         let mut h = valid();
         h.push(Record::Nemesis { at_ns: 1, action: "crash".into(), nodes: vec![2], detail: "exit 101".into() });
@@ -613,6 +704,7 @@ mod tests {
             started_ns: 0,
             ended_ns: 1,
             received: vec![],
+            received_ns: vec![],
             resumes: 0,
             error: Some("room_not_found".into()),
         });

@@ -90,6 +90,9 @@ pub enum Record {
         started_ns: u64,
         ended_ns: u64,
         received: Vec<(u64, String)>,
+        /// When each of `received` arrived (same order).
+        #[serde(default)]
+        received_ns: Vec<u64>,
         resumes: u64,
         error: Option<String>,
     },

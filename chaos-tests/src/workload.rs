@@ -187,6 +187,7 @@ pub async fn subscriber(process: u64, client: Client, rooms: Vec<(String, u64)>,
     let started_ns = ctx.clock.now();
     let mut received: BTreeMap<String, Vec<(u64, String)>> =
         rooms.iter().map(|(r, _)| (r.clone(), Vec::new())).collect();
+    let mut received_ns: BTreeMap<String, Vec<u64>> = rooms.iter().map(|(r, _)| (r.clone(), Vec::new())).collect();
     let mut errors: BTreeMap<String, String> = BTreeMap::new();
     let mut resumes = 0u64;
     let mut subscription = client.subscribe(rooms.clone());
@@ -199,6 +200,9 @@ pub async fn subscriber(process: u64, client: Client, rooms: Vec<(String, u64)>,
             Ok(SubscriptionEvent::Message(m)) => {
                 if let Some(list) = received.get_mut(&m.room) {
                     list.push((m.seq, entry_text(&m)));
+                }
+                if let Some(times) = received_ns.get_mut(&m.room) {
+                    times.push(ctx.clock.now());
                 }
             }
             Ok(SubscriptionEvent::Resumed { .. }) => resumes += 1,
@@ -221,6 +225,7 @@ pub async fn subscriber(process: u64, client: Client, rooms: Vec<(String, u64)>,
         ctx.history.record(&Record::Subscription {
             process,
             received: received.remove(&room).unwrap_or_default(),
+            received_ns: received_ns.remove(&room).unwrap_or_default(),
             error: errors.remove(&room),
             room,
             after,

@@ -56,12 +56,15 @@ pub const MAX_RESPONSE_FRAME: usize = 16 << 20;
 
 /// Server error codes after which the same request may simply be retried (elsewhere; after a
 /// refresh of the access token; after the wait a rate limit asks for).
-const RETRYABLE_CODES: &[&str] = &["unavailable", "timeout", "shutting_down", "token_expired", "rate_limited"];
+/// `lagging` and `slow_subscriber` end subscriptions only (which resume).
+const RETRYABLE_CODES: &[&str] =
+    &["unavailable", "timeout", "shutting_down", "token_expired", "rate_limited", "lagging", "slow_subscriber"];
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
+    /// `try_elsewhere`: the node said another node may serve this (it is cut off).
     #[error("{message} ({code})")]
-    Server { code: String, message: String, indeterminate: bool, retry_after_ms: u64 },
+    Server { code: String, message: String, indeterminate: bool, retry_after_ms: u64, try_elsewhere: bool },
     /// The connection failed. `maybe_sent`: the request may have reached the server first.
     #[error("connection lost: {message}")]
     Connection { message: String, maybe_sent: bool },
@@ -116,6 +119,20 @@ impl ClientError {
             message: e.message,
             indeterminate: e.indeterminate,
             retry_after_ms: e.retry_after_ms,
+            try_elsewhere: e.try_elsewhere,
+        }
+    }
+
+    /// True when the node that answered cannot help and another may: it is stopping, or cut
+    /// off from the cluster. (A shard that is merely electing a leader answers `unavailable`
+    /// without this: every node would say the same, and the connection is kept.)
+    fn leave_node(&self) -> bool {
+        match self {
+            ClientError::Server { code, try_elsewhere, .. } => {
+                code == "shutting_down" || code == "lagging" || (code == "unavailable" && *try_elsewhere)
+            }
+            ClientError::MaybeApplied { last } => last.leave_node(),
+            _ => false,
         }
     }
 
@@ -170,6 +187,15 @@ pub struct ClientOptions {
     /// Send each shard's messages straight to its leader (over one more connection per leader
     /// node) rather than through the connected node, which would forward them.
     pub route_to_leaders: bool,
+    /// This client's id, which every send carries with its `client_seq` (default: a random one
+    /// per [`Client`]). A program that keeps its id and its next `client_seq` across restarts
+    /// (the CLI does, per profile: see [`settings::SendLog`]) can retry a send whose outcome
+    /// it never learnt, after a restart, and have it appended once.
+    pub client_id: Option<Bytes>,
+    /// The first `client_seq` [`Client::send`] uses (default 1). The server deduplicates per
+    /// (room, client_id, client_seq) within a window of the client's latest sequence numbers
+    /// (see docs/PROTOCOL.md): a kept id must not start again from 1.
+    pub first_client_seq: u64,
 }
 
 impl ClientOptions {
@@ -186,6 +212,8 @@ impl ClientOptions {
             request_timeout: Duration::from_secs(10),
             retry_deadline: Duration::from_secs(30),
             route_to_leaders: true,
+            client_id: None,
+            first_client_seq: 1,
         }
     }
 }
@@ -240,6 +268,9 @@ const MAX_SENDS_PER_BATCH: usize = 1024;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 const SEND_BATCHES_IN_FLIGHT: usize = 4;
 const SEND_QUEUE: usize = 16 * 1024;
+/// How long a dial waits for one node before it dials the next as well.
+const DIAL_STAGGER: Duration = Duration::from_millis(250);
+
 /// The order in which to dial `count` nodes: round-robin from `start`, those not suspected
 /// (`suspected(i)`) first.
 fn dial_order(count: usize, start: usize, suspected: impl Fn(usize) -> bool) -> Vec<usize> {
@@ -322,6 +353,8 @@ impl Client {
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
         let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Config(format!("UDP socket: {e}")))?;
         let (sends, queue, slots) = BatchQueue::new(SEND_QUEUE, SEND_BATCHES_IN_FLIGHT);
+        let client_id = options.client_id.clone().filter(|id| !id.is_empty()).unwrap_or_else(random_client_id);
+        let first_client_seq = options.first_client_seq.max(1);
         let client = Client {
             inner: Arc::new(Inner {
                 sends,
@@ -335,8 +368,8 @@ impl Client {
                 routes: Default::default(),
                 next_node: AtomicUsize::new(0),
                 suspects: Default::default(),
-                client_id: random_client_id(),
-                next_client_seq: AtomicU64::new(1),
+                client_id,
+                next_client_seq: AtomicU64::new(first_client_seq),
                 session: std::sync::Mutex::new(None),
                 session_changed: Arc::new(tokio::sync::Notify::new()),
             }),
@@ -405,10 +438,36 @@ impl Client {
             let start = self.inner.next_node.load(Ordering::Relaxed);
             dial_order(candidates.len(), start, |i| suspects.contains_key(&candidates[i]))
         };
+        // The candidates are dialled in order, each DIAL_STAGGER after the one before or at once
+        // when it failed, the first to answer wins (as "happy eyeballs" does): a dead node
+        // costs a stagger, not a whole connect timeout. Callers meanwhile wait for this one
+        // dial rather than each making their own.
         let mut errors = Vec::new();
-        for i in order {
+        let mut order = order.into_iter();
+        let mut dials = futures::stream::FuturesUnordered::new();
+        let dial = |i: usize| {
+            let node = candidates[i].clone();
+            async move { (i, self.connect_to(&node, false).await) }
+        };
+        loop {
+            if dials.is_empty() {
+                match order.next() {
+                    Some(i) => dials.push(dial(i)),
+                    None => break,
+                }
+            }
+            let done = tokio::select! {
+                done = futures::StreamExt::next(&mut dials) => done,
+                _ = tokio::time::sleep(DIAL_STAGGER), if order.len() > 0 => {
+                    if let Some(i) = order.next() {
+                        dials.push(dial(i));
+                    }
+                    continue;
+                }
+            };
+            let Some((i, result)) = done else { continue };
             let node = &candidates[i];
-            match self.connect_to(node, false).await {
+            match result {
                 Ok(new) => {
                     let connection = new.connection.clone();
                     self.learn_nodes(&new.hello.node_addrs);
@@ -667,8 +726,10 @@ impl Client {
                         tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
                         continue;
                     }
-                    if matches!(e.code(), Some("unavailable" | "shutting_down")) {
-                        // This node cannot help now; another may.
+                    if e.leave_node() {
+                        // This node cannot help now; another may. (Only then: one shard
+                        // without a leader must not close the connection that every other
+                        // request and subscription shares.)
                         if let Some(l) = self.inner.live.lock().await.take() {
                             l.connection.close(0u32.into(), b"failing over");
                             self.suspect(&l.node);
@@ -796,7 +857,8 @@ impl Client {
     }
 
     pub async fn list_rooms_of(&self, after: &str, limit: u32, mine: bool) -> Result<RoomList, ClientError> {
-        let kind = request::Kind::ListRooms(pb::ListRooms { after: after.to_owned(), limit, mine });
+        let kind =
+            request::Kind::ListRooms(pb::ListRooms { after: after.to_owned(), limit, mine, ..Default::default() });
         match self.call(kind).await? {
             response::Kind::Rooms(list) => Ok(list),
             other => Err(unexpected("list rooms", other)),

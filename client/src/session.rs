@@ -189,6 +189,7 @@ impl Client {
                 message: "not signed in".into(),
                 indeterminate: false,
                 retry_after_ms: 0,
+                try_elsewhere: false,
             });
         };
         let kind = request::Kind::Refresh(pb::Refresh { refresh_token: current.refresh_token.clone() });

@@ -1,17 +1,23 @@
 //! A subscription that survives failures: after a broken stream, a closed node or a failover
 //! it resubscribes — on whichever node the client reaches — from the last sequence number it
 //! delivered for each room, so its consumer sees every message once, in order.
+//!
+//! What fails is what is retried: a stream the node reset or ended with an error (it evicted
+//! a slow subscriber, one shard is unavailable) is reopened on the same connection; only a
+//! connection that died, a node that is stopping, or one cut off from the cluster (`lagging`)
+//! makes the client fail over to another node.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytes::Bytes;
 use chorus_proto::client::{self as pb, event};
-use chorus_proto::framing;
-use tokio::io::BufReader;
+use futures::StreamExt;
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use crate::{Client, ClientError, MAX_RESPONSE_FRAME, Message, connection_silent, keep_alive_interval};
 
-/// Bytes read from a subscription stream at a time (frames larger than this are read directly).
+/// Bytes read from a subscription stream at a time: a node writes many small events at once.
 const READ_BUFFER: usize = 64 * 1024;
 
 /// What a subscription yields.
@@ -35,11 +41,25 @@ pub enum SubscriptionEvent {
 pub struct Subscription {
     client: Client,
     cursors: BTreeMap<String, u64>,
-    /// The stream's receive half is read through a buffer: a node writes many small events at
-    /// once, and reading each frame straight from QUIC would take two stream reads per event.
-    stream: Option<(quinn::Connection, quinn::SendStream, BufReader<quinn::RecvStream>)>,
+    /// The stream's receive half, framed (the codec keeps a partly read frame across calls,
+    /// which makes [`Subscription::next`] cancel-safe).
+    stream: Option<(quinn::Connection, quinn::SendStream, FramedRead<quinn::RecvStream, LengthDelimitedCodec>)>,
     failures: u32,
     resuming: bool,
+}
+
+/// The client protocol's frames: a 4-byte big-endian length, then the message.
+fn framed(recv: quinn::RecvStream) -> FramedRead<quinn::RecvStream, LengthDelimitedCodec> {
+    let codec = LengthDelimitedCodec::builder().length_field_length(4).max_frame_length(MAX_RESPONSE_FRAME).new_codec();
+    FramedRead::with_capacity(recv, codec, READ_BUFFER)
+}
+
+/// How a read of the stream ended, when it did not give an event.
+enum Broken {
+    /// Nothing came for two keep-alive intervals, or the connection closed: the node is gone.
+    Connection,
+    /// The stream alone failed (reset, ended, garbled): the connection may well be fine.
+    Stream,
 }
 
 impl Subscription {
@@ -52,9 +72,11 @@ impl Subscription {
         &self.cursors
     }
 
+    /// The stream is gone: drops it (and, with `fail_over`, the connection, so that the next
+    /// attempt goes to another node), then pauses before the next attempt.
     async fn broken(&mut self, fail_over: bool) {
         if let Some((connection, _, _)) = self.stream.take()
-            && fail_over
+            && (fail_over || connection.close_reason().is_some())
         {
             self.client.drop_connection(&connection).await;
         }
@@ -67,8 +89,8 @@ impl Subscription {
     /// The next event. Keeps reconnecting through failures; returns an error only when the
     /// subscription cannot go on (no rooms left, or an error retrying cannot fix).
     ///
-    /// Not cancel-safe: a call dropped while it waits may drop a partly read event, and the
-    /// dead-node watchdog restarts with each call, so wrap it in a timeout only to give up.
+    /// Cancel-safe: a call dropped while it waits loses nothing (a partly read event stays
+    /// buffered for the next call), so it may race other futures in a `select!`.
     pub async fn next(&mut self) -> Result<SubscriptionEvent, ClientError> {
         loop {
             if self.cursors.is_empty() {
@@ -76,9 +98,7 @@ impl Subscription {
             }
             if self.stream.is_none() {
                 match self.client.open_subscription(&self.cursors).await {
-                    Ok((connection, send, recv)) => {
-                        self.stream = Some((connection, send, BufReader::with_capacity(READ_BUFFER, recv)))
-                    }
+                    Ok((connection, send, recv)) => self.stream = Some((connection, send, framed(recv))),
                     Err(e) if e.retryable() => {
                         self.broken(false).await;
                         continue;
@@ -93,12 +113,19 @@ impl Subscription {
             let keep_alive = keep_alive_interval(self.client.options());
             let read = tokio::select! {
                 biased;
-                read = framing::read_message::<pb::Event, _>(recv, MAX_RESPONSE_FRAME) => read.ok().flatten(),
-                _ = connection_silent(connection, Some(keep_alive)) => None,
+                frame = recv.next() => match frame {
+                    Some(Ok(frame)) => decode(frame.freeze()),
+                    _ if connection.close_reason().is_some() => Err(Broken::Connection),
+                    _ => Err(Broken::Stream),
+                },
+                _ = connection_silent(connection, Some(keep_alive)) => Err(Broken::Connection),
             };
-            let Some(event) = read else {
-                self.broken(true).await;
-                continue;
+            let event = match read {
+                Ok(event) => event,
+                Err(broken) => {
+                    self.broken(matches!(broken, Broken::Connection)).await;
+                    continue;
+                }
             };
             match event.kind {
                 Some(event::Kind::Subscribed(_)) => {
@@ -132,7 +159,9 @@ impl Subscription {
                     if !error.retryable() {
                         return Err(error);
                     }
-                    self.broken(true).await;
+                    // A node cut off or stopping: another node. Anything else (an evicted slow
+                    // subscriber, a shard without a leader): the same connection, after a pause.
+                    self.broken(error.leave_node()).await;
                 }
                 // The node is going away: resume elsewhere.
                 Some(event::Kind::Closing(_)) => self.broken(true).await,
@@ -140,4 +169,8 @@ impl Subscription {
             }
         }
     }
+}
+
+fn decode(frame: Bytes) -> Result<pb::Event, Broken> {
+    prost::Message::decode(frame).map_err(|_| Broken::Stream)
 }

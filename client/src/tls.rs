@@ -24,17 +24,19 @@ pub enum Trust {
     Insecure,
 }
 
+/// Decodes hex (either case) of exactly `N` bytes.
+pub(crate) fn decode_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    hex::decode_to_slice(text, &mut out).ok()?;
+    Some(out)
+}
+
 /// Parses a hex SHA-256 fingerprint (colons allowed, any case).
 pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], ClientError> {
-    let hex: String = text.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
-    let bad = || ClientError::Config(format!("{text:?} is not a SHA-256 fingerprint (64 hex digits)"));
-    if hex.len() != 64 {
-        return Err(bad());
-    }
+    let digits: String = text.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
     let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
+    hex::decode_to_slice(&digits, &mut out)
+        .map_err(|_| ClientError::Config(format!("{text:?} is not a SHA-256 fingerprint (64 hex digits)")))?;
     Ok(out)
 }
 
@@ -61,7 +63,7 @@ impl ServerCertVerifier for PinnedVerifier {
         if self.pins.iter().any(|pin| pin.as_slice() == digest.as_ref()) {
             Ok(ServerCertVerified::assertion())
         } else {
-            let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            let hex = hex::encode(digest.as_ref());
             Err(rustls::Error::General(format!(
                 "the server's certificate (SHA-256 {hex}) matches no pinned fingerprint"
             )))
@@ -139,5 +141,8 @@ mod tests {
         assert_eq!(parse_fingerprint(&colons).unwrap(), [0xab; 32]);
         assert!(parse_fingerprint("abc").is_err());
         assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
+        // 64 bytes, but not 64 characters: once a panic (a byte-index slice inside 'é').
+        assert!(parse_fingerprint(&"é".repeat(32)).is_err());
+        assert!(parse_fingerprint(&format!("{}é", "a".repeat(62))).is_err());
     }
 }

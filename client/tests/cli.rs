@@ -77,7 +77,39 @@ fn chorus_as(node: &Node, profile: &str, args: &[&str], stdin: Option<&str>) -> 
     if let Some(input) = stdin {
         child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     }
-    child.wait_with_output().unwrap()
+    finish(child, &args.join(" "))
+}
+
+/// Waits for `child`'s output; a run over 60 s is killed and fails the test, saying which
+/// command hung.
+fn finish(child: Child, what: &str) -> Output {
+    let pid = child.id().to_string();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let hung = finished.recv_timeout(Duration::from_secs(60)).is_err();
+        if hung {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        }
+        hung
+    });
+    let output = child.wait_with_output().unwrap();
+    let _ = done.send(());
+    let hung = watchdog.join().unwrap();
+    assert!(!hung, "`chorus {what}` did not finish within 60 s: {}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+/// The lines a child prints, each waited for at most 30 s (a hung test says what it waited for).
+fn lines_of(stdout: std::process::ChildStdout) -> impl FnMut(&str) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    move |what: &str| rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("no line within 30 s: {what}"))
 }
 
 fn ok(output: Output) -> String {
@@ -146,7 +178,7 @@ fn the_cli_sends_reads_lists_tails_and_chats() {
         .stderr(Stdio::piped());
     let mut child = closed.spawn().unwrap();
     drop(child.stdout.take()); // closed before the command has connected, let alone printed
-    let output = child.wait_with_output().unwrap();
+    let output = finish(child, "status (reader gone)");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success() && !stderr.contains("panicked"), "{:?}: {stderr}", output.status);
 
@@ -168,13 +200,13 @@ fn the_cli_sends_reads_lists_tails_and_chats() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(tail.stdout.take().unwrap()).lines();
+    let mut next_line = lines_of(tail.stdout.take().unwrap());
     for expected in 1..=3 {
-        let line = lines.next().unwrap().unwrap();
+        let line = next_line("the history `chorus tail` prints first");
         assert_eq!(serde_json::from_str::<serde_json::Value>(&line).unwrap()["seq"], expected);
     }
     ok(chorus(&node, &["send", "general", "live one"], None));
-    let live: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let live: serde_json::Value = serde_json::from_str(&next_line("a live message from `chorus tail`")).unwrap();
     assert_eq!((live["seq"].as_u64(), live["body"].as_str()), (Some(4), Some("live one")));
     let _ = tail.kill();
     let _ = tail.wait();
@@ -303,4 +335,33 @@ fn ok_eventually_as(node: &Node, profile: &str, args: &[&str], stdin: &str) -> S
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn a_send_rerun_after_an_unknown_outcome_is_appended_once() {
+    let node = start_node();
+    ok_eventually(&node, &["register", "tester", "--password-stdin"], Some("tester-password\n"));
+    let first = json_lines(&ok(chorus(&node, &["--json", "send", "general", "only once", "--create"], None)));
+    assert_eq!((first[0]["seq"].as_u64(), first[0]["duplicate"].as_bool()), (Some(1), Some(false)));
+    let client_seq = first[0]["client_seq"].as_i64().unwrap();
+    // As if that run had died after its send left, before it learnt the outcome: the profile's
+    // send log still holds it as unsettled (this is what a failed run leaves behind).
+    let log_path = node.home.path().join(".config/chorus/sessions/default.sends.toml");
+    let mut log: toml::Table = toml::from_str(&std::fs::read_to_string(&log_path).unwrap()).unwrap();
+    let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, b"only once").as_ref());
+    let mut entry = toml::Table::new();
+    entry.insert("room".into(), "general".into());
+    entry.insert("body_sha256".into(), digest.into());
+    entry.insert("client_seq".into(), client_seq.into());
+    log.insert("unsettled".into(), toml::Value::Array(vec![entry.into()]));
+    std::fs::write(&log_path, toml::to_string(&log).unwrap()).unwrap();
+    // Run again, in a new process: the same client id and client_seq, so the server answers
+    // with the original and appends nothing.
+    let again = json_lines(&ok(chorus(&node, &["--json", "send", "general", "only once"], None)));
+    assert_eq!((again[0]["seq"].as_u64(), again[0]["duplicate"].as_bool()), (Some(1), Some(true)), "{again:?}");
+    // Settled now: the same text once more is a new message.
+    let third = json_lines(&ok(chorus(&node, &["--json", "send", "general", "only once"], None)));
+    assert_eq!((third[0]["seq"].as_u64(), third[0]["duplicate"].as_bool()), (Some(2), Some(false)));
+    let history = json_lines(&ok(chorus(&node, &["--json", "history", "general"], None)));
+    assert_eq!(history.iter().filter(|m| m["body"] == "only once").count(), 2, "{history:?}");
 }

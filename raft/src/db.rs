@@ -234,7 +234,9 @@ impl NodeDb {
         }
     }
 
-    /// Writes a batch atomically; readable at once, durable at the next sync.
+    /// Writes a batch atomically; readable at once, durable at the next sync. On the calling
+    /// thread: this is the write path of every append and apply, where `block_in_place` cost a
+    /// fifth of the throughput (docs/BENCHMARKS.md); see [`crate::blocking`].
     pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         self.db.write(batch)?;
         Ok(())
@@ -243,7 +245,7 @@ impl NodeDb {
     /// Writes a batch atomically and returns once it is durable (sharing the fsync with every
     /// other write waiting at the time).
     pub async fn write_durable(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        self.db.write(batch)?;
+        crate::blocking::off_runtime(|| self.db.write(batch))?;
         self.syncer.sync().await.map_err(|e| StoreError::io("syncing the WAL", e))
     }
 

@@ -9,9 +9,11 @@
 //! - [`network`]: the Raft network between nodes (gRPC).
 //! - [`routing`]: room → shard.
 //! - [`shard`]: wiring one shard replica together.
+//! - [`blocking`]: RocksDB calls kept off the async workers.
 //!
 //! See `docs/ARCHITECTURE.md` for the data path and the invariants.
 
+pub mod blocking;
 pub mod codec;
 pub mod db;
 pub mod error;

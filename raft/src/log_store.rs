@@ -377,7 +377,8 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
             // Not synced: losing a purge in a power failure brings back the purged entries
             // together with the older `last_purged`, which is an equally valid state.
             self.cache().purge(log_id.index);
-            self.db.write(batch)
+            // A range delete of many entries: off the async workers.
+            crate::blocking::off_runtime(|| self.db.write(batch))
         })();
         result.map_err(|e| StorageError::IO {
             source: StorageIOError::new(ErrorSubject::Log(log_id), ErrorVerb::Delete, &e),

@@ -144,6 +144,17 @@ pub struct ShardReplica {
     /// Dropped with the last clone of the replica: ends its snapshot-request task, which holds
     /// a handle of the Raft (openraft stops a Raft whose handles are all gone).
     _snapshot_requests: Arc<oneshot::Sender<()>>,
+    /// That task, to tell whether it still runs.
+    snapshot_task: Option<Arc<tokio::task::AbortHandle>>,
+}
+
+impl ShardReplica {
+    /// True when the task that passes the snapshot pacer's requests to openraft has ended
+    /// (it ends on its own only when the Raft stopped, or by a bug): without it the shard
+    /// never snapshots and its log grows without bound.
+    pub fn snapshot_requests_stopped(&self) -> bool {
+        self.snapshot_task.as_ref().is_some_and(|task| task.is_finished())
+    }
 }
 
 /// Why a shard replica could not start.
@@ -178,12 +189,12 @@ where
         .await
         .map_err(|source| StartError::Raft { shard, source })?;
     let (owner, dropped) = oneshot::channel();
-    if let Some(requests) = snapshots.pacer().take_requests() {
+    let snapshot_task = snapshots.pacer().take_requests().map(|requests| {
         let task = request_snapshots(raft.clone(), requests, dropped);
-        tokio::spawn(task.instrument(tracing::info_span!("snapshots", shard)));
-    }
+        Arc::new(tokio::spawn(task.instrument(tracing::info_span!("snapshots", shard))).abort_handle())
+    });
     snapshots.pacer().configure(tuning.snapshot_pacing());
-    Ok(ShardReplica { shard, raft, reader, _snapshot_requests: Arc::new(owner) })
+    Ok(ShardReplica { shard, raft, reader, _snapshot_requests: Arc::new(owner), snapshot_task })
 }
 
 /// Passes the pacer's requests for a snapshot to openraft. Ends when the Raft has stopped, when

@@ -130,6 +130,13 @@ impl Peer for CountingPeer {
     ) -> Result<Response<pb::TransferLeaderReply>, Status> {
         Err(Status::unimplemented("test peer"))
     }
+
+    async fn take_leadership(
+        &self,
+        _: Request<pb::TakeLeadershipRequest>,
+    ) -> Result<Response<pb::TakeLeadershipReply>, Status> {
+        Err(Status::unimplemented("test peer"))
+    }
 }
 
 async fn serve(peer: CountingPeer) -> SocketAddr {

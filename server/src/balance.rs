@@ -20,6 +20,11 @@
 //!    as long as anyone's, so the other followers vote for it; the old leader learns the new
 //!    term from the new leader and steps down.
 //!
+//! A node that is stopping (SIGTERM) hands off the shards it leads the same way, before it
+//! stops serving: it asks one live replica of each to take it over (`TakeLeadership`), which
+//! then runs the steps above. A rolling restart then costs each shard a hold of about a lease,
+//! not an election timeout (see [`hand_off_all`]).
+//!
 //! Safety never depends on this: a transfer is an ordinary Raft election. A transfer that goes
 //! wrong (a follower still under its lease, a lost vote) costs what an election costs; the old
 //! leader's hold ends by itself after [`hold_for`].
@@ -136,7 +141,9 @@ pub async fn serve_transfer(node: &Node, request: pb::TransferLeaderRequest) -> 
     if !leading_at(&replica.raft.metrics().borrow(), node.id, term) {
         return refuse(format!("node {} does not lead shard {shard} at term {term}", node.id));
     }
-    if !all_replicas_alive(node, &replicas) {
+    // A leader that is stopping hands over whatever else is down: the alternative is an
+    // election timeout.
+    if !node.is_leaving() && !all_replicas_alive(node, &replicas) {
         return refuse(format!("not every replica of shard {shard} is reachable from node {}", node.id));
     }
     if !node.holds.start(shard, Instant::now() + CATCH_UP_LIMIT + hold_for(node)) {
@@ -195,6 +202,85 @@ fn preferred_but_following(node: &Node) -> Vec<(ShardId, NodeId, u64)> {
     out
 }
 
+/// How long a stopping node waits for its shards to be taken over before it stops anyway.
+pub const HAND_OFF_LIMIT: Duration = Duration::from_secs(5);
+
+/// Hands every shard this node leads to another live replica, all at once, and waits (at most
+/// [`HAND_OFF_LIMIT`]) until each is taken over or refused. Called once the node is leaving
+/// ([`Node::leave`]), before it stops serving. Returns (handed over, led).
+pub async fn hand_off_all(node: &Arc<Node>) -> (usize, usize) {
+    let mut handoffs = tokio::task::JoinSet::new();
+    let window = Duration::from_millis(node.config.tuning.election_timeout_min_ms);
+    for (&shard, replica) in &node.shards {
+        let term = {
+            let m = replica.raft.metrics();
+            let m = m.borrow();
+            if !leading_at(&m, node.id, m.current_term) {
+                continue;
+            }
+            m.current_term
+        };
+        // The shard's preferred node first (the balancer would move it there anyway), then
+        // the others in placement order; only those heard from lately.
+        let mut candidates: Vec<NodeId> = node.layout.replicas(shard).into_iter().filter(|&n| n != node.id).collect();
+        candidates.sort_by_key(|&n| n != node.layout.initializer(shard));
+        let Some(to) = candidates.into_iter().find(|&n| crate::liveness::replicas_alive(node, &[n], window) == 1)
+        else {
+            tracing::info!(shard, "no live replica to hand shard leadership to");
+            continue;
+        };
+        let node = node.clone();
+        handoffs.spawn(async move {
+            let request = pb::TakeLeadershipRequest { shard, from_node: node.id, term };
+            let reply = match node.peers.get(to) {
+                None => Err(format!("node {to} is not a peer")),
+                Some(mut client) => match tokio::time::timeout(HAND_OFF_LIMIT, client.take_leadership(request)).await {
+                    Err(_) => Err(format!("node {to} did not take it over within {HAND_OFF_LIMIT:?}")),
+                    Ok(Err(status)) => Err(format!("node {to}: {}", status.message())),
+                    Ok(Ok(reply)) if reply.get_ref().taken => Ok(()),
+                    Ok(Ok(reply)) => Err(format!("node {to}: {}", reply.into_inner().reason)),
+                },
+            };
+            (shard, to, reply)
+        });
+    }
+    let (mut handed, mut led) = (0, 0);
+    while let Some(done) = handoffs.join_next().await {
+        led += 1;
+        match done {
+            Ok((shard, to, Ok(()))) => {
+                handed += 1;
+                tracing::info!(shard, to, "handed shard leadership over before stopping");
+            }
+            Ok((shard, to, Err(reason))) => {
+                tracing::warn!(shard, to, %reason, "could not hand shard leadership over; it will be elected")
+            }
+            Err(e) => tracing::warn!(error = %e, "a leadership hand-off task failed"),
+        }
+    }
+    (handed, led)
+}
+
+/// Answers a stopping leader that asks this node to take `shard` over.
+pub async fn serve_take_leadership(node: &Node, request: pb::TakeLeadershipRequest) -> pb::TakeLeadershipReply {
+    let (shard, from, term) = (request.shard, request.from_node, request.term);
+    if node.is_leaving() {
+        return pb::TakeLeadershipReply { taken: false, reason: format!("node {} is stopping too", node.id) };
+    }
+    match take_over(node, shard, from, term).await {
+        Ok(took) => {
+            tracing::info!(
+                shard,
+                from,
+                took_ms = took.as_millis() as u64,
+                "took over shard leadership from a stopping node"
+            );
+            pb::TakeLeadershipReply { taken: true, reason: String::new() }
+        }
+        Err(Failed::Refused(reason) | Failed::Lost(reason)) => pb::TakeLeadershipReply { taken: false, reason },
+    }
+}
+
 /// Every `every`, asks the leaders of the shards this node prefers to lead to hand them back,
 /// all such shards at once. Ends on shutdown.
 pub async fn prefer_leaders(node: Arc<Node>, every: Duration) {
@@ -207,6 +293,9 @@ pub async fn prefer_leaders(node: Arc<Node>, every: Duration) {
     // costs an election, so those back off.
     let mut lost: HashMap<ShardId, (u32, Instant)> = HashMap::new();
     while node.next_tick(&mut ticker).await {
+        if node.is_leaving() {
+            continue;
+        }
         let now = preferred_but_following(&node);
         // All at once: clients see one short pause rather than one per shard.
         let mut transfers = tokio::task::JoinSet::new();

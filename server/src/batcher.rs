@@ -34,10 +34,12 @@ struct Pending {
     reply: oneshot::Sender<Result<OpOutcome, ServiceError>>,
 }
 
-/// The per-shard queues of a node.
+/// The per-shard queues of a node, each with the generation that tells a queue from the one
+/// that replaced it.
 #[derive(Default)]
 pub struct Batcher {
-    queues: Mutex<HashMap<ShardId, BatchQueue<Pending>>>,
+    queues: Mutex<HashMap<ShardId, (u64, BatchQueue<Pending>)>>,
+    generations: std::sync::atomic::AtomicU64,
 }
 
 impl Batcher {
@@ -46,11 +48,22 @@ impl Batcher {
         queues
             .entry(shard)
             .or_insert_with(|| {
+                let generation = self.generations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let (tx, rx, slots) = BatchQueue::new(QUEUE_CAPACITY, BATCHES_IN_FLIGHT);
-                node.background_tasks.spawn(run_shard_queue(node.clone(), shard, rx, slots));
-                tx
+                node.background_tasks.spawn(supervise_queue(node.clone(), shard, generation, rx, slots));
+                (generation, tx)
             })
+            .1
             .clone()
+    }
+
+    /// Forgets `shard`'s queue if it is still the one of `generation`: the next write starts a
+    /// new one.
+    fn forget(&self, shard: ShardId, generation: u64) {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if queues.get(&shard).is_some_and(|(g, _)| *g == generation) {
+            queues.remove(&shard);
+        }
     }
 
     /// Proposes `op` to `shard` as part of a batch and returns its own result. `lone` says the
@@ -73,6 +86,27 @@ impl Batcher {
             None => queue.send(pending).await.map_err(|_| ServiceError::ShuttingDown)?,
         }
         result.await.map_err(|_| ServiceError::ShuttingDown)?
+    }
+}
+
+/// Runs a shard's queue and, should it stop before the node does (a panic), replaces it: the
+/// writes it held fail (their submitters see the node as unavailable) and the next write
+/// starts a new queue, rather than queueing behind a dead one forever.
+async fn supervise_queue(
+    node: Arc<Node>,
+    shard: ShardId,
+    generation: u64,
+    queue: mpsc::Receiver<Pending>,
+    slots: Arc<tokio::sync::Semaphore>,
+) {
+    let outcome = tokio::spawn(run_shard_queue(node.clone(), shard, queue, slots)).await;
+    if !node.peers_shutdown.is_cancelled() {
+        let reason = match outcome {
+            Err(e) if e.is_panic() => "it panicked",
+            _ => "it ended",
+        };
+        tracing::error!(shard, reason, "the shard's write queue stopped; the next write starts a new one");
+        node.batcher.forget(shard, generation);
     }
 }
 

@@ -12,9 +12,14 @@ use std::time::Duration;
 
 use chorus_proto::peer as pb;
 use chorus_raft::{ChorusRaft, NodeAddr, NodeId, ShardId};
+use openraft::error::{InitializeError, RaftError};
 use tracing::Instrument;
 
 use crate::node::Node;
+use crate::supervisor;
+
+/// Pause between attempts to initialize a shard.
+const RETRY: Duration = Duration::from_millis(250);
 
 /// True when this replica holds any Raft state: a vote, or log entries.
 pub fn has_raft_state(raft: &ChorusRaft) -> bool {
@@ -25,11 +30,13 @@ pub fn has_raft_state(raft: &ChorusRaft) -> bool {
 pub fn spawn(node: &Arc<Node>) {
     for &shard in node.shards.keys() {
         if node.layout.initializer(shard) == node.id {
-            let span = tracing::info_span!("bootstrap", shard);
-            node.background_tasks.spawn(initialize(node.clone(), shard).instrument(span));
+            let node2 = node.clone();
+            supervisor::supervise(node, "shard bootstrap", supervisor::Kind::Job, move || {
+                initialize(node2.clone(), shard).instrument(tracing::info_span!("bootstrap", shard))
+            });
         }
     }
-    node.background_tasks.spawn(keep_directory(node.clone()));
+    supervisor::service(node, "node directory", keep_directory);
 }
 
 enum Probe {
@@ -47,15 +54,19 @@ async fn probe(node: &Node, peer: NodeId, shard: ShardId) -> Probe {
     }
 }
 
-async fn initialize(node: Arc<Node>, shard: ShardId) {
-    let Some(replica) = node.shards.get(&shard) else { return };
+/// Initializes `shard` once a majority of its replicas is pristine, retrying (and saying why,
+/// now and then, at warn) until it is initialized here or elsewhere. Fails (stopping the node)
+/// only when openraft says it never will: this node is not in the membership it proposes, or
+/// the Raft stopped.
+async fn initialize(node: Arc<Node>, shard: ShardId) -> Result<(), String> {
+    let Some(replica) = node.shards.get(&shard) else { return Ok(()) };
     let replicas = node.layout.replicas(shard);
     let majority = replicas.len() / 2 + 1;
     let mut attempt = 0u32;
     loop {
         if has_raft_state(&replica.raft) {
             tracing::debug!("shard already initialized");
-            return;
+            return Ok(());
         }
         let mut pristine = 1; // ourselves
         let mut initialized_elsewhere = false;
@@ -68,7 +79,7 @@ async fn initialize(node: Arc<Node>, shard: ShardId) {
         }
         if initialized_elsewhere {
             tracing::info!("shard was initialized before; joining it");
-            return;
+            return Ok(());
         }
         if pristine >= majority {
             let members: BTreeMap<NodeId, NodeAddr> = replicas
@@ -82,18 +93,28 @@ async fn initialize(node: Arc<Node>, shard: ShardId) {
                 })
                 .collect();
             match replica.raft.initialize(members).await {
-                Ok(()) => tracing::info!(?replicas, "initialized shard"),
-                Err(e) => tracing::info!(error = %e, "shard not initialized here"),
+                Ok(()) => {
+                    tracing::info!(?replicas, "initialized shard");
+                    return Ok(());
+                }
+                // It has state now (a vote or an entry from a peer that initialized it).
+                Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
+                    tracing::info!(reason = %e, "shard has Raft state already; not initializing it here");
+                    return Ok(());
+                }
+                Err(RaftError::APIError(InitializeError::NotInMembers(e))) => {
+                    return Err(format!("shard {shard}: {e}"));
+                }
+                Err(RaftError::Fatal(e)) => return Err(format!("shard {shard}: Raft stopped: {e}")),
             }
-            return;
         }
         attempt += 1;
         if attempt % 20 == 1 {
-            tracing::info!(pristine, majority, "waiting for a majority of the shard's replicas to initialize it");
+            tracing::warn!(pristine, majority, "waiting for a majority of the shard's replicas to initialize it");
         }
         tokio::select! {
-            _ = node.peers_shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = node.peers_shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(RETRY) => {}
         }
     }
 }

@@ -86,7 +86,7 @@ fn cluster_id(token: &str, nodes: &BTreeMap<NodeId, String>, shard_count: u32, r
         text.push_str(&format!("node {id}={addr}\n"));
     }
     let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    let hex: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(&digest.as_ref()[..8]);
     format!("{token}-{hex}")
 }
 

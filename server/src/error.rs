@@ -44,6 +44,19 @@ pub enum ServiceError {
     Timeout { reason: String },
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// The connection has as many subscriptions as it may: end one (or add rooms to one).
+    #[error(
+        "this connection has {limit} subscriptions, the most it may have: end one, or subscribe to several rooms in one"
+    )]
+    TooManySubscriptions { limit: usize },
+    /// The subscriber did not read its events: the stream is closed to free what it held.
+    /// Resubscribe from the last seq received (and read faster).
+    #[error("this subscription did not read its events for {} ms with {queued_bytes} bytes waiting; closed so that they need not be kept (resubscribe from the last seq received)", waited.as_millis())]
+    SlowSubscriber { waited: std::time::Duration, queued_bytes: usize },
+    /// This node's replica of the shard has heard nothing from a leader for longer than an
+    /// election timeout (the node is cut off): its feed would stall. Resume on another node.
+    #[error("this node's replica of shard {shard} has heard from no leader for {} ms (cut off from its peers?): resume on another node", silent.as_millis())]
+    Lagging { shard: ShardId, silent: std::time::Duration },
     #[error("internal error: {0}")]
     Internal(String),
     /// An error a peer already mapped (forwarded requests): passed on unchanged.
@@ -74,6 +87,9 @@ impl ServiceError {
             ServiceError::Unavailable { .. } => "unavailable",
             ServiceError::Timeout { .. } => "timeout",
             ServiceError::ShuttingDown => "shutting_down",
+            ServiceError::TooManySubscriptions { .. } => "too_many_subscriptions",
+            ServiceError::SlowSubscriber { .. } => "slow_subscriber",
+            ServiceError::Lagging { .. } => "lagging",
             ServiceError::Internal(_) => "internal",
         }
     }
@@ -108,6 +124,7 @@ impl ServiceError {
             indeterminate: self.indeterminate(),
             room: String::new(),
             retry_after_ms,
+            try_elsewhere: false,
         }
     }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use chorus_proto::client;
 use chorus_proto::peer::{self as pb};
 use chorus_proto::storage::{Command, Op, op};
+use chorus_raft::blocking::off_runtime;
 use chorus_raft::state_machine::rooms::RoomView;
 use chorus_raft::state_machine::{CURRENT_RULES, MAX_PAGE};
 use chorus_raft::{HistoryPage, HistoryQuery, NodeId, OpOutcome, ShardId, SharedCommand};
@@ -400,7 +401,7 @@ async fn history_here(
     if linearizable && let Err(stop) = linearizable_here(node, shard, remaining).await {
         return stop;
     }
-    match replica.reader.history(room, query, viewer) {
+    match off_runtime(|| replica.reader.history(room, query, viewer)) {
         Ok(page) => Attempt::Done(cap_page_bytes(page)),
         Err(e) => Attempt::Failed(e.into()),
     }
@@ -449,7 +450,7 @@ async fn members_here(
         return stop;
     }
     let limit = if request.limit == 0 { 100 } else { (request.limit as usize).min(MAX_PAGE) };
-    match replica.reader.members(&request.room, viewer, &request.after, limit) {
+    match off_runtime(|| replica.reader.members(&request.room, viewer, &request.after, limit)) {
         Ok((members, more)) => Attempt::Done(client::MemberList {
             room: request.room.clone(),
             members: members
@@ -625,19 +626,37 @@ pub async fn serve_forwarded_read(node: &Node, request: pb::ReadRequest) -> pb::
         Some(pb::read_request::Query::Members(m)) => {
             answer(members_here(node, request.shard, viewer, &m, remaining).await, R::Members)
         }
-        Some(pb::read_request::Query::ListRooms(l)) => match node.shards.get(&request.shard) {
-            None => R::NotLeader(pb::NotLeader { leader_hint: 0 }),
-            Some(replica) => {
-                let after = (!l.after.is_empty()).then_some(l.after.as_str());
-                match replica.reader.list_rooms(after, l.limit as usize, viewer, l.mine) {
-                    Ok(page) => R::RoomPage(room_page_to_pb(request.shard, page)),
-                    Err(e) => R::Error(ServiceError::from(e).to_wire()),
-                }
-            }
-        },
+        Some(pb::read_request::Query::ListRooms(l)) => {
+            let attempt = rooms_here(node, request.shard, viewer, &l, request.linearizable, remaining);
+            answer(attempt.await, R::RoomPage)
+        }
         None => R::Error(ServiceError::Malformed("Read without a query".into()).to_wire()),
     };
     pb::ReadReply { result: Some(result) }
+}
+
+/// One shard's page of rooms on this node's replica (after confirming its leadership when
+/// `linearizable`). The page size is the caller's, bounded by the protocol's page limit.
+async fn rooms_here(
+    node: &Node,
+    shard: ShardId,
+    viewer: &str,
+    request: &client::ListRooms,
+    linearizable: bool,
+    remaining: Duration,
+) -> Attempt<pb::ShardRoomPage> {
+    let Some(replica) = node.shards.get(&shard) else {
+        return Attempt::Redirect(None);
+    };
+    if linearizable && let Err(stop) = linearizable_here(node, shard, remaining).await {
+        return stop;
+    }
+    let after = (!request.after.is_empty()).then_some(request.after.as_str());
+    let limit = (request.limit as usize).clamp(1, chorus_raft::state_machine::MAX_PAGE);
+    match off_runtime(|| replica.reader.list_rooms(after, limit, viewer, request.mine)) {
+        Ok(page) => Attempt::Done(room_page_to_pb(shard, page)),
+        Err(e) => Attempt::Failed(e.into()),
+    }
 }
 
 fn room_page_to_pb(shard: ShardId, page: chorus_raft::state_machine::rooms::RoomPage) -> pb::ShardRoomPage {
@@ -647,29 +666,24 @@ fn room_page_to_pb(shard: ShardId, page: chorus_raft::state_machine::rooms::Room
     }
 }
 
-/// The rooms of one shard after `after` that `viewer` can see, from any replica.
+/// The rooms of one shard after `after` that `viewer` can see: read through the shard's leader
+/// when `linearizable`, else from any replica (this node's first).
 pub async fn list_rooms_of_shard(
     node: &Node,
     shard: ShardId,
     viewer: &str,
-    after: Option<&str>,
-    limit: usize,
-    mine: bool,
+    request: &client::ListRooms,
+    linearizable: bool,
 ) -> Result<pb::ShardRoomPage, ServiceError> {
-    let request = client::ListRooms { after: after.unwrap_or_default().to_owned(), limit: limit as u32, mine };
-    with_leader(node, shard, false, |target, remaining| {
+    with_leader(node, shard, linearizable, |target, remaining| {
         let request = request.clone();
         async move {
             if target == node.id {
-                let Some(replica) = node.shards.get(&shard) else { return Attempt::Redirect(None) };
-                return match replica.reader.list_rooms(after, limit, viewer, mine) {
-                    Ok(page) => Attempt::Done(room_page_to_pb(shard, page)),
-                    Err(e) => Attempt::Failed(e.into()),
-                };
+                return rooms_here(node, shard, viewer, &request, linearizable, remaining).await;
             }
             let read = pb::ReadRequest {
                 shard,
-                linearizable: false,
+                linearizable,
                 query: Some(pb::read_request::Query::ListRooms(request)),
                 viewer: viewer.to_owned(),
             };

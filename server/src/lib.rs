@@ -12,6 +12,7 @@
 //! - [`status`]: the cluster status table; [`tls`]: the client endpoint's certificate;
 //!   [`peer_tls`]: mutual TLS between nodes.
 //! - [`auth`]: accounts, sessions and tokens; [`rate_limit`]: abuse limits.
+//! - [`supervisor`]: background tasks restarted, or the node stopped, when they fail.
 
 pub mod auth;
 pub mod balance;
@@ -30,4 +31,5 @@ pub mod rate_limit;
 pub mod requests;
 pub mod status;
 pub mod subscription;
+pub mod supervisor;
 pub mod tls;

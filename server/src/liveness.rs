@@ -267,7 +267,8 @@ async fn elect_at(node: Arc<Node>, shard: ShardId, term: u64, at: Instant) {
         let m = m.borrow();
         m.current_term == term && matches!(m.state, ServerState::Follower | ServerState::Candidate)
     };
-    if !still {
+    // A node that is stopping leads nothing new.
+    if !still || node.is_leaving() {
         return;
     }
     // Like Raft's pre-vote: an election that cannot reach a majority cannot win, and the term

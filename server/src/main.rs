@@ -90,7 +90,7 @@ fn run(args: chorus_server::config::RunArgs) -> ExitCode {
             let code = tokio::select! {
                 _ = wait_for_shutdown_signal() => ExitCode::SUCCESS,
                 _ = running.failed() => {
-                    eprintln!("chorusd: a shard replica stopped; see the log. Exiting so that it restarts.");
+                    eprintln!("chorusd: the node cannot go on (a shard replica or a background task stopped); see the log. Exiting so that it restarts.");
                     ExitCode::FAILURE
                 }
             };

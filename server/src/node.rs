@@ -27,7 +27,7 @@ use crate::cluster::ClusterLayout;
 use crate::config::NodeConfig;
 use crate::liveness::{self, Liveness};
 use crate::rate_limit::RateLimiters;
-use crate::{auth, bootstrap, front_door, peer, peer_tls, tls};
+use crate::{auth, bootstrap, front_door, peer, peer_tls, supervisor, tls};
 
 /// Most unary client requests in flight on one node; beyond it, requests are refused as
 /// `unavailable` rather than queued without bound.
@@ -74,9 +74,79 @@ pub struct Node {
     pub rate: RateLimiters,
     /// The external identity provider, if one is configured.
     pub external: Option<ExternalVerifier>,
+    /// Cancelled when the node cannot go on (a shard's Raft stopped, a background task keeps
+    /// failing): it then shuts down and the process exits with an error.
+    failed: CancellationToken,
+    started_at: std::time::Instant,
+    /// Set when the node starts to stop: it hands its leaderships away and takes none.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
+    /// How long a replica, or the node, may go without hearing from its peers before it counts
+    /// as cut off: twice the longest election timeout, so that an ordinary election (which
+    /// ends within one) never does.
+    pub fn contact_window(&self) -> Duration {
+        Duration::from_millis(self.config.tuning.election_timeout_max_ms.saturating_mul(2))
+    }
+
+    /// True when this node has heard from less than a majority of the cluster's nodes within
+    /// [`Node::contact_window`]: it is cut off, and clients are better served elsewhere.
+    pub fn cut_off(&self) -> bool {
+        let nodes: Vec<NodeId> = self.layout.nodes.keys().copied().collect();
+        !liveness::quorum_alive(self, &nodes, self.contact_window())
+    }
+
+    /// How long this node's replica of `shard` has been out of contact with a leader, when
+    /// that is longer than [`Node::contact_window`] (`None`: in contact, or not hosted here).
+    /// A replica on a node that is [cut off](Node::cut_off) is out of contact (a minority
+    /// may still hear a deposed leader); otherwise a leader is in contact while it hears from a
+    /// majority of the shard's replicas, a follower while a peer claims to lead the shard (at
+    /// any term: during an election the last claim counts) or it accepts entries. A replica out
+    /// of contact commits nothing: its feeds would stall without a word.
+    pub fn replica_silence(&self, shard: ShardId) -> Option<Duration> {
+        let replica = self.shards.get(&shard)?;
+        let window = self.contact_window();
+        if self.cut_off() {
+            return Some(window);
+        }
+        let leading = replica.raft.metrics().borrow().state == openraft::ServerState::Leader;
+        if leading {
+            let replicas = self.layout.replicas(shard);
+            return (!liveness::quorum_alive(self, &replicas, window)).then_some(window);
+        }
+        let now = std::time::Instant::now();
+        let heard = self.liveness.with_claims(|claimed| claimed(shard, 0)).unwrap_or(self.started_at);
+        let silent = now.saturating_duration_since(heard.max(self.started_at));
+        (silent > window).then_some(silent)
+    }
+
+    /// An error as a client receives it: an `unavailable` from a node that is cut off says to
+    /// try another node.
+    pub fn wire_error(&self, e: &crate::error::ServiceError) -> chorus_proto::client::Error {
+        let mut wire = e.to_wire();
+        if wire.code == "unavailable" && self.cut_off() {
+            wire.try_elsewhere = true;
+        }
+        wire
+    }
+
+    /// The node is stopping: from now on it takes no shard leadership (no elections, no
+    /// transfers to it) and hands its own away.
+    pub fn leave(&self) {
+        self.leaving.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops the node because of `why` (see [`crate::supervisor`]).
+    pub fn fail(&self, why: impl std::fmt::Display) {
+        tracing::error!(reason = %why, "the node cannot go on; stopping it so that it restarts");
+        self.failed.cancel();
+    }
+
     pub fn client_addr_of(&self, node: NodeId) -> Option<String> {
         self.client_addrs.lock().unwrap_or_else(|p| p.into_inner()).get(&node).cloned()
     }
@@ -149,8 +219,6 @@ pub struct RunningNode {
     pub node: Arc<Node>,
     quic: quinn::Endpoint,
     peer_server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-    /// Cancelled when a shard's Raft stopped on its own (see [`watch_shards`]).
-    failed: CancellationToken,
 }
 
 /// A ticker for the node's background loops: a late tick is delayed, not made up for.
@@ -246,30 +314,45 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         rate: RateLimiters::new(&config.rate_limits),
         external,
         config,
+        failed: CancellationToken::new(),
+        started_at: std::time::Instant::now(),
+        leaving: Default::default(),
     });
 
     let peer_server = peer::serve(node.clone(), &peer_tls).await.context("starting the peer server")?;
     let quic = front_door::bind(&node, crypto).context("starting the QUIC client endpoint")?;
     node.client_tasks.spawn(front_door::serve(node.clone(), quic.clone()));
     bootstrap::spawn(&node);
-    node.background_tasks.spawn(auth::bootstrap::run(node.clone()));
-    node.background_tasks.spawn(auth::connections::watch_revocations(node.clone()));
-    node.background_tasks.spawn(forget_idle_rates(node.clone()));
+    supervisor::supervise(&node, "auth bootstrap", supervisor::Kind::Job, {
+        let node = node.clone();
+        move || {
+            let node = node.clone();
+            async move {
+                auth::bootstrap::run(node).await;
+                Ok(())
+            }
+        }
+    });
+    supervisor::service(&node, "revocation watch", auth::connections::watch_revocations);
+    supervisor::service(&node, "rate limit cleanup", forget_idle_rates);
     if node.config.tuning.node_liveness {
-        node.background_tasks.spawn(liveness::send_heartbeats(node.clone()));
-        node.background_tasks.spawn(liveness::watch_leaders(node.clone()));
+        supervisor::service(&node, "liveness heartbeats", liveness::send_heartbeats);
+        supervisor::service(&node, "leader watch", liveness::watch_leaders);
     }
-    if let Some(every) = node.config.leader_balance {
-        node.background_tasks.spawn(crate::balance::prefer_leaders(node.clone(), every));
+    if node.config.leader_balance.is_some() {
+        supervisor::service(&node, "leader balance", |node: Arc<Node>| async move {
+            if let Some(every) = node.config.leader_balance {
+                crate::balance::prefer_leaders(node, every).await;
+            }
+        });
     }
-    let failed = CancellationToken::new();
-    node.background_tasks.spawn(watch_shards(node.clone(), failed.clone()));
+    supervisor::service(&node, "shard watch", watch_shards);
     tracing::info!(
         client_addr = %node.config.client_addr,
         peer_addr = %node.config.peer_addr,
         "node is serving"
     );
-    Ok(RunningNode { node, quic, peer_server, failed })
+    Ok(RunningNode { node, quic, peer_server })
 }
 
 /// Drops the rate limiters' state of quiet keys, and the registry's entries of closed
@@ -289,11 +372,12 @@ const SHARD_SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
 /// How often [`watch_shards`] looks at the shards' Raft instances.
 const SHARD_CHECK_EVERY: Duration = Duration::from_secs(1);
 
-/// Cancels `failed` when a shard's Raft stops on its own: a storage error or a bug stops
-/// openraft's core for good, and a node that stayed up with a dead replica would answer nothing
-/// for that shard while its peers still count on it. The node then stops (and exits with an
-/// error), so that its supervisor restarts it. Ends on shutdown.
-async fn watch_shards(node: Arc<Node>, failed: CancellationToken) {
+/// Stops the node when a shard's Raft stops on its own, or its snapshot-request task does: a
+/// storage error or a bug stops openraft's core for good, and a node that stayed up with a
+/// dead replica would answer nothing for that shard while its peers still count on it (one
+/// without its snapshot requests would grow its log without bound). The node then stops (and
+/// exits with an error), so that its supervisor restarts it. Ends on shutdown.
+async fn watch_shards(node: Arc<Node>) {
     let mut ticker = ticker(SHARD_CHECK_EVERY);
     while node.next_tick(&mut ticker).await {
         // The metrics channel closes when the core's task ends.
@@ -303,14 +387,19 @@ async fn watch_shards(node: Arc<Node>, failed: CancellationToken) {
             .filter(|(_, replica)| replica.raft.metrics().has_changed().is_err())
             .map(|(&shard, _)| shard)
             .collect();
-        if stopped.is_empty() || node.peers_shutdown.is_cancelled() {
+        let no_snapshots: Vec<ShardId> =
+            node.shards.iter().filter(|(_, r)| r.snapshot_requests_stopped()).map(|(&s, _)| s).collect();
+        if (stopped.is_empty() && no_snapshots.is_empty()) || node.peers_shutdown.is_cancelled() {
             continue;
         }
         for &shard in &stopped {
             let reason = replica_failure(&node, shard).await;
-            tracing::error!(shard, %reason, "shard replica stopped; stopping the node so that it restarts");
+            tracing::error!(shard, %reason, "shard replica stopped");
         }
-        failed.cancel();
+        for &shard in &no_snapshots {
+            tracing::error!(shard, "the shard's snapshot-request task stopped");
+        }
+        node.fail(format!("shard replicas stopped: {stopped:?}; snapshot requests stopped: {no_snapshots:?}"));
         return;
     }
 }
@@ -328,20 +417,34 @@ impl RunningNode {
     /// Resolves when the node cannot go on (a shard replica stopped); it should then be shut
     /// down and the process exit with an error.
     pub async fn failed(&self) {
-        self.failed.cancelled().await
+        self.node.failed.cancelled().await
+    }
+
+    fn failed_already(&self) -> bool {
+        self.node.failed.is_cancelled()
     }
 
     /// Stops the node in order (see the module docs).
     pub async fn shutdown(self) {
+        let failed = self.failed_already();
         let node = self.node;
         let grace = node.config.shutdown_grace;
+        // Leadership first, while everything still serves: writes held meanwhile go to the new
+        // leaders, and the stop costs no election timeout.
+        node.leave();
+        if !failed {
+            let (handed, led) = crate::balance::hand_off_all(&node).await;
+            if led > 0 {
+                tracing::info!(handed, led, "handed shard leaderships over");
+            }
+        }
         tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining client requests");
         node.clients_shutdown.cancel();
         node.client_tasks.close();
         if tokio::time::timeout(grace, node.client_tasks.wait()).await.is_err() {
             tracing::warn!("client requests still running after the grace period; closing anyway");
         }
-        self.quic.close(0u32.into(), b"node shutting down");
+        self.quic.close(front_door::close_codes::SHUTTING_DOWN.into(), b"node shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.quic.wait_idle()).await;
 
         node.peers_shutdown.cancel();

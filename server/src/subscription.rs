@@ -4,8 +4,13 @@
 //! It subscribes to the events *before* reading history, and skips what it has already sent,
 //! so nothing committed between the two steps is missed. Memory per feed is bounded: the event
 //! channel is shared and bounded (a feed that falls behind gets `Lagged` and goes back to
-//! history pages), and the outgoing channel to the client is bounded (a slow client blocks only
-//! its own feed, never the shard).
+//! history pages), and the outgoing [`Outbox`] to the client is bounded in events and in bytes
+//! (a slow client blocks only its own feeds, never the shard; one that does not read at all is
+//! evicted by its writer, see `requests::subscribe`).
+//!
+//! A feed whose replica is cut off from its shard's leader (see [`Node::replica_silence`])
+//! would stall without a word: it ends with `lagging` instead, so that the client resumes on
+//! another node.
 //!
 //! A node that does not host the room's shard relays the feed of a replica over gRPC and
 //! resumes from its cursor on another replica if that one fails.
@@ -24,7 +29,7 @@ use chorus_proto::client::{self, event};
 use chorus_proto::storage::{MembershipState, MessageKind, MessageRecord};
 use chorus_proto::{framing, peer as pb};
 use chorus_raft::{AppliedMessage, HistoryQuery, ShardEvent, ShardId, ShardReader};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ServiceError;
@@ -33,8 +38,12 @@ use crate::node::Node;
 
 /// Messages read per history page while catching up.
 const CATCH_UP_PAGE: usize = 256;
-/// Events buffered between a subscription's feeds and its network writer.
+/// Events buffered between a subscription's feeds and its network writer...
 pub const OUTGOING_BUFFER: usize = 512;
+/// ...and at most this many bytes of them (encoded).
+pub const OUTGOING_BYTES: usize = 1 << 20;
+/// How often a live feed checks that its replica is in contact with the shard's leader.
+const CONTACT_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 pub fn message_event(message: client::Message) -> client::Event {
     client::Event { kind: Some(event::Kind::Message(message)) }
@@ -57,6 +66,15 @@ impl From<client::Event> for Outgoing {
 }
 
 impl Outgoing {
+    /// The length of the event's client-protocol frame (a live message's is encoded once,
+    /// here or by whoever frames it first).
+    pub fn frame_len(&self) -> usize {
+        match self {
+            Outgoing::Event(event) => 4 + prost::Message::encoded_len(event),
+            Outgoing::Live(applied) => live_frame(applied).len(),
+        }
+    }
+
     /// Appends the event as one client-protocol frame.
     pub fn append_frame(&self, frames: &mut BytesMut) {
         match self {
@@ -80,11 +98,62 @@ fn live_frame(applied: &AppliedMessage) -> &Bytes {
         .get_or_init(|| framing::encode_frame(&message_event(message_to_pb(&applied.room, applied.message.clone()))))
 }
 
+/// The sequence number after `cursor`. Cursors come from clients; a cursor at `u64::MAX` has no
+/// successor and is refused where requests are validated, so this fails only on a bug.
+fn after(room: &str, cursor: u64) -> Result<u64, ServiceError> {
+    cursor
+        .checked_add(1)
+        .ok_or_else(|| ServiceError::InvalidArgument(format!("room {room:?}: cursor {cursor} has no next message")))
+}
+
+/// An event in an [`Outbox`], holding its bytes of the outbox's budget until it is written.
+#[derive(Debug)]
+pub struct Queued {
+    pub event: Outgoing,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// The bounded queue from a subscription's feeds to its consumer: at most
+/// [`OUTGOING_BUFFER`] events and [`OUTGOING_BYTES`] bytes (an event larger than the whole
+/// budget takes all of it).
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Queued>,
+    bytes: Arc<Semaphore>,
+}
+
+impl Outbox {
+    pub fn new() -> (Outbox, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(OUTGOING_BUFFER);
+        (Outbox { tx, bytes: Arc::new(Semaphore::new(OUTGOING_BYTES)) }, rx)
+    }
+
+    /// Bytes queued now.
+    pub fn queued_bytes(&self) -> usize {
+        OUTGOING_BYTES - self.bytes.available_permits()
+    }
+
+    /// Queues `event`, waiting for room; false when the consumer is gone.
+    pub async fn send(&self, event: impl Into<Outgoing>) -> bool {
+        let event = event.into();
+        // At most the budget (a permit count fits in u32).
+        let size = event.frame_len().min(OUTGOING_BYTES) as u32;
+        let Ok(bytes) = self.bytes.clone().acquire_many_owned(size).await else { return false };
+        self.tx.send(Queued { event, _bytes: Some(bytes) }).await.is_ok()
+    }
+
+    /// Queues `event` at once if there is room for it, ignoring the byte budget (for the one
+    /// small event that opens a stream).
+    pub fn try_send_first(&self, event: impl Into<Outgoing>) -> bool {
+        self.tx.try_send(Queued { event: event.into(), _bytes: None }).is_ok()
+    }
+}
+
 /// Sends one event unless the feed is cancelled or its consumer gone; false means stop.
-async fn send(out: &mpsc::Sender<Outgoing>, cancel: &CancellationToken, event: impl Into<Outgoing>) -> bool {
+async fn send(out: &Outbox, cancel: &CancellationToken, event: impl Into<Outgoing>) -> bool {
     tokio::select! {
         _ = cancel.cancelled() => false,
-        sent = out.send(event.into()) => sent.is_ok(),
+        sent = out.send(event) => sent,
     }
 }
 
@@ -106,26 +175,35 @@ fn still_admitted(reader: &ShardReader, room: &str, viewer: &str, message: &Mess
     }
 }
 
-/// Follows `room` on this node's replica from `after`, for `viewer`, until cancelled or the
-/// consumer leaves. Returns an error only for a terminal failure (e.g. the room does not
-/// exist, or the viewer may not read it).
+/// Follows `room` on this node's replica of `shard` from `after`, for `viewer`, until
+/// cancelled or the consumer leaves. Returns an error for a terminal failure (e.g. the room
+/// does not exist, or the viewer may not read it), and `Lagging` when the replica has lost
+/// contact with the shard's leader (the consumer should resume elsewhere).
 pub async fn follow_local(
-    reader: ShardReader,
+    node: &Node,
+    shard: ShardId,
     room: String,
     viewer: String,
     mut cursor: u64,
-    out: mpsc::Sender<Outgoing>,
+    out: Outbox,
     cancel: CancellationToken,
 ) -> Result<(), ServiceError> {
+    let Some(replica) = node.shards.get(&shard) else {
+        return Err(ServiceError::Internal(format!("shard {shard} is not hosted here")));
+    };
+    let reader = replica.reader.clone();
     let mut events = reader.subscribe();
+    let mut contact = crate::node::ticker(CONTACT_CHECK_EVERY);
     loop {
         // Catch up from history.
         loop {
-            let page = reader.history(&room, HistoryQuery::After { after: cursor, limit: CATCH_UP_PAGE }, &viewer)?;
-            if page.first_seq > cursor + 1 {
+            let query = HistoryQuery::After { after: cursor, limit: CATCH_UP_PAGE };
+            let page = chorus_raft::blocking::off_runtime(|| reader.history(&room, query, &viewer))?;
+            let next = after(&room, cursor)?;
+            if page.first_seq > next {
                 let gap = client::Gap {
                     room: room.clone(),
-                    from_seq: cursor + 1,
+                    from_seq: next,
                     to_seq: page.first_seq - 1,
                     reason: "older messages are no longer retained (room retention)".into(),
                 };
@@ -136,10 +214,10 @@ pub async fn follow_local(
             }
             let read = page.messages.len();
             for message in page.messages {
-                if message.seq != cursor + 1 {
+                let expected = after(&room, cursor)?;
+                if message.seq != expected {
                     return Err(ServiceError::Internal(format!(
-                        "room {room:?}: expected message {}, read {}",
-                        cursor + 1,
+                        "room {room:?}: expected message {expected}, read {}",
                         message.seq
                     )));
                 }
@@ -159,6 +237,10 @@ pub async fn follow_local(
             let event = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 event = events.recv() => event,
+                _ = contact.tick() => match node.replica_silence(shard) {
+                    Some(silent) => return Err(ServiceError::Lagging { shard, silent }),
+                    None => continue,
+                },
             };
             match event {
                 Ok(ShardEvent::Appended(batch)) => {
@@ -167,7 +249,7 @@ pub async fn follow_local(
                         if seq <= cursor {
                             continue;
                         }
-                        if seq != cursor + 1 {
+                        if seq != after(&room, cursor)? {
                             break 'live; // a gap in what we saw: read it from history
                         }
                         cursor = seq;
@@ -194,14 +276,20 @@ pub async fn follow_remote(
     room: String,
     viewer: String,
     mut cursor: u64,
-    out: mpsc::Sender<Outgoing>,
+    out: Outbox,
     cancel: CancellationToken,
 ) -> Result<(), ServiceError> {
     let replicas = node.layout.replicas(shard);
     let mut attempt = 0usize;
+    let mut contact = crate::node::ticker(CONTACT_CHECK_EVERY);
+    // A relay on a node cut off from the cluster would retry in silence: it tells its consumer.
+    let cut_off = || node.cut_off().then(|| ServiceError::Lagging { shard, silent: node.contact_window() });
     loop {
         if cancel.is_cancelled() {
             return Ok(());
+        }
+        if let Some(lagging) = cut_off() {
+            return Err(lagging);
         }
         let target = replicas[attempt % replicas.len()];
         attempt += 1;
@@ -231,6 +319,10 @@ pub async fn follow_remote(
             let next = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 next = stream.message() => next,
+                _ = contact.tick() => match cut_off() {
+                    Some(lagging) => return Err(lagging),
+                    None => continue,
+                },
             };
             let kind = match next {
                 Ok(Some(pb::SubscribeEvent { event: Some(client::Event { kind: Some(kind) }) })) => kind,
@@ -243,7 +335,7 @@ pub async fn follow_remote(
                     if m.seq <= cursor {
                         continue;
                     }
-                    if m.seq != cursor + 1 {
+                    if m.seq != after(&room, cursor)? {
                         break; // should not happen; resume from the cursor elsewhere
                     }
                     cursor = m.seq;
@@ -259,7 +351,9 @@ pub async fn follow_remote(
                         }
                     }
                 }
-                event::Kind::Error(e) if e.code == "shutting_down" || e.code == "unavailable" => break,
+                event::Kind::Error(e) if matches!(e.code.as_str(), "shutting_down" | "unavailable" | "lagging") => {
+                    break;
+                }
                 event::Kind::Error(e) => return Err(ServiceError::from_wire(e)),
                 event::Kind::Closing(_) => break,
             }
@@ -282,13 +376,14 @@ pub async fn follow(
     room: String,
     viewer: String,
     after: u64,
-    out: mpsc::Sender<Outgoing>,
+    out: Outbox,
     cancel: CancellationToken,
 ) -> Result<(), ServiceError> {
     let shard = node.layout.router.shard_for_room(&room);
-    match node.shards.get(&shard) {
-        Some(replica) => follow_local(replica.reader.clone(), room, viewer, after, out, cancel).await,
-        None => follow_remote(node, shard, room, viewer, after, out, cancel).await,
+    if node.shards.contains_key(&shard) {
+        follow_local(node, shard, room, viewer, after, out, cancel).await
+    } else {
+        follow_remote(node, shard, room, viewer, after, out, cancel).await
     }
 }
 

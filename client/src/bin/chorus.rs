@@ -350,8 +350,10 @@ fn not_signed_in() -> anyhow::Error {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let options = cli.connect.resolve()?;
+    let mut options = cli.connect.resolve()?;
     let store = ProfileStore::new(&cli.connect.profile)?;
+    // The profile's own client id: a send re-run after an unknown outcome is deduplicated.
+    options.client_id = Some(store.send_log().client_id()?);
     let nodes = options.nodes.join(", ");
     let signed_in_before = matches!(options.credentials, Credentials::Session(_));
     let client = match Client::connect(options).await {
@@ -360,6 +362,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             store.remove()?;
             let mut options = cli.connect.resolve()?;
             options.credentials = Credentials::Anonymous;
+            options.client_id = Some(store.send_log().client_id()?);
             eprintln!("chorus: your session ended ({e}); sign in again");
             Client::connect(options).await.with_context(|| format!("connecting to {nodes}"))?
         }
@@ -441,7 +444,7 @@ async fn command(client: &Client, store: &ProfileStore, command: Command, json: 
             if create {
                 ensure_room(client, &room, json).await?;
             }
-            let receipt = send_joining(client, &room, text).await?;
+            let receipt = send_joining(client, store, &room, text).await?;
             if json {
                 out!(
                     "{}",
@@ -515,7 +518,7 @@ async fn command(client: &Client, store: &ProfileStore, command: Command, json: 
                         out!("sent to {user} as #{}", receipt.seq);
                     }
                 }
-                None => chat_in(client, &direct.room, &format!("direct messages with {user}")).await?,
+                None => chat_in(client, store, &direct.room, &format!("direct messages with {user}")).await?,
             }
         }
         Command::Admin(admin) => self::admin(client, admin, json).await?,
@@ -591,7 +594,7 @@ async fn command(client: &Client, store: &ProfileStore, command: Command, json: 
         }
         Command::Chat { room } => {
             ensure_room(client, &room, false).await?;
-            chat_in(client, &room, &room).await?
+            chat_in(client, store, &room, &room).await?
         }
         Command::Bench(args) => bench(client.options(), args, json).await?,
     }
@@ -642,15 +645,37 @@ fn visibility_name(visibility: i32) -> &'static str {
 }
 
 /// Sends, joining the room first if it is public and the user is not in it yet (as a chat
-/// user expects when they write to a channel they can see).
-async fn send_joining(client: &Client, room: &str, text: String) -> anyhow::Result<chorus_client::SendReceipt> {
-    let client_seq = client.next_client_seq();
-    match client.send_with_seq(room, text.clone(), client_seq).await {
+/// user expects when they write to a channel they can see). The `client_seq` comes from the
+/// profile's send log: a send whose outcome stays unknown keeps it, and running the same send
+/// again reuses it, so that the message is appended once however often it is tried.
+async fn send_joining(
+    client: &Client,
+    store: &ProfileStore,
+    room: &str,
+    text: String,
+) -> anyhow::Result<chorus_client::SendReceipt> {
+    let log = store.send_log();
+    let client_seq = log.reserve(room, text.as_bytes())?;
+    let outcome = match client.send_with_seq(room, text.clone(), client_seq).await {
         Err(e) if e.code() == Some("not_member") => {
             client.join(room).await.with_context(|| format!("joining {room}"))?;
-            Ok(client.send_with_seq(room, text, client_seq).await?)
+            client.send_with_seq(room, text, client_seq).await
         }
-        other => Ok(other?),
+        other => other,
+    };
+    match outcome {
+        Ok(receipt) => {
+            log.settle(client_seq)?;
+            Ok(receipt)
+        }
+        Err(e) if !e.indeterminate() => {
+            log.settle(client_seq)?;
+            Err(e.into())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(
+            "the outcome of this send is unknown: run the same command again to learn it \
+             (it will not be sent twice)",
+        )),
     }
 }
 
@@ -877,7 +902,7 @@ async fn follow(client: &Client, room: &str, after: u64, json: bool) -> anyhow::
     }
 }
 
-async fn chat_in(client: &Client, room: &str, title: &str) -> anyhow::Result<()> {
+async fn chat_in(client: &Client, store: &ProfileStore, room: &str, title: &str) -> anyhow::Result<()> {
     let user = client.user().unwrap_or_default();
     let recent = match client.history(room, HistoryFrom::Before(u64::MAX), 10, true).await {
         Err(e) if e.code() == Some("not_member") => {
@@ -911,7 +936,7 @@ async fn chat_in(client: &Client, room: &str, title: &str) -> anyhow::Result<()>
                     continue;
                 }
                 // The message comes back through the subscription, in its place in the room.
-                if let Err(e) = send_joining(client, room, line.to_owned()).await {
+                if let Err(e) = send_joining(client, store, room, line.to_owned()).await {
                     let hint = e.downcast_ref::<ClientError>().map(indeterminate_hint).unwrap_or("");
                     eprintln!("chorus: not sent: {e:#}{hint}");
                 }

@@ -592,6 +592,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // On openraft's state-machine task, not off the workers: see `NodeDb::write`.
         self.apply_entries(entries).map_err(|e| StorageIOError::write_state_machine(&e).into())
     }
 

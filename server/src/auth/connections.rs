@@ -22,8 +22,6 @@ use super::{Identity, expiry_leeway, now_ms};
 use crate::error::ServiceError;
 use crate::node::Node;
 
-/// QUIC application close code for a connection whose session was revoked.
-pub const CLOSE_REVOKED: u32 = 4;
 /// How long a revoked connection stays open for its subscriptions to say why they end.
 const CLOSE_AFTER: Duration = Duration::from_millis(250);
 
@@ -178,7 +176,7 @@ fn revoke(node: &Node, connection: &ConnectionAuth, reason: &str) {
         let reason = reason.to_owned();
         node.client_tasks.spawn(async move {
             tokio::time::sleep(CLOSE_AFTER).await;
-            quic.close(CLOSE_REVOKED.into(), reason.as_bytes());
+            quic.close(crate::front_door::close_codes::SESSION_REVOKED.into(), reason.as_bytes());
         });
     }
 }

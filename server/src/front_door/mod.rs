@@ -2,9 +2,17 @@
 //!
 //! One bidirectional stream per request: the client writes one `Request` frame and finishes
 //! its side; the server answers with one `Response` frame (or, for `Subscribe`, a sequence of
-//! `Event` frames) and finishes. Limits: connections per node, concurrent streams per
-//! connection (QUIC flow control enforces it), request frame size, time to send the request,
-//! and requests in flight per node. A bad stream gets an error on that stream only.
+//! `Event` frames) and finishes. A bad stream gets an error on that stream only.
+//!
+//! Limits, so that one client cannot starve the others: connections per node; per connection,
+//! concurrent streams (QUIC flow control enforces it), subscriptions
+//! ([`MAX_SUBSCRIPTIONS_PER_CONNECTION`]), request bytes being read
+//! ([`Session::request_bytes`]) and bytes buffered for sending (the QUIC send window); per
+//! request, its frame size and the time to send it ([`REQUEST_READ_TIMEOUT`]); per node,
+//! requests in flight and request bytes being read. A request's body is read a chunk at a time
+//! and each chunk is paid for (connection budget first, then the node's) before it is read, so
+//! a declared length costs nothing until its bytes arrive, and a connection that sends slowly
+//! waits on its own budget only.
 //!
 //! Every connection is signed in once (see [`crate::auth`]): the handlers of requests other
 //! than Hello, Register, Login, Refresh and LoginExternal receive the [`Identity`] verified
@@ -32,20 +40,39 @@ const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Ack-eliciting packets a client receives per acknowledgement it sends (see `bind`).
 const ACK_EVERY: u32 = 10;
+/// Subscriptions one connection may hold at once (each may follow up to
+/// [`requests::subscribe::MAX_ROOMS_PER_SUBSCRIPTION`] rooms).
+pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 16;
+/// Bytes of a request body read (and paid for) at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// Bytes QUIC keeps per connection for sending (unacknowledged or waiting for flow-control
+/// credit): what a client that does not read can pin, whatever it subscribed to.
+const SEND_WINDOW_BYTES: u64 = 8 << 20;
 
-/// QUIC application error codes used when closing connections and streams.
+/// QUIC application error codes the server closes connections and streams with (one number
+/// space, so that a code means one thing wherever it appears; docs/PROTOCOL.md lists them).
 pub mod close_codes {
+    /// Connection: the node is stopping (after every subscription got its `Closing`).
     pub const SHUTTING_DOWN: u32 = 1;
-    pub const TOO_MANY_CONNECTIONS: u32 = 2;
+    /// Stream (STOP_SENDING): the request frame is over the limit; the server reads no more.
     pub const REQUEST_TOO_LARGE: u32 = 3;
+    /// Connection: the session it was signed in with ended (signed out, account disabled).
+    pub const SESSION_REVOKED: u32 = 4;
+    /// Stream (RESET_STREAM): a subscription whose subscriber did not read its events, not
+    /// even the `slow_subscriber` error event that says so (see `requests::subscribe`).
+    pub const SLOW_SUBSCRIBER: u32 = 5;
 }
 
-/// Per-connection state: whether it said hello, who it is signed in as, its request budget.
+/// Per-connection state: whether it said hello, who it is signed in as, its budgets.
 pub struct Session {
     pub hello: OnceLock<()>,
     pub auth: Arc<ConnectionAuth>,
     pub remote: std::net::SocketAddr,
     pub requests: crate::rate_limit::ConnectionRate,
+    /// Bytes of request bodies this connection may have read and not yet answered: two
+    /// requests of the largest size.
+    pub request_bytes: Arc<Semaphore>,
+    pub subscriptions: Arc<Semaphore>,
 }
 
 impl Session {
@@ -55,6 +82,8 @@ impl Session {
             auth: ConnectionAuth::new(quic, node.config.auth.access_token_ttl),
             remote,
             requests: node.rate.connection_rate(),
+            request_bytes: Arc::new(Semaphore::new(2 * node.max_request_frame())),
+            subscriptions: Arc::new(Semaphore::new(MAX_SUBSCRIPTIONS_PER_CONNECTION)),
         }
     }
 
@@ -83,6 +112,7 @@ pub fn bind(node: &Node, crypto: Arc<rustls::ServerConfig>) -> anyhow::Result<qu
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_EVERY - 1));
     transport.ack_frequency_config(Some(acks));
+    transport.send_window(SEND_WINDOW_BYTES);
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(crypto)?));
     server_config.transport_config(Arc::new(transport));
     Ok(quinn::Endpoint::server(server_config, node.config.client_addr)?)
@@ -119,6 +149,8 @@ pub async fn serve(node: Arc<Node>, endpoint: quinn::Endpoint) {
 
 async fn handle_connection(node: Arc<Node>, connection: quinn::Connection) {
     let session = Arc::new(Session::new(&node, Some(connection.clone()), connection.remote_address()));
+    // This connection's streams, to close it only once they are done.
+    let streams = tokio_util::task::TaskTracker::new();
     loop {
         let stream = tokio::select! {
             _ = node.clients_shutdown.cancelled() => break,
@@ -130,7 +162,8 @@ async fn handle_connection(node: Arc<Node>, connection: quinn::Connection) {
         match stream {
             Ok((send, recv)) => {
                 let (node2, session2) = (node.clone(), session.clone());
-                node.client_tasks.spawn(handle_stream(node2, session2, send, recv).in_current_span());
+                node.client_tasks
+                    .spawn(streams.track_future(handle_stream(node2, session2, send, recv).in_current_span()));
             }
             Err(e) => {
                 tracing::debug!(reason = %e, "connection closed");
@@ -138,16 +171,54 @@ async fn handle_connection(node: Arc<Node>, connection: quinn::Connection) {
             }
         }
     }
-    // Shutting down: in-flight streams finish on their own tasks; the endpoint closes the
-    // connection once they are done.
+    // Shutting down: in-flight streams finish on their own tasks (a subscription delivers its
+    // `Closing`); then the connection closes with a code that says why. (Left to the last
+    // handle's drop, it would close with code 0.)
+    streams.close();
+    streams.wait().await;
+    connection.close(close_codes::SHUTTING_DOWN.into(), b"node shutting down");
 }
 
-/// Reads a stream's request: its length first, then — once the node's request-byte budget
-/// has room for it — its body. The returned permit holds that budget until the request is done.
+/// The request bytes a stream holds of its connection's and its node's budgets, until its
+/// request is answered.
+#[derive(Default)]
+pub struct RequestBudget {
+    connection: Option<tokio::sync::OwnedSemaphorePermit>,
+    node: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl RequestBudget {
+    /// Takes `n` more bytes: the connection's first (a connection waits on itself before it
+    /// holds any of the node's), then the node's.
+    async fn grow(&mut self, session: &Session, node: &Node, n: usize) -> Result<(), ServiceError> {
+        // `n` is at most READ_CHUNK.
+        let n = n as u32;
+        let closed = |_| ServiceError::ShuttingDown;
+        let connection = session.request_bytes.clone().acquire_many_owned(n).await.map_err(closed)?;
+        let node = node.request_bytes.clone().acquire_many_owned(n).await.map_err(closed)?;
+        for (held, more) in [(&mut self.connection, connection), (&mut self.node, node)] {
+            match held {
+                Some(permit) => permit.merge(more),
+                None => *held = Some(more),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads a stream's request: its length first (refused at once when over the limit), then its
+/// body a chunk at a time, each chunk paid for before it is read (see the module docs). The
+/// returned budget holds those bytes until the request is done. Cancel-safe reads (QUIC's
+/// `read_chunk`) make the caller's timeout drop a half-read request cleanly.
+/// The first byte of a `Request` holding a `Subscribe`: field 5, length-delimited.
+const SUBSCRIBE_TAG: u8 = (5 << 3) | 2;
+
 async fn read_request(
     node: &Node,
+    session: &Session,
     recv: &mut quinn::RecvStream,
-) -> Result<(Request, tokio::sync::OwnedSemaphorePermit), ServiceError> {
+    subscribe: &mut bool,
+) -> Result<(Request, RequestBudget), ServiceError> {
     let limit = node.max_request_frame();
     let size = match framing::read_len(recv, limit).await {
         Ok(Some(size)) => size,
@@ -160,12 +231,27 @@ async fn read_request(
             return Err(e.into());
         }
     };
-    // `size` is below the frame limit, far below u32::MAX.
-    let permit =
-        node.request_bytes.clone().acquire_many_owned(size as u32).await.map_err(|_| ServiceError::ShuttingDown)?;
-    let body = framing::read_body(recv, size).await?;
-    let request = <Request as prost::Message>::decode(body).map_err(FrameError::from)?;
-    Ok((request, permit))
+    let mut budget = RequestBudget::default();
+    let mut paid = 0usize;
+    let mut body = bytes::BytesMut::new();
+    while body.len() < size {
+        if paid == body.len() {
+            let more = (size - paid).min(READ_CHUNK);
+            budget.grow(session, node, more).await?;
+            body.reserve(more);
+            paid += more;
+        }
+        match recv.read_chunk(paid - body.len(), true).await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk.bytes);
+                *subscribe = body.first() == Some(&SUBSCRIBE_TAG);
+            }
+            Ok(None) => return Err(FrameError::Truncated.into()),
+            Err(e) => return Err(ServiceError::Malformed(format!("reading the request: {e}"))),
+        }
+    }
+    let request = <Request as prost::Message>::decode(body.freeze()).map_err(FrameError::from)?;
+    Ok((request, budget))
 }
 
 async fn handle_stream(
@@ -174,7 +260,11 @@ async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let request = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(&node, &mut recv)).await {
+    // Whether the request, as far as it was read, is a Subscribe: then even an error that comes
+    // before it could be decoded is sent as the `Event` its client reads.
+    let mut subscribe = false;
+    let read = read_request(&node, &session, &mut recv, &mut subscribe);
+    let request = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read).await {
         Err(_) => {
             Err(ServiceError::Malformed(format!("no complete request within {} s", REQUEST_READ_TIMEOUT.as_secs())))
         }
@@ -182,9 +272,14 @@ async fn handle_stream(
     };
     let (request, budget) = match request {
         Ok(r) => r,
+        Err(e) if subscribe => {
+            tracing::debug!(error = %e, "bad subscribe request");
+            requests::subscribe::refuse(&mut send, &e).await;
+            return;
+        }
         Err(e) => {
             tracing::debug!(error = %e, "bad request");
-            reply(&mut send, response::Kind::Error(e.to_wire())).await;
+            reply(&mut send, response::Kind::Error(node.wire_error(&e))).await;
             return;
         }
     };
@@ -193,7 +288,14 @@ async fn handle_stream(
             // The budget bounds requests waiting for an answer; a subscription lives on for
             // as long as the client wants, so it must not keep its share.
             drop(budget);
-            let me = session.requests.request().and_then(|()| session.identity());
+            let me = session.requests.request().and_then(|()| session.identity()).and_then(|me| {
+                let slot = session
+                    .subscriptions
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| ServiceError::TooManySubscriptions { limit: MAX_SUBSCRIPTIONS_PER_CONNECTION })?;
+                Ok((me, slot))
+            });
             let me = match me {
                 Ok(me) => me,
                 Err(e) => {
@@ -201,6 +303,7 @@ async fn handle_stream(
                     return;
                 }
             };
+            let (me, _slot) = me;
             requests::subscribe::handle(node, me, session.auth.clone(), subscribe, send).await;
         }
         Some(kind) => {
@@ -212,7 +315,7 @@ async fn handle_stream(
                 if !matches!(e, ServiceError::Command(_)) {
                     tracing::debug!(error = %e, code = e.code(), "request failed");
                 }
-                response::Kind::Error(e.to_wire())
+                response::Kind::Error(node.wire_error(&e))
             });
             reply(&mut send, kind).await;
         }

@@ -195,6 +195,7 @@ impl Peer for PeerService {
     async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<SubscribeStream>, Status> {
         let request = request.into_inner();
         let cursor = request.cursor.ok_or_else(|| Status::invalid_argument("Subscribe without a cursor"))?;
+        crate::requests::subscribe::validate_cursor(&cursor).map_err(|e| Status::invalid_argument(e.to_string()))?;
         chorus_raft::limits::validate_user_name(&request.viewer)
             .map_err(|e| Status::invalid_argument(format!("Subscribe for no valid user: {e}")))?;
         let replica = self
@@ -208,19 +209,27 @@ impl Peer for PeerService {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("too many subscriptions on this node"))?;
-        let (tx, rx) = mpsc::channel(subscription::OUTGOING_BUFFER);
-        let reader = replica.reader.clone();
+        let (tx, rx) = subscription::Outbox::new();
+        let shard = replica.shard;
+        let node = self.node.clone();
         let cancel = self.node.clients_shutdown.child_token();
         let subscribed = client::Event {
             kind: Some(client::event::Kind::Subscribed(client::Subscribed { rooms: vec![cursor.clone()] })),
         };
         // The channel is empty: this cannot block.
-        let _ = tx.try_send(subscribed.into());
+        let _ = tx.try_send_first(subscribed);
         self.node.client_tasks.spawn(async move {
             let _permit = permit;
             let out = tx.clone();
-            let feed =
-                subscription::follow_local(reader, cursor.room, request.viewer, cursor.after_seq, tx, cancel.clone());
+            let feed = subscription::follow_local(
+                &node,
+                shard,
+                cursor.room,
+                request.viewer,
+                cursor.after_seq,
+                tx,
+                cancel.clone(),
+            );
             let result = feed.await;
             let last = match result {
                 Err(e) => Some(e.to_event(None)),
@@ -228,11 +237,11 @@ impl Peer for PeerService {
                 Ok(()) => None,
             };
             if let Some(event) = last {
-                let _ = out.send(event.into()).await;
+                let _ = out.send(event).await;
             }
         });
         let stream =
-            ReceiverStream::new(rx).map(|outgoing| Ok(pb::SubscribeEvent { event: Some(outgoing.into_event()) }));
+            ReceiverStream::new(rx).map(|queued| Ok(pb::SubscribeEvent { event: Some(queued.event.into_event()) }));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -262,6 +271,13 @@ impl Peer for PeerService {
         request: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderReply>, Status> {
         Ok(Response::new(crate::balance::serve_transfer(&self.node, request.into_inner()).await))
+    }
+
+    async fn take_leadership(
+        &self,
+        request: Request<pb::TakeLeadershipRequest>,
+    ) -> Result<Response<pb::TakeLeadershipReply>, Status> {
+        Ok(Response::new(crate::balance::serve_take_leadership(&self.node, request.into_inner()).await))
     }
 }
 

@@ -45,7 +45,7 @@ pub async fn handle(node: &Arc<Node>, me: &Identity, batch: SendBatch) -> Result
         .map(|outcome| SendResult {
             result: Some(match outcome {
                 Ok(reply) => send_result::Result::Sent(reply),
-                Err(e) => send_result::Result::Error(e.to_wire()),
+                Err(e) => send_result::Result::Error(node.wire_error(&e)),
             }),
         })
         .collect();

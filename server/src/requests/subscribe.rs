@@ -1,8 +1,19 @@
 //! Subscribe: live messages of one or more rooms, each from a cursor, on one stream.
 //!
-//! Each room is followed by its own feed task (see `subscription.rs`); a bounded channel joins
-//! them to the stream writer. On shutdown the stream ends with a `Closing` event; a room whose
-//! feed fails gets an `Error` event naming it, and the other rooms go on.
+//! Each room is followed by its own feed task (see `subscription.rs`); a bounded outbox joins
+//! them to the stream writer. On shutdown the stream ends with a `Closing` event, delivered
+//! before the node closes the connection; a room whose feed fails gets an `Error` event naming
+//! it, and the other rooms go on, except for `lagging` (this node is cut off from the shard's
+//! leader), which ends the whole stream so that the client resumes on another node.
+//!
+//! A subscriber that does not read is evicted: when no byte of a write is taken for
+//! [`SLOW_SUBSCRIBER_AFTER`] (QUIC flow control holds it: the client's receive window is
+//! full), the writer stops taking events, queues a `slow_subscriber` error after what is
+//! buffered and finishes the stream; a client that reads nothing of that either within
+//! [`EVICTION_GRACE`] has the stream reset with [`close_codes::SLOW_SUBSCRIBER`]. Either way
+//! its feeds stop and what they held is freed: a subscription holds at most its outbox
+//! ([`subscription::OUTGOING_BYTES`]) and one coalesced write, and its connection at most
+//! the QUIC send window, whatever the subscriber does.
 //!
 //! The stream lives as long as the connection's sign-in: it ends with `token_revoked` when the
 //! session is revoked, and with `token_expired` if the access token expires without the client
@@ -13,14 +24,14 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use chorus_proto::client::{self, Subscribe, event};
 use chorus_proto::framing;
-use tokio::sync::mpsc;
 
 use crate::auth::Identity;
 use crate::auth::connections::{ConnectionAuth, SignIn};
 use crate::error::ServiceError;
+use crate::front_door::close_codes;
 use crate::node::Node;
 use crate::subscription;
 
@@ -33,6 +44,13 @@ const COALESCE_WINDOW: Duration = Duration::from_millis(5);
 
 /// Most rooms in one subscription.
 pub const MAX_ROOMS_PER_SUBSCRIPTION: usize = 256;
+/// A write of which the subscriber takes no byte for this long evicts it (see the module docs).
+pub const SLOW_SUBSCRIBER_AFTER: Duration = Duration::from_secs(10);
+/// How long an evicted subscriber has to read what is buffered and the error saying why.
+pub const EVICTION_GRACE: Duration = Duration::from_secs(5);
+/// How long the last event (`Closing`, an error) may take to be acknowledged before the
+/// stream's task ends anyway (on shutdown the node closes connections after those tasks).
+const LAST_EVENT_DELIVERY: Duration = Duration::from_secs(2);
 
 fn validate(subscribe: &Subscribe) -> Result<(), ServiceError> {
     if subscribe.rooms.is_empty() {
@@ -47,9 +65,23 @@ fn validate(subscribe: &Subscribe) -> Result<(), ServiceError> {
     let mut seen = BTreeSet::new();
     for cursor in &subscribe.rooms {
         chorus_raft::limits::validate_room_name(&cursor.room)?;
+        validate_cursor(cursor)?;
         if !seen.insert(cursor.room.as_str()) {
             return Err(ServiceError::InvalidArgument(format!("room {:?} appears twice", cursor.room)));
         }
+    }
+    Ok(())
+}
+
+/// A cursor names the last message its client has: one at `u64::MAX` would have no next.
+pub fn validate_cursor(cursor: &client::RoomCursor) -> Result<(), ServiceError> {
+    if cursor.after_seq == u64::MAX {
+        return Err(ServiceError::InvalidArgument(format!(
+            "room {:?}: after_seq {} is not a cursor (the largest is {})",
+            cursor.room,
+            cursor.after_seq,
+            u64::MAX - 1
+        )));
     }
     Ok(())
 }
@@ -100,41 +132,47 @@ pub async fn handle(
         return;
     }
     let cancel = node.clients_shutdown.child_token();
-    let (tx, mut rx) = mpsc::channel(subscription::OUTGOING_BUFFER);
+    let (outbox, mut rx) = subscription::Outbox::new();
     let mut feeds = tokio::task::JoinSet::new();
     for cursor in subscribe.rooms {
-        let (tx, cancel, node, viewer) = (tx.clone(), cancel.clone(), node.clone(), me.user.clone());
+        let (outbox, cancel, node, viewer) = (outbox.clone(), cancel.clone(), node.clone(), me.user.clone());
         feeds.spawn(async move {
             let room = cursor.room.clone();
-            let feed = subscription::follow(&node, cursor.room, viewer, cursor.after_seq, tx.clone(), cancel);
-            if let Err(e) = feed.await {
-                let _ = tx.send(e.to_event(Some(&room)).into()).await;
+            let feed = subscription::follow(&node, cursor.room, viewer, cursor.after_seq, outbox.clone(), cancel);
+            match feed.await {
+                Ok(()) => None,
+                // The node is cut off: the whole subscription should move (see the module docs).
+                Err(e @ ServiceError::Lagging { .. }) => Some(e),
+                Err(e) => {
+                    let _ = outbox.send(e.to_event(Some(&room))).await;
+                    None
+                }
             }
         });
     }
-    drop(tx);
     let mut last_write: Option<tokio::time::Instant> = None;
     // Reused across writes: each write hands QUIC the filled part without copying it.
     let mut frames = BytesMut::with_capacity(COALESCE_BYTES);
     let ended = sign_in_ends(&auth);
     tokio::pin!(ended);
-    let mut ended_by: Option<ServiceError> = None;
-    let closing_reason = loop {
+    let end = loop {
         tokio::select! {
-            _ = node.clients_shutdown.cancelled() => break Some("node shutting down"),
-            e = &mut ended => {
-                ended_by = Some(e);
-                break None;
-            }
+            // Shutdown first: feeds end with it too, and the reason must not depend on which
+            // the writer notices first.
+            biased;
+            _ = node.clients_shutdown.cancelled() => break End::Closing("node shutting down"),
+            e = &mut ended => break End::Error(e),
             stopped = send.stopped() => {
                 tracing::debug!(?stopped, "subscriber stopped the stream");
-                break None;
+                break End::Gone;
             }
+            Some(Ok(Some(e))) = feeds.join_next() => break End::Error(e),
             event = rx.recv() => match event {
                 Some(event) => {
                     // Events that are already waiting leave in the same write (one QUIC write
                     // and wake-up for many messages when a subscriber's rooms are busy).
-                    event.append_frame(&mut frames);
+                    event.event.append_frame(&mut frames);
+                    drop(event);
                     if let Some(due) = hold_until(last_write, tokio::time::Instant::now()) {
                         tokio::select! {
                             _ = tokio::time::sleep_until(due) => {}
@@ -143,31 +181,96 @@ pub async fn handle(
                     }
                     while frames.len() < COALESCE_BYTES {
                         let Ok(more) = rx.try_recv() else { break };
-                        more.append_frame(&mut frames);
+                        more.event.append_frame(&mut frames);
                     }
                     last_write = Some(tokio::time::Instant::now());
-                    if send.write_chunk(frames.split().freeze()).await.is_err() {
-                        break None;
+                    match write_or_stall(&mut send, frames.split().freeze()).await {
+                        Written::All => {}
+                        Written::Gone => break End::Gone,
+                        Written::Stalled(rest) => break End::Evict(rest),
                     }
                 }
-                None => break Some("every room of the subscription ended"),
+                None if node.clients_shutdown.is_cancelled() => break End::Closing("node shutting down"),
+                None => break End::Closing("every room of the subscription ended"),
             },
         }
     };
+    let queued_bytes = outbox.queued_bytes();
+    drop(outbox);
     cancel.cancel();
     feeds.abort_all();
     while feeds.join_next().await.is_some() {}
-    if let Some(e) = ended_by {
-        tracing::debug!(error = %e, "subscription ends with its sign-in");
-        let _ = framing::write_message(&mut send, &e.to_event(None)).await;
-        let _ = send.finish();
-        return;
+    drop(rx);
+    match end {
+        End::Gone => {}
+        End::Error(e) => {
+            if matches!(e, ServiceError::Lagging { .. }) {
+                tracing::info!(error = %e, "a subscription ends: this node is out of contact with a shard's leader");
+            } else {
+                tracing::debug!(error = %e, "subscription ends");
+            }
+            last_event(&mut send, Bytes::new(), &e.to_event(None), LAST_EVENT_DELIVERY).await;
+        }
+        End::Closing(reason) => {
+            let closing = client::Event { kind: Some(event::Kind::Closing(client::Closing { reason: reason.into() })) };
+            last_event(&mut send, Bytes::new(), &closing, LAST_EVENT_DELIVERY).await;
+        }
+        End::Evict(rest) => {
+            let e =
+                ServiceError::SlowSubscriber { waited: SLOW_SUBSCRIBER_AFTER, queued_bytes: queued_bytes + rest.len() };
+            tracing::info!(error = %e, "evicting a subscriber that does not read");
+            if !last_event(&mut send, rest, &e.to_event(None), EVICTION_GRACE).await {
+                let _ = send.reset(close_codes::SLOW_SUBSCRIBER.into());
+            }
+        }
     }
-    if let Some(reason) = closing_reason {
-        let closing = client::Event { kind: Some(event::Kind::Closing(client::Closing { reason: reason.into() })) };
-        let _ = framing::write_message(&mut send, &closing).await;
-        let _ = send.finish();
+}
+
+/// How a subscription stream ends.
+enum End {
+    /// The subscriber left (stopped the stream, or the connection closed).
+    Gone,
+    Closing(&'static str),
+    Error(ServiceError),
+    /// The subscriber does not read; these bytes of a frame were not written.
+    Evict(Bytes),
+}
+
+enum Written {
+    All,
+    Gone,
+    /// No byte was taken for [`SLOW_SUBSCRIBER_AFTER`]; what is left of the chunk.
+    Stalled(Bytes),
+}
+
+/// Writes `chunk`, as long as the subscriber keeps taking bytes (QUIC's `write_chunks` is
+/// cancel-safe: a write given up wrote nothing).
+async fn write_or_stall(send: &mut quinn::SendStream, chunk: Bytes) -> Written {
+    let mut chunks = [chunk];
+    while !chunks[0].is_empty() {
+        match tokio::time::timeout(SLOW_SUBSCRIBER_AFTER, send.write_chunks(&mut chunks)).await {
+            Err(_) => {
+                let [rest] = chunks;
+                return Written::Stalled(rest);
+            }
+            Ok(Err(_)) => return Written::Gone,
+            Ok(Ok(_)) => {}
+        }
     }
+    Written::All
+}
+
+/// Writes `rest` (the end of a frame already begun) and then `event`, finishes the stream and
+/// waits until the subscriber has it all, for at most `within`. True when it was delivered.
+async fn last_event(send: &mut quinn::SendStream, rest: Bytes, event: &client::Event, within: Duration) -> bool {
+    let delivered = async {
+        send.write_chunk(rest).await.ok()?;
+        send.write_chunk(framing::encode_frame(event)).await.ok()?;
+        send.finish().ok()?;
+        // Resolves once the subscriber has read (and acknowledged) everything.
+        send.stopped().await.ok()
+    };
+    matches!(tokio::time::timeout(within, delivered).await, Ok(Some(None)))
 }
 
 /// When a write due now should wait for more events: until `COALESCE_WINDOW` after the last
@@ -178,8 +281,7 @@ fn hold_until(last_write: Option<tokio::time::Instant>, now: tokio::time::Instan
 
 /// Ends a subscription stream before it started, with an `Error` event.
 pub async fn refuse(send: &mut quinn::SendStream, e: &ServiceError) {
-    let _ = framing::write_message(send, &e.to_event(None)).await;
-    let _ = send.finish();
+    last_event(send, Bytes::new(), &e.to_event(None), LAST_EVENT_DELIVERY).await;
 }
 
 #[cfg(test)]

@@ -247,6 +247,15 @@ impl TestCluster {
     }
 }
 
+/// Awaits `future`, failing the test with what it waited for if that takes over 30 s (a hung
+/// test says what it was waiting for instead of hanging the suite).
+pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(30), future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after 30 s waiting for {what}"),
+    }
+}
+
 pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
