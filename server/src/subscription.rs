@@ -149,6 +149,16 @@ impl Outbox {
     }
 }
 
+/// Whether a replica that is behind could refuse a read this way (the room or the viewer's
+/// membership may be newer than what it applied).
+fn maybe_stale(e: &chorus_raft::QueryError) -> bool {
+    let code = match e {
+        chorus_raft::QueryError::Invalid(e) => e.code(),
+        chorus_raft::QueryError::Store(_) => return false,
+    };
+    matches!(code, "room_not_found" | "not_member" | "forbidden")
+}
+
 /// Sends one event unless the feed is cancelled or its consumer gone; false means stop.
 async fn send(out: &Outbox, cancel: &CancellationToken, event: impl Into<Outgoing>) -> bool {
     tokio::select! {
@@ -194,11 +204,23 @@ pub async fn follow_local(
     let reader = replica.reader.clone();
     let mut events = reader.subscribe();
     let mut contact = crate::node::ticker(CONTACT_CHECK_EVERY);
+    // A refusal this replica may give only because it is behind (a room created, or a join
+    // acknowledged, a moment ago through another node) is checked once against the leader's
+    // commit index before it ends the feed: read-your-writes, as for History.
+    let mut caught_up = false;
     loop {
         // Catch up from history.
         loop {
             let query = HistoryQuery::After { after: cursor, limit: CATCH_UP_PAGE };
-            let page = chorus_raft::blocking::off_runtime(|| reader.history(&room, query, &viewer))?;
+            let page = match chorus_raft::blocking::off_runtime(|| reader.history(&room, query, &viewer)) {
+                Ok(page) => page,
+                Err(e) if !caught_up && maybe_stale(&e) => {
+                    caught_up = true;
+                    crate::forward::catch_up_with_leader(node, shard).await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let next = after(&room, cursor)?;
             if page.first_seq > next {
                 let gap = client::Gap {

@@ -94,6 +94,18 @@ async fn messages_sent_through_one_node_reach_subscribers_on_the_others() {
             "room {name} missing from a ListRooms right after it was created"
         );
     }
+    // And a subscription to a room created a moment ago through another node: the replica
+    // that is behind checks with the leader before it says the room does not exist.
+    for i in 0..20 {
+        let name = format!("sub-{i:02}");
+        a.create_room(&name, BTreeMap::new(), 0).await.unwrap();
+        let mut subscription = clients[1 + i % 2].subscribe([(name.clone(), 0)]);
+        a.send(&name, "first").await.unwrap();
+        match common::within("the new room's first message", subscription.next()).await {
+            Ok(SubscriptionEvent::Message(m)) => assert_eq!(m.seq, 1),
+            other => panic!("subscribing to {name} right after it was created: {other:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
