@@ -420,13 +420,9 @@ impl RunningNode {
         self.node.failed.cancelled().await
     }
 
-    fn failed_already(&self) -> bool {
-        self.node.failed.is_cancelled()
-    }
-
     /// Stops the node in order (see the module docs).
     pub async fn shutdown(self) {
-        let failed = self.failed_already();
+        let failed = self.node.failed.is_cancelled();
         let node = self.node;
         let grace = node.config.shutdown_grace;
         // Leadership first, while everything still serves: writes held meanwhile go to the new

@@ -347,6 +347,25 @@ impl LazyFilesystem {
         lock(&state).pending.as_ref().map(Pending::size)
     }
 
+    /// Unlink and rmdir: `remove` the backing entry, then forget what was pending for it.
+    fn remove_entry(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEmpty,
+        remove: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) {
+        let result = self.child_path(parent, name).and_then(|(path, full)| {
+            remove(&full)?;
+            self.shared.table().unlinked(&path, &self.shared.pending_bytes);
+            Ok(())
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn child_path(&self, parent: INodeNo, name: &OsStr) -> Result<(PathBuf, PathBuf), Errno> {
         let path = self.shared.table().path(parent.0)?.join(name);
         let full = self.shared.full(&path);
@@ -704,27 +723,11 @@ impl fuser::Filesystem for LazyFilesystem {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = self.child_path(parent, name).and_then(|(path, full)| {
-            fs::remove_file(full)?;
-            self.shared.table().unlinked(&path, &self.shared.pending_bytes);
-            Ok(())
-        });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.remove_entry(parent, name, reply, |full| fs::remove_file(full));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = self.child_path(parent, name).and_then(|(path, full)| {
-            fs::remove_dir(full)?;
-            self.shared.table().unlinked(&path, &self.shared.pending_bytes);
-            Ok(())
-        });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.remove_entry(parent, name, reply, |full| fs::remove_dir(full));
     }
 
     fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
