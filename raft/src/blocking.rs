@@ -8,11 +8,11 @@
 //! multi-threaded runtime (unit tests, tools) it runs the call inline.
 //!
 //! Used for the replica reads behind History, Members, ListRooms and feed catch-up (pages of
-//! up to 1,000 messages), votes and truncations (which also wait for an fsync) and purges
-//! (range deletes). Not for log appends and applies: handing the worker off on every one of
-//! those cost a fifth of the write throughput (docs/BENCHMARKS.md); they are small writes to
-//! the memtable and the WAL (whose sync is on its own thread), and what is left of the stall
-//! risk there is a RocksDB write stall, for which a dedicated write thread is the next step.
+//! up to 1,000 messages). The node's other RocksDB work has threads of its own (see
+//! [`crate::io_threads`]): log appends, votes, truncations and purges on the log thread, applies
+//! on the apply threads, fsyncs on the WAL syncer ([`crate::wal_sync`]), snapshot builds and
+//! installs on tokio's blocking pool. Handing a worker off with `block_in_place` on every append
+//! and apply cost a fifth of the write throughput (docs/BENCHMARKS.md).
 
 use tokio::runtime::{Handle, RuntimeFlavor};
 

@@ -12,6 +12,7 @@ use prost::Message;
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, WriteBatch};
 
 use crate::error::StoreError;
+use crate::io_threads::{self, IoThread};
 use crate::keys::{self, CF_LOG, CF_SM, CF_STATE, COLUMN_FAMILIES, NODE_IDENTITY_KEY};
 use crate::types::ShardId;
 use crate::wal_sync::{SyncStats, WalSyncer};
@@ -51,7 +52,9 @@ impl Default for DbOptions {
 
 /// One node's RocksDB, shared by all of its shards.
 pub struct NodeDb {
-    // Declared before `db` so the syncer thread is joined before the database closes.
+    // Declared before `db` so that every thread is joined before the database closes.
+    log_thread: IoThread,
+    apply_threads: Vec<IoThread>,
     syncer: WalSyncer,
     db: Arc<rocksdb::DB>,
     data_dir: PathBuf,
@@ -126,7 +129,15 @@ impl NodeDb {
         let db = rocksdb::DB::open_cf_descriptors(&db_opts, &db_path, cfs)?;
         let db = Arc::new(db);
         let syncer = WalSyncer::start(db.clone()).map_err(|e| StoreError::io("starting the WAL sync thread", e))?;
+        let start =
+            |name: String| IoThread::start(name.clone()).map_err(|e| StoreError::io(format!("starting {name}"), e));
+        let log_thread = start("chorus-log".into())?;
+        let apply_threads = (0..io_threads::apply_thread_count())
+            .map(|i| start(format!("chorus-apply-{i}")))
+            .collect::<Result<_, _>>()?;
         let node_db = NodeDb {
+            log_thread,
+            apply_threads,
             syncer,
             db,
             data_dir: data_dir.to_path_buf(),
@@ -234,19 +245,32 @@ impl NodeDb {
         }
     }
 
-    /// Writes a batch atomically; readable at once, durable at the next sync. On the calling
-    /// thread: this is the write path of every append and apply, where `block_in_place` cost a
-    /// fifth of the throughput (docs/BENCHMARKS.md); see [`crate::blocking`].
+    /// Writes a batch atomically on the calling thread; readable at once, durable at the next
+    /// sync. For threads that may block (applies, snapshot installs, tools); async code uses
+    /// [`NodeDb::write_log`].
     pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         self.db.write(batch)?;
         Ok(())
     }
 
-    /// Writes a batch atomically and returns once it is durable (sharing the fsync with every
-    /// other write waiting at the time).
+    /// Writes a batch atomically on the node's log thread (see [`crate::io_threads`]);
+    /// readable once this returns, durable at the next sync.
+    pub async fn write_log(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        self.log_thread.run(move || db.write(batch)).await??;
+        Ok(())
+    }
+
+    /// Writes a batch atomically on the log thread and returns once it is durable (sharing the
+    /// fsync with every other write waiting at the time).
     pub async fn write_durable(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        crate::blocking::off_runtime(|| self.db.write(batch))?;
+        self.write_log(batch).await?;
         self.syncer.sync().await.map_err(|e| StoreError::io("syncing the WAL", e))
+    }
+
+    /// The thread that applies `shard`'s committed entries (always the same one).
+    pub(crate) fn apply_thread(&self, shard: ShardId) -> &IoThread {
+        &self.apply_threads[shard as usize % self.apply_threads.len()]
     }
 
     /// RocksDB's estimate of the bytes on disk of `shard`'s log entries `from..to`: flushed
@@ -379,5 +403,42 @@ mod tests {
         let after = db.sync_stats();
         assert_eq!(after.synced_writes - before.synced_writes, 1);
         assert!(after.syncs > before.syncs);
+    }
+
+    /// Log writes wait on the write thread, not on the task: on a single-threaded runtime an
+    /// inline write would finish within the first poll, every time.
+    #[tokio::test(flavor = "current_thread")]
+    async fn log_writes_leave_the_async_thread_free() {
+        use std::task::Poll;
+        let dir = tempfile::tempdir().unwrap();
+        let db = NodeDb::open(dir.path(), identity("c", 1, 1), &DbOptions::default()).unwrap();
+        let big_batch = |round: u32| {
+            let mut batch = WriteBatch::default();
+            for i in 0..4_000u32 {
+                batch.put([round.to_be_bytes(), i.to_be_bytes()].concat(), [7u8; 512]);
+            }
+            batch
+        };
+        let mut pending = 0;
+        for round in 0..3 {
+            let mut write = std::pin::pin!(db.write_log(big_batch(round)));
+            match futures::poll!(write.as_mut()) {
+                Poll::Ready(written) => written.unwrap(),
+                Poll::Pending => {
+                    pending += 1;
+                    write.await.unwrap();
+                }
+            }
+            let mut durable = std::pin::pin!(db.write_durable(big_batch(round + 10)));
+            match futures::poll!(durable.as_mut()) {
+                Poll::Ready(written) => written.unwrap(),
+                Poll::Pending => {
+                    pending += 1;
+                    durable.await.unwrap();
+                }
+            }
+        }
+        assert!(pending > 0, "every log write completed inside its first poll: it ran on the async thread");
+        assert!(db.rocks().get([2u32.to_be_bytes(), 3_999u32.to_be_bytes()].concat()).unwrap().is_some());
     }
 }

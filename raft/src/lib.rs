@@ -17,6 +17,7 @@ pub mod blocking;
 pub mod codec;
 pub mod db;
 pub mod error;
+pub mod io_threads;
 pub mod keys;
 pub mod limits;
 pub mod log_store;

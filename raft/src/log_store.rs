@@ -328,7 +328,7 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
             written.push((entry, 2 * bytes.len()));
         }
         // Written (and so readable) now; reported flushed only after the group-commit sync.
-        if let Err(e) = self.db.write(batch) {
+        if let Err(e) = self.db.write_log(batch).await {
             self.cache().clear();
             return Err(write_err(e));
         }
@@ -364,7 +364,7 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
                 source: StorageIOError::new(ErrorSubject::Log(log_id), ErrorVerb::Delete, &e),
             });
         }
-        let result: Result<(), StoreError> = (|| {
+        let result: Result<(), StoreError> = async {
             let mut batch = WriteBatch::default();
             batch.put_cf(
                 self.db.cf_state()?,
@@ -377,9 +377,9 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
             // Not synced: losing a purge in a power failure brings back the purged entries
             // together with the older `last_purged`, which is an equally valid state.
             self.cache().purge(log_id.index);
-            // A range delete of many entries: off the async workers.
-            crate::blocking::off_runtime(|| self.db.write(batch))
-        })();
+            self.db.write_log(batch).await
+        }
+        .await;
         result.map_err(|e| StorageError::IO {
             source: StorageIOError::new(ErrorSubject::Log(log_id), ErrorVerb::Delete, &e),
         })

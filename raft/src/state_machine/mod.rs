@@ -30,7 +30,7 @@ pub mod messages;
 pub mod rooms;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
 use chorus_proto::storage::{
@@ -259,7 +259,18 @@ impl ApplyCache {
 pub struct ShardStateMachine {
     view: Arc<ShardView>,
     snapshots: Arc<SnapshotStore>,
-    cache: ApplyCache,
+    cache: Arc<Mutex<ApplyCache>>,
+}
+
+/// The apply cache of a shard. An apply that panicked may have left it half-updated: start
+/// again from an empty one (it only saves reads).
+fn lock_cache(cache: &Mutex<ApplyCache>) -> MutexGuard<'_, ApplyCache> {
+    cache.lock().unwrap_or_else(|poisoned| {
+        cache.clear_poison();
+        let mut cache = poisoned.into_inner();
+        cache.clear();
+        cache
+    })
 }
 
 impl ShardStateMachine {
@@ -292,7 +303,7 @@ impl ShardStateMachine {
         snapshots.pacer().resume(entries_since, log_bytes_since, snapshots.current_bytes());
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         let view = Arc::new(ShardView { shard, db, generation: RwLock::new(generation), events });
-        Ok(ShardStateMachine { view, snapshots, cache: ApplyCache::default() })
+        Ok(ShardStateMachine { view, snapshots, cache: Default::default() })
     }
 
     pub fn reader(&self) -> ShardReader {
@@ -306,58 +317,64 @@ impl ShardStateMachine {
     pub(crate) fn snapshots(&self) -> Arc<SnapshotStore> {
         self.snapshots.clone()
     }
+}
 
-    /// Applies entries in one atomic write; see the module invariants.
-    fn apply_entries(&mut self, entries: impl IntoIterator<Item = Entry>) -> Result<Vec<CommandResponse>, StoreError> {
-        let generation = *self.view.read_generation();
-        let mut batch = ApplyBatch::new(&self.view, SmKeys::new(self.view.shard, generation), &self.cache);
-        let mut responses = Vec::new();
-        let mut last_applied = None;
-        let mut membership = None;
-        let mut log_bytes = 0u64;
-        for entry in entries {
-            last_applied = Some(entry.log_id);
-            let response = match entry.payload {
-                EntryPayload::Blank => CommandResponse::default(),
-                EntryPayload::Membership(m) => {
-                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
-                    CommandResponse::default()
-                }
-                EntryPayload::Normal(cmd) => {
-                    log_bytes += cmd.encoded().len() as u64;
-                    batch.apply_command(cmd.command())?
-                }
-            };
-            responses.push(response);
-        }
-        let Some(last_applied) = last_applied else {
-            return Ok(responses);
+/// Applies entries in one atomic write; see the module invariants. Reads and writes RocksDB on
+/// the calling thread, which may block: [`ShardStateMachine::apply`] runs it on a blocking one.
+fn apply_entries(
+    view: &ShardView,
+    snapshots: &SnapshotStore,
+    cache: &mut ApplyCache,
+    entries: Vec<Entry>,
+) -> Result<Vec<CommandResponse>, StoreError> {
+    let generation = *view.read_generation();
+    let mut batch = ApplyBatch::new(view, SmKeys::new(view.shard, generation), cache);
+    let mut responses = Vec::new();
+    let mut last_applied = None;
+    let mut membership = None;
+    let mut log_bytes = 0u64;
+    for entry in entries {
+        last_applied = Some(entry.log_id);
+        let response = match entry.payload {
+            EntryPayload::Blank => CommandResponse::default(),
+            EntryPayload::Membership(m) => {
+                membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                CommandResponse::default()
+            }
+            EntryPayload::Normal(cmd) => {
+                log_bytes += cmd.encoded().len() as u64;
+                batch.apply_command(cmd.command())?
+            }
         };
-        let (mut write, appended, revocations, state) = batch.finish()?;
-        let cf_state = self.view.db.cf_state()?;
-        write.put_cf(
-            cf_state,
-            keys::state_key(self.view.shard, StateKey::Applied),
-            codec::log_id_to_pb(&last_applied).encode_to_vec(),
-        );
-        if let Some(m) = &membership {
-            let pb: PbMembership = codec::stored_membership_to_pb(m);
-            write.put_cf(cf_state, keys::state_key(self.view.shard, StateKey::Membership), pb.encode_to_vec());
-        }
-        // Not synced: the entries are durable in the log, and last-applied moves with the data,
-        // so after a crash openraft re-applies exactly what is missing.
-        self.view.db.write(write)?;
-        self.cache.remember(state);
-        self.snapshots.pacer().applied(responses.len() as u64, log_bytes);
-        // No receiver is not an error: nobody is subscribed to this shard right now.
-        if !appended.is_empty() {
-            let _ = self.view.events.send(ShardEvent::Appended(Arc::new(appended)));
-        }
-        for revocation in revocations {
-            let _ = self.view.events.send(ShardEvent::Revoked(Arc::new(revocation)));
-        }
-        Ok(responses)
+        responses.push(response);
     }
+    let Some(last_applied) = last_applied else {
+        return Ok(responses);
+    };
+    let (mut write, appended, revocations, state) = batch.finish()?;
+    let cf_state = view.db.cf_state()?;
+    write.put_cf(
+        cf_state,
+        keys::state_key(view.shard, StateKey::Applied),
+        codec::log_id_to_pb(&last_applied).encode_to_vec(),
+    );
+    if let Some(m) = &membership {
+        let pb: PbMembership = codec::stored_membership_to_pb(m);
+        write.put_cf(cf_state, keys::state_key(view.shard, StateKey::Membership), pb.encode_to_vec());
+    }
+    // Not synced: the entries are durable in the log, and last-applied moves with the data,
+    // so after a crash openraft re-applies exactly what is missing.
+    view.db.write(write)?;
+    cache.remember(state);
+    snapshots.pacer().applied(responses.len() as u64, log_bytes);
+    // No receiver is not an error: nobody is subscribed to this shard right now.
+    if !appended.is_empty() {
+        let _ = view.events.send(ShardEvent::Appended(Arc::new(appended)));
+    }
+    for revocation in revocations {
+        let _ = view.events.send(ShardEvent::Revoked(Arc::new(revocation)));
+    }
+    Ok(responses)
 }
 
 /// What one apply call leaves for the cache once its batch is written: every room, high-water
@@ -592,8 +609,17 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // On openraft's state-machine task, not off the workers: see `NodeDb::write`.
-        self.apply_entries(entries).map_err(|e| StorageIOError::write_state_machine(&e).into())
+        // Off the async workers, on the shard's apply thread: an apply reads records (rooms,
+        // members, dedup marks, expiry ranges) that may be cold, and its write may meet a write
+        // stall. The thread runs one shard's applies in order.
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let (view, snapshots, cache) = (self.view.clone(), self.snapshots.clone(), self.cache.clone());
+        let apply = move || apply_entries(&view, &snapshots, &mut lock_cache(&cache), entries);
+        let applied = match self.view.db.apply_thread(self.view.shard).run(apply).await {
+            Ok(applied) => applied,
+            Err(e) => Err(e.into()),
+        };
+        applied.map_err(|e| StorageIOError::write_state_machine(&e).into())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -611,7 +637,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
         // The state is about to be replaced: forget what the applier remembered of it.
-        self.cache.clear();
+        lock_cache(&self.cache).clear();
         let result = snapshot::install(&self.view, &self.snapshots, meta, *snapshot).await;
         result.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let _ = self.view.events.send(ShardEvent::SnapshotInstalled);

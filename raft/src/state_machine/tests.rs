@@ -578,3 +578,28 @@ async fn a_snapshot_build_stops_once_its_shard_closes() {
     let left: Vec<_> = std::fs::read_dir(f.db.snapshot_dir(SHARD)).unwrap().collect();
     assert!(left.is_empty(), "the half-built file was left: {left:?}");
 }
+
+/// An apply runs on a blocking thread: on a single-threaded runtime, an inline apply of a
+/// thousand appends would finish within the first poll, every time.
+#[tokio::test(flavor = "current_thread")]
+async fn applies_leave_the_async_thread_free() {
+    let mut f = Fixture::new();
+    f.create("r").await;
+    let mut pending = 0;
+    for round in 0..3u64 {
+        let ops = (1..=1_000).map(|s| append_op("r", "alice", b"c", round * 1_000 + s, "hello")).collect::<Vec<_>>();
+        let cmd =
+            Command { ts_ms: 5, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(), rules: CURRENT_RULES };
+        let entry = f.entry(EntryPayload::Normal(cmd.into()));
+        let mut apply = std::pin::pin!(f.sm.apply([entry]));
+        let responses = match futures::poll!(apply.as_mut()) {
+            std::task::Poll::Ready(responses) => responses.unwrap(),
+            std::task::Poll::Pending => {
+                pending += 1;
+                apply.await.unwrap()
+            }
+        };
+        assert!(responses[0].results.iter().all(|r| matches!(r, Ok(OpOutcome::Appended { duplicate: false, .. }))));
+    }
+    assert!(pending > 0, "every apply completed inside its first poll: it ran on the async thread");
+}
