@@ -26,6 +26,12 @@
 //!    Kicks and joins are entries of the room's sequence, so this is the order the state
 //!    machine authorized sends in.
 //!
+//! 10. `read_marker_backward`: the catcher (who never marks unread) saw its read marker of a
+//!     room move back, in a MarkRead's answer or a Sync's.
+//! 11. `sync_count_mismatch`: a Sync's unread or mention count of a room is not the number of
+//!     messages (mentioning the catcher) in the final order after the marker, up to the room's
+//!     last seq as that Sync saw it.
+//!
 //! Also `node_crashed` (a node exited without being killed) and `nemesis_error` (a fault could
 //! not be injected, so the run did not test what it claims).
 //!
@@ -35,7 +41,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::history::{EVENT_PREFIX, ReadOutcome, Record, SendOutcome, writer_name};
+use crate::history::{CATCHER, EVENT_PREFIX, ReadOutcome, Record, SendOutcome, writer_name};
 
 const EXAMPLES: usize = 5;
 
@@ -66,6 +72,8 @@ pub struct Report {
     pub final_messages: u64,
     /// Kicks in the final history.
     pub kicks: u64,
+    /// Read markers and Sync room updates the catcher recorded.
+    pub catch_ups: u64,
     pub faults: BTreeMap<String, u64>,
     pub anomalies: BTreeMap<String, Anomalies>,
 }
@@ -99,6 +107,7 @@ impl Report {
             "final history: {} rooms, {} entries ({} kicks)\n",
             self.rooms, self.final_messages, self.kicks
         ));
+        s.push_str(&format!("catch-up: {} markers and Sync room updates checked\n", self.catch_ups));
         let faults: Vec<String> = self.faults.iter().map(|(k, v)| format!("{k} {v}")).collect();
         s.push_str(&format!("faults: {}\n", if faults.is_empty() { "none".into() } else { faults.join(", ") }));
         if self.valid() {
@@ -113,6 +122,53 @@ impl Report {
             }
         }
         s
+    }
+}
+
+/// 10-11: what the catcher saw of its read markers and counts.
+fn check_catch_up(records: &[Record], finals: &BTreeMap<&str, &Vec<(u64, String)>>, report: &mut Report) {
+    let mention = format!("@{CATCHER}");
+    // Per process and room, in completion order (each catcher is one sequential process).
+    let mut markers: BTreeMap<(u64, &str), (u64, u64)> = BTreeMap::new();
+    let mut observations: Vec<&Record> = records.iter().filter(|r| matches!(r, Record::CatchUp { .. })).collect();
+    observations.sort_by_key(|r| match r {
+        Record::CatchUp { complete_ns, .. } => *complete_ns,
+        _ => 0,
+    });
+    for record in observations {
+        let Record::CatchUp { process, room, op, complete_ns, read_seq, last_seq, unread, mentions, .. } = record
+        else {
+            continue;
+        };
+        report.catch_ups += 1;
+        if let Some((before, at)) = markers.insert((*process, room), (*read_seq, *complete_ns))
+            && *read_seq < before
+        {
+            report.flag("read_marker_backward", || {
+                format!(
+                    "process {process}, {room:?}: marker {before} at {:.1} s, then {read_seq} ({op}) at {:.1} s",
+                    at as f64 / 1e9,
+                    *complete_ns as f64 / 1e9
+                )
+            });
+        }
+        if op != "sync" {
+            continue;
+        }
+        let Some(order) = finals.get(room.as_str()) else { continue };
+        let after_marker =
+            order.iter().filter(|(seq, text)| *seq > *read_seq && *seq <= *last_seq && !text.starts_with(EVENT_PREFIX));
+        let (expected_unread, expected_mentions) =
+            after_marker.fold((0u64, 0u64), |(u, m), (_, text)| (u + 1, m + u64::from(text.contains(&mention))));
+        if (*unread, *mentions) != (expected_unread, expected_mentions) {
+            report.flag("sync_count_mismatch", || {
+                format!(
+                    "process {process}, {room:?} at {:.1} s: marker {read_seq}, last seq {last_seq}: {unread} unread and \
+                     {mentions} mentions, but the history has {expected_unread} and {expected_mentions}",
+                    *complete_ns as f64 / 1e9
+                )
+            });
+        }
     }
 }
 
@@ -418,6 +474,7 @@ pub fn check(records: &[Record]) -> Report {
             next = seq + 1;
         }
     }
+    check_catch_up(records, &finals, &mut report);
     report
 }
 
@@ -654,6 +711,45 @@ mod tests {
         let mut h = valid();
         h.push(sub(vec![(1, "a"), (2, "c")]));
         assert_eq!(anomalies(&h), vec!["subscription_mismatch".to_string()]);
+    }
+
+    fn catch_up(op: &str, read_seq: u64, last_seq: u64, unread: u64, mentions: u64, at: u64) -> Record {
+        Record::CatchUp {
+            process: 9,
+            room: "r".into(),
+            op: op.into(),
+            invoke_ns: at - 5,
+            complete_ns: at,
+            read_seq,
+            last_seq,
+            unread,
+            mentions,
+        }
+    }
+
+    #[test]
+    fn read_markers_that_move_back_and_wrong_sync_counts_are_found() {
+        // The final order is a, b, c.
+        let mut h = valid();
+        h.push(catch_up("sync", 1, 3, 2, 0, 70));
+        h.push(catch_up("mark", 2, 0, 1, 0, 80));
+        h.push(catch_up("sync", 2, 2, 0, 0, 90));
+        assert!(anomalies(&h).is_empty(), "{}", check(&h).summary());
+        let mut back = h.clone();
+        back.push(catch_up("sync", 1, 3, 2, 0, 100));
+        assert_eq!(anomalies(&back), vec!["read_marker_backward".to_string()]);
+        for wrong in [catch_up("sync", 1, 3, 1, 0, 70), catch_up("sync", 0, 3, 3, 1, 70)] {
+            let mut h = valid();
+            h.push(wrong);
+            assert_eq!(anomalies(&h), vec!["sync_count_mismatch".to_string()]);
+        }
+        // Mentions of the catcher are counted after the marker only.
+        let mut h =
+            vec![send("a", "r", 0, 10, ok(1)), send("b @catcher", "r", 20, 30, ok(2)), send("c", "r", 40, 50, ok(3))];
+        replace_final(&mut h, &["a", "b @catcher", "c"]);
+        h.push(catch_up("sync", 1, 3, 2, 1, 70));
+        h.push(catch_up("sync", 2, 3, 1, 0, 80));
+        assert!(anomalies(&h).is_empty(), "{}", check(&h).summary());
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub fn writer_name(process: impl std::fmt::Display) -> String {
     format!("writer{process}")
 }
 
+/// The user the catch-up process signs in as; writers mention them (`@catcher`) in some
+/// messages.
+pub const CATCHER: &str = "catcher";
+
 /// Recorded membership events start with this; message bodies never do.
 pub const EVENT_PREFIX: &str = "!";
 
@@ -95,6 +99,20 @@ pub enum Record {
         received_ns: Vec<u64>,
         resumes: u64,
         error: Option<String>,
+    },
+    /// What the catcher (a user who reads and catches up) saw of one room: its read marker
+    /// after a MarkRead (`op` "mark", `last_seq` 0: not known), or a Sync's update of the room
+    /// (`op` "sync"), with the room's last seq and the counts.
+    CatchUp {
+        process: u64,
+        room: String,
+        op: String,
+        invoke_ns: u64,
+        complete_ns: u64,
+        read_seq: u64,
+        last_seq: u64,
+        unread: u64,
+        mentions: u64,
     },
     /// A fault injected (or healed) by the nemesis.
     Nemesis { at_ns: u64, action: String, nodes: Vec<u64>, detail: String },

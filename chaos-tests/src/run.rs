@@ -169,6 +169,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
         tasks.push(tokio::spawn(workload::subscriber(process, client, cursors, ctx.clone())));
     }
 
+    process += 1;
+    let catcher = connect(options(&cluster, process as usize, crate::history::CATCHER)?).await?;
+    tasks.push(tokio::spawn(workload::catcher(process, catcher, config.seed ^ 0x7379_6e63, ctx.clone())));
+
     let kicker = tokio::spawn(workload::moderator(moderator, config.writers, config.seed ^ 0x6b69636b, ctx.clone()));
     let cluster = Arc::new(Mutex::new(cluster));
     let nemesis = Nemesis {

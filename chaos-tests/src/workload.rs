@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-use crate::history::{HistoryWriter, ReadOutcome, Record, SendOutcome, entry_text, writer_name};
+use crate::history::{CATCHER, HistoryWriter, ReadOutcome, Record, SendOutcome, entry_text, writer_name};
 
 /// Nanoseconds since the run started, on one monotonic clock.
 #[derive(Clone, Copy)]
@@ -99,7 +99,10 @@ pub async fn writer(process: u64, client: Client, seed: u64, ctx: Arc<Context>) 
     while !ctx.stop.is_cancelled() {
         let room = ctx.rooms.pick(&mut rng).to_owned();
         let client_seq = client.next_client_seq();
-        let body = format!("w{process}-{client_seq}");
+        let mut body = format!("w{process}-{client_seq}");
+        if rng.random_bool(0.2) {
+            body.push_str(&format!(" @{CATCHER}"));
+        }
         let invoke_ns = ctx.clock.now();
         let result = client.send_with_seq(&room, body.clone(), client_seq).await;
         let complete_ns = ctx.clock.now();
@@ -178,6 +181,65 @@ pub async fn reader(process: u64, client: Client, seed: u64, ctx: Arc<Context>) 
             }
         };
         ctx.history.record(&Record::Read { process, room, invoke_ns, complete_ns, outcome });
+    }
+}
+
+/// A user in every room who catches up with Sync and marks rooms read, until stopped: each
+/// room update a Sync returns and each marker a MarkRead reports is recorded, for the
+/// checker's `read_marker_backward` and `sync_count_mismatch`.
+pub async fn catcher(process: u64, client: Client, seed: u64, ctx: Arc<Context>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    for room in ctx.rooms.all() {
+        join(&client, room, &ctx).await;
+    }
+    let mut token: Vec<u8> = Vec::new();
+    let mut last_seqs: BTreeMap<String, u64> = BTreeMap::new();
+    while !ctx.stop.is_cancelled() {
+        let pause = Duration::from_millis(rng.random_range(100..400));
+        tokio::select! {
+            _ = ctx.stop.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        let invoke_ns = ctx.clock.now();
+        if last_seqs.is_empty() || rng.random_bool(0.5) {
+            // Failures (failovers) are retried by the next round from the same token.
+            let Ok(caught) = client.sync(&token, 0).await else { continue };
+            let complete_ns = ctx.clock.now();
+            for update in caught.rooms {
+                let Some(room) = update.room else { continue };
+                last_seqs.insert(room.name.clone(), room.last_seq);
+                ctx.history.record(&Record::CatchUp {
+                    process,
+                    room: room.name,
+                    op: "sync".into(),
+                    invoke_ns,
+                    complete_ns,
+                    read_seq: update.read_seq,
+                    last_seq: room.last_seq,
+                    unread: update.unread,
+                    mentions: update.mentions,
+                });
+            }
+            token = caught.next.to_vec();
+        } else {
+            let rooms: Vec<(&String, &u64)> = last_seqs.iter().collect();
+            let (room, last_seq) = rooms[rng.random_range(0..rooms.len())];
+            let room = room.clone();
+            // Anywhere up to what the last Sync saw: often behind the marker already.
+            let seq = rng.random_range(1..=(*last_seq).max(1));
+            let Ok(marked) = client.mark_read(&room, seq, false, false).await else { continue };
+            ctx.history.record(&Record::CatchUp {
+                process,
+                room,
+                op: "mark".into(),
+                invoke_ns,
+                complete_ns: ctx.clock.now(),
+                read_seq: marked.read_seq,
+                last_seq: 0,
+                unread: marked.unread,
+                mentions: marked.mentions,
+            });
+        }
     }
 }
 

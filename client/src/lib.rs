@@ -25,6 +25,7 @@
 //! ```
 
 pub mod bench;
+pub mod catch_up;
 mod rooms;
 mod routes;
 pub mod session;

@@ -298,6 +298,18 @@ fn the_cli_signs_in_manages_rooms_and_members_and_signs_out() {
     assert_eq!(direct.len(), 1, "{mine:?}");
     assert_eq!(direct[0]["last_seq"], 2);
 
+    // Catching up: a direct message to bob is unread and a mention until he reads it.
+    ok(chorus_as(&node, "ann", &["dm", "bob", "are you there?"], None));
+    let synced = json_lines(&ok(chorus_as(&node, "bob", &["--json", "sync"], None)));
+    let dm = synced.iter().find(|r| r["room"] == direct[0]["room"]).expect("the direct room is in bob's sync");
+    let counts = (dm["read_seq"].as_u64(), dm["unread"].as_u64(), dm["mentions"].as_u64());
+    assert_eq!(counts, (Some(2), Some(1), Some(1)), "{synced:?}");
+    let listing = ok(chorus_as(&node, "bob", &["sync"], None));
+    assert!(listing.contains("1 unread, 1 mentioning you"), "{listing}");
+    let dm_room = direct[0]["room"].as_str().unwrap();
+    let read = ok(chorus_as(&node, "bob", &["read", dm_room], None));
+    assert!(read.contains("read up to #3 (0 unread, 0 mentions)"), "{read}");
+
     // Admin: create, list and disable accounts.
     let password = admin_password(&node);
     ok(chorus_as(&node, "admin", &["login", "admin", "--password-stdin"], Some(&format!("{password}\n"))));

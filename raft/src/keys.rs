@@ -74,6 +74,9 @@ pub const SM_TAG_DEDUP: u8 = 0x03;
 pub const SM_TAG_DEDUP_HIGH: u8 = 0x04;
 pub const SM_TAG_MEMBER: u8 = 0x05;
 pub const SM_TAG_USER_ROOM: u8 = 0x06;
+pub const SM_TAG_MENTION: u8 = 0x07;
+pub const SM_TAG_ROOM_CHANGE: u8 = 0x08;
+pub const SM_TAG_READ_CHANGE: u8 = 0x09;
 pub const SM_TAG_USER: u8 = 0x10;
 pub const SM_TAG_SESSION: u8 = 0x11;
 pub const SM_TAG_USER_SESSION: u8 = 0x12;
@@ -219,6 +222,68 @@ impl SmKeys {
         (start.clone(), prefix_end(start))
     }
 
+    /// An unread mention of `user` by entry `seq` of room `room_id`.
+    pub fn mention(&self, room_id: u64, user: &str, seq: u64) -> Vec<u8> {
+        let len = [name_key_len(user)];
+        self.key(SM_TAG_MENTION, &[&room_id.to_be_bytes(), &len, user.as_bytes(), &seq.to_be_bytes()])
+    }
+
+    /// `[start, end)` of the mentions of `user` in room `room_id` by entries `from..=to`.
+    pub fn mention_range(&self, room_id: u64, user: &str, from: u64, to: u64) -> (Vec<u8>, Vec<u8>) {
+        let end = match to.checked_add(1) {
+            Some(after) => self.mention(room_id, user, after),
+            None => {
+                let len = [name_key_len(user)];
+                prefix_end(self.key(SM_TAG_MENTION, &[&room_id.to_be_bytes(), &len, user.as_bytes()]))
+            }
+        };
+        (self.mention(room_id, user, from), end)
+    }
+
+    /// The room change index: every room once, at the log index of the entry that last
+    /// appended to it (or created it).
+    pub fn room_change(&self, changed_at: u64, room: &str) -> Vec<u8> {
+        self.key(SM_TAG_ROOM_CHANGE, &[&changed_at.to_be_bytes(), room.as_bytes()])
+    }
+
+    /// `[start, end)` of the room change index after log index `since`.
+    pub fn room_changes_after(&self, since: u64) -> (Vec<u8>, Vec<u8>) {
+        let start = match since.checked_add(1) {
+            Some(from) => self.key(SM_TAG_ROOM_CHANGE, &[&from.to_be_bytes()]),
+            None => self.key(SM_TAG_ROOM_CHANGE + 1, &[]),
+        };
+        (start, self.key(SM_TAG_ROOM_CHANGE + 1, &[]))
+    }
+
+    /// The room name of a room change index key.
+    pub fn room_of_change<'k>(&self, key: &'k [u8]) -> Option<&'k [u8]> {
+        key.get(SM_PREFIX_LEN + 1 + 8..)
+    }
+
+    /// A user's read change index: each room whose read marker a MarkRead moved, once, at the
+    /// log index of that MarkRead.
+    pub fn read_change(&self, user: &str, changed_at: u64, room: &str) -> Vec<u8> {
+        let len = [name_key_len(user)];
+        self.key(SM_TAG_READ_CHANGE, &[&len, user.as_bytes(), &changed_at.to_be_bytes(), room.as_bytes()])
+    }
+
+    /// `[start, end)` of `user`'s read change index after log index `since`.
+    pub fn read_changes_after(&self, user: &str, since: u64) -> (Vec<u8>, Vec<u8>) {
+        let len = [name_key_len(user)];
+        let user_start = self.key(SM_TAG_READ_CHANGE, &[&len, user.as_bytes()]);
+        let end = prefix_end(user_start.clone());
+        let start = match since.checked_add(1) {
+            Some(from) => self.key(SM_TAG_READ_CHANGE, &[&len, user.as_bytes(), &from.to_be_bytes()]),
+            None => end.clone(),
+        };
+        (start, end)
+    }
+
+    /// The room name of a key of `user`'s read change index.
+    pub fn room_of_read_change<'k>(&self, user: &str, key: &'k [u8]) -> Option<&'k [u8]> {
+        key.get(SM_PREFIX_LEN + 1 + 1 + user.len() + 8..)
+    }
+
     pub fn user(&self, name: &str) -> Vec<u8> {
         self.key(SM_TAG_USER, &[name.as_bytes()])
     }
@@ -311,7 +376,7 @@ fn prefix_end(mut prefix: Vec<u8>) -> Vec<u8> {
 pub fn check_relative_sm_key(relative: &[u8]) -> Result<(), &'static str> {
     match relative.first() {
         None => Err("empty key"),
-        Some(&tag) if tag <= SM_TAG_USER_ROOM => Ok(()),
+        Some(&tag) if tag <= SM_TAG_READ_CHANGE => Ok(()),
         Some(&tag) if (SM_TAG_USER..=SM_TAG_EXTERNAL_ID).contains(&tag) => Ok(()),
         Some(_) => Err("unknown record tag"),
     }
@@ -358,12 +423,31 @@ mod tests {
                       keys.dedup_high(room_id, &cid), keys.next_room_id(), keys.member(room_id, &name[..name.len().min(32)]),
                       keys.user_room(&name[..name.len().min(32)], &name), keys.user(&name), keys.session(&cid),
                       keys.user_session(&name[..name.len().min(32)], &cid), keys.signing_key(&name), keys.auth_state(),
-                      keys.external_identity(&name, &name)] {
+                      keys.external_identity(&name, &name), keys.mention(room_id, &name[..name.len().min(32)], seq),
+                      keys.room_change(seq, &name), keys.read_change(&name[..name.len().min(32)], seq, &name)] {
                 prop_assert!(k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice());
                 prop_assert!(k.as_slice() >= shard_prefix(shard).as_slice() && k.as_slice() < shard_end(shard).as_slice());
             }
             let log = log_key(shard, seq);
             prop_assert!(log.as_slice() >= shard_prefix(shard).as_slice() && log.as_slice() < shard_end(shard).as_slice());
+        }
+
+        #[test]
+        fn change_index_ranges_hold_exactly_the_later_changes(user in "[a-z0-9]{1,32}", other in "[a-z0-9]{1,32}",
+                                                               room in "[a-z0-9]{1,128}", since: u64, at: u64, room_id: u64) {
+            let keys = SmKeys::new(3, 1);
+            let inside = |k: &[u8], (start, end): &(Vec<u8>, Vec<u8>)| k >= start.as_slice() && k < end.as_slice();
+            let change = keys.room_change(at, &room);
+            prop_assert_eq!(inside(&change, &keys.room_changes_after(since)), at > since);
+            prop_assert_eq!(keys.room_of_change(&change), Some(room.as_bytes()));
+            let read = keys.read_change(&user, at, &room);
+            prop_assert_eq!(inside(&read, &keys.read_changes_after(&user, since)), at > since);
+            prop_assert_eq!(keys.room_of_read_change(&user, &read), Some(room.as_bytes()));
+            if other != user {
+                prop_assert!(!inside(&keys.read_change(&other, at, &room), &keys.read_changes_after(&user, 0)));
+                prop_assert!(!inside(&keys.mention(room_id, &other, at), &keys.mention_range(room_id, &user, 0, u64::MAX)));
+            }
+            prop_assert_eq!(inside(&keys.mention(room_id, &user, at), &keys.mention_range(room_id, &user, since, u64::MAX)), at >= since);
         }
 
         #[test]
@@ -429,7 +513,8 @@ mod tests {
         assert!(check_relative_sm_key(&[SM_TAG_MESSAGE, 1, 2]).is_ok());
         assert!(check_relative_sm_key(&[SM_TAG_MEMBER, 1]).is_ok());
         assert!(check_relative_sm_key(&[SM_TAG_EXTERNAL_ID, 1]).is_ok());
-        assert!(check_relative_sm_key(&[0x07]).is_err());
+        assert!(check_relative_sm_key(&[SM_TAG_READ_CHANGE, 1]).is_ok());
+        assert!(check_relative_sm_key(&[SM_TAG_READ_CHANGE + 1]).is_err());
         assert!(check_relative_sm_key(&[0x16]).is_err());
     }
 }

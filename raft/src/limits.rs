@@ -87,6 +87,10 @@ impl Limits {
             K::Append(a) => self.check_append(a),
             K::Membership(m) => check_membership(m),
             K::OpenDirect(d) => check_open_direct(d),
+            K::MarkRead(m) => {
+                validate_room_name(&m.room)?;
+                validate_user_name(&m.user)
+            }
             K::CreateUser(u) => {
                 validate_user_name(&u.name)?;
                 if u.password_phc.is_empty() || u.password_phc.len() > MAX_PHC_BYTES {

@@ -143,6 +143,13 @@ pub enum OpOutcome {
     DirectOpened {
         created: bool,
     },
+    /// The user's read marker is now `read_seq`, with `unread` TEXT entries after it (sent by
+    /// others) and `mentions` unread mentions.
+    MarkedRead {
+        read_seq: u64,
+        unread: u64,
+        mentions: u64,
+    },
     SessionCreated {
         user: String,
         expires_ms: u64,

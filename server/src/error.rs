@@ -35,6 +35,8 @@ pub enum ServiceError {
     FrameTooLarge { size: usize, limit: usize },
     #[error("invalid request: {0}")]
     InvalidArgument(String),
+    #[error("this sync token cannot be used: {0} (sync again from an empty token)")]
+    InvalidSyncToken(String),
     /// Nothing was done, and nothing will be: safe to retry the same request.
     #[error("unavailable: {reason}")]
     Unavailable { reason: String },
@@ -84,6 +86,7 @@ impl ServiceError {
             ServiceError::UnknownRequest => "unknown_request",
             ServiceError::FrameTooLarge { .. } => "frame_too_large",
             ServiceError::InvalidArgument(_) => "invalid_argument",
+            ServiceError::InvalidSyncToken(_) => "invalid_sync_token",
             ServiceError::Unavailable { .. } => "unavailable",
             ServiceError::Timeout { .. } => "timeout",
             ServiceError::ShuttingDown => "shutting_down",

@@ -15,6 +15,7 @@ use chorus_proto::peer::{self as pb};
 use chorus_proto::storage::{Command, Op, op};
 use chorus_raft::blocking::off_runtime;
 use chorus_raft::state_machine::rooms::RoomView;
+use chorus_raft::state_machine::sync::{MAX_SYNC_MESSAGES, SyncPage, SyncQuery};
 use chorus_raft::state_machine::{CURRENT_RULES, MAX_PAGE};
 use chorus_raft::{HistoryPage, HistoryQuery, NodeId, OpOutcome, ShardId, SharedCommand};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
@@ -278,6 +279,9 @@ pub fn op_result_to_pb(result: &OpResult) -> pb::OpResult {
             R::MembershipChanged(pb::MembershipChanged { seq: *seq, ts_ms: *ts_ms })
         }
         Ok(OpOutcome::DirectOpened { created }) => R::DirectOpened(pb::DirectOpened { created: *created }),
+        Ok(OpOutcome::MarkedRead { read_seq, unread, mentions }) => {
+            R::MarkedRead(pb::MarkedRead { read_seq: *read_seq, unread: *unread, mentions: *mentions })
+        }
         Ok(OpOutcome::SessionCreated { user, expires_ms, admin }) => {
             R::SessionCreated(pb::SessionCreated { user: user.clone(), expires_ms: *expires_ms, admin: *admin })
         }
@@ -294,6 +298,9 @@ fn op_result_from_pb(result: pb::OpResult) -> OpResult {
         Some(R::Appended(a)) => Ok(OpOutcome::Appended { seq: a.seq, ts_ms: a.ts_ms, duplicate: a.duplicate }),
         Some(R::MembershipChanged(m)) => Ok(OpOutcome::MembershipChanged { seq: m.seq, ts_ms: m.ts_ms }),
         Some(R::DirectOpened(d)) => Ok(OpOutcome::DirectOpened { created: d.created }),
+        Some(R::MarkedRead(m)) => {
+            Ok(OpOutcome::MarkedRead { read_seq: m.read_seq, unread: m.unread, mentions: m.mentions })
+        }
         Some(R::SessionCreated(s)) => {
             Ok(OpOutcome::SessionCreated { user: s.user, expires_ms: s.expires_ms, admin: s.admin })
         }
@@ -455,7 +462,11 @@ async fn members_here(
             room: request.room.clone(),
             members: members
                 .into_iter()
-                .map(|m| client::Member { user: m.user, state: m.state, role: m.role, since_ms: m.since_ms })
+                .map(|m| {
+                    // Members see each other's shared receipts; a user sees their own marker.
+                    let read_seq = if m.user == viewer { m.read_seq } else { m.shared_read_seq };
+                    client::Member { user: m.user, state: m.state, role: m.role, since_ms: m.since_ms, read_seq }
+                })
                 .collect(),
             more,
         }),
@@ -534,6 +545,10 @@ pub async fn serve_read_index(node: &Node, request: pb::ReadIndexRequest) -> pb:
 /// Pages stay under about 4 MiB whatever the message sizes: a client reads on from the last
 /// message it got.
 const MAX_PAGE_BYTES: usize = 4 << 20;
+
+/// Bytes of rooms one shard puts in a Sync page before it stops (and says `more`); the merged
+/// reply is cut at the same size (see `requests::sync`).
+pub const SYNC_PAGE_BYTES: usize = 1 << 20;
 
 fn cap_page_bytes(mut page: HistoryPage) -> HistoryPage {
     let mut total = 0;
@@ -630,6 +645,9 @@ pub async fn serve_forwarded_read(node: &Node, request: pb::ReadRequest) -> pb::
             let attempt = rooms_here(node, request.shard, viewer, &l, request.linearizable, remaining);
             answer(attempt.await, R::RoomPage)
         }
+        Some(pb::read_request::Query::Sync(q)) => {
+            answer(sync_here(node, request.shard, viewer, &q, remaining).await, R::Sync)
+        }
         None => R::Error(ServiceError::Malformed("Read without a query".into()).to_wire()),
     };
     pb::ReadReply { result: Some(result) }
@@ -704,6 +722,90 @@ pub async fn list_rooms_of_shard(
     .await
 }
 
+/// One shard's part of a Sync for `viewer`, read through the shard's leader.
+pub async fn sync_of_shard(
+    node: &Node,
+    shard: ShardId,
+    viewer: &str,
+    request: &pb::SyncShard,
+) -> Result<pb::ShardSync, ServiceError> {
+    with_leader(node, shard, true, |target, remaining| {
+        let request = request.clone();
+        async move {
+            if target == node.id {
+                return sync_here(node, shard, viewer, &request, remaining).await;
+            }
+            let read = pb::ReadRequest {
+                shard,
+                linearizable: true,
+                query: Some(pb::read_request::Query::Sync(request)),
+                viewer: viewer.to_owned(),
+            };
+            read_reply_at(node, target, read, remaining, |reply| match reply {
+                pb::read_reply::Result::Sync(page) => Some(page),
+                _ => None,
+            })
+            .await
+        }
+    })
+    .await
+}
+
+async fn sync_here(
+    node: &Node,
+    shard: ShardId,
+    viewer: &str,
+    request: &pb::SyncShard,
+    remaining: Duration,
+) -> Attempt<pb::ShardSync> {
+    let Some(replica) = node.shards.get(&shard) else {
+        return Attempt::Redirect(None);
+    };
+    if let Err(stop) = linearizable_here(node, shard, remaining).await {
+        return stop;
+    }
+    let query = SyncQuery {
+        since: (!request.first).then_some(request.since),
+        limit: (request.limit as usize).clamp(1, MAX_PAGE),
+        messages_per_room: (request.messages_per_room as usize).min(MAX_SYNC_MESSAGES),
+        after: request.paged.then(|| (request.after_ts_ms, request.after_room.clone())),
+    };
+    match off_runtime(|| replica.reader.sync(viewer, &query)) {
+        Ok(page) => Attempt::Done(shard_sync_to_pb(shard, page)),
+        Err(e) => Attempt::Failed(e.into()),
+    }
+}
+
+/// A shard's Sync page as it crosses the wire, cut short (`more`) once its rooms pass
+/// [`SYNC_PAGE_BYTES`]: what is left comes in the next page.
+fn shard_sync_to_pb(shard: ShardId, page: SyncPage) -> pb::ShardSync {
+    let mut rooms = Vec::with_capacity(page.rooms.len());
+    let mut bytes = 0usize;
+    let mut more = page.more;
+    let count = page.rooms.len();
+    for (i, update) in page.rooms.into_iter().enumerate() {
+        let read_seq = update.member.as_ref().map_or(0, |m| m.read_seq);
+        let name = update.room.name.clone();
+        let room = room_info(shard, RoomView { room: update.room, member: update.member });
+        let messages = update.messages.into_iter().map(|m| message_to_pb(&name, m)).collect();
+        let update = client::RoomUpdate {
+            room: Some(room),
+            read_seq,
+            unread: update.unread,
+            mentions: update.mentions,
+            messages,
+            limited: update.limited,
+        };
+        bytes += prost::Message::encoded_len(&update);
+        rooms.push(update);
+        if bytes > SYNC_PAGE_BYTES && i + 1 < count {
+            more = true;
+            break;
+        }
+    }
+    pb::ShardSync { position: page.position, rooms, more }
+}
+
 /// A room as its viewer sees it. The storage and client enums share their numbers.
 pub fn room_info(shard: ShardId, view: RoomView) -> client::RoomInfo {
     let r = view.room;
@@ -770,6 +872,8 @@ fn history_page_from_pb(page: client::HistoryPage) -> HistoryPage {
                 kind: m.kind,
                 target: m.target,
                 role: m.role,
+                // Internal to the state machine; a client never sees it.
+                text_ordinal: 0,
             })
             .collect(),
     }

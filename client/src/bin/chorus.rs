@@ -136,8 +136,26 @@ enum Command {
         #[arg(value_enum)]
         role: RoleArg,
     },
-    /// The members of a room, with their roles.
+    /// The members of a room, with their roles (and how far each has read, for those who share
+    /// their read receipts).
     Members { room: String },
+    /// Mark a room read up to SEQ (default: its newest message).
+    Read {
+        room: String,
+        seq: Option<u64>,
+        /// Set the marker to SEQ exactly, so that what follows reads as unread again.
+        #[arg(long)]
+        unread: bool,
+        /// Also show this position to the room's members as your read receipt.
+        #[arg(long)]
+        share: bool,
+    },
+    /// Your rooms, newest first, with how many messages and mentions you have not read.
+    Sync {
+        /// Also print each room's newest N messages.
+        #[arg(long, default_value_t = 0)]
+        messages: u32,
+    },
     /// Direct messages with a user: chat with them, or send TEXT.
     Dm { user: String, text: Option<String> },
     /// Administer the cluster (admins).
@@ -498,8 +516,11 @@ async fn command(client: &Client, store: &ProfileStore, command: Command, json: 
                 if json {
                     out!(
                         "{}",
-                        json!({"user": m.user, "role": role_name(m.role), "state": state, "since_ms": m.since_ms})
+                        json!({"user": m.user, "role": role_name(m.role), "state": state, "since_ms": m.since_ms,
+                               "read_seq": m.read_seq})
                     );
+                } else if state == "joined" && m.read_seq > 0 {
+                    out!("{:<32} {:<8} read up to #{}", m.user, role_name(m.role), m.read_seq);
                 } else if state == "joined" {
                     out!("{:<32} {}", m.user, role_name(m.role));
                 } else {
@@ -507,11 +528,56 @@ async fn command(client: &Client, store: &ProfileStore, command: Command, json: 
                 }
             }
         }
+        Command::Read { room, seq, unread, share } => {
+            let marked = client.mark_read(&room, seq.unwrap_or(0), unread, share).await?;
+            if json {
+                out!(
+                    "{}",
+                    json!({"room": marked.room, "read_seq": marked.read_seq, "unread": marked.unread,
+                           "mentions": marked.mentions})
+                );
+            } else {
+                out!(
+                    "{}: read up to #{} ({} unread, {} mentions)",
+                    marked.room,
+                    marked.read_seq,
+                    marked.unread,
+                    marked.mentions
+                );
+            }
+        }
+        Command::Sync { messages } => {
+            let caught = client.sync(&[], messages).await?;
+            for update in caught.rooms {
+                let Some(room) = update.room else { continue };
+                let state = member_state(room.membership);
+                if json {
+                    let messages: Vec<_> = update.messages.iter().map(message_json).collect();
+                    out!(
+                        "{}",
+                        json!({"room": room.name, "state": state, "last_seq": room.last_seq,
+                               "last_ts_ms": room.last_ts_ms, "read_seq": update.read_seq, "unread": update.unread,
+                               "mentions": update.mentions, "limited": update.limited, "messages": messages})
+                    );
+                    continue;
+                }
+                let counts = match (update.unread, update.mentions) {
+                    (0, _) if state == "joined" => String::new(),
+                    (unread, 0) if state == "joined" => format!("{unread} unread"),
+                    (unread, mentions) if state == "joined" => format!("{unread} unread, {mentions} mentioning you"),
+                    _ => format!("({state})"),
+                };
+                out!("{:<40} {counts}", room.name);
+                for message in &update.messages {
+                    print_message(message, false);
+                }
+            }
+        }
         Command::Dm { user, text } => {
             let direct = client.open_direct(&user).await?;
             match text {
                 Some(text) => {
-                    let receipt = client.send(&direct.room, text).await?;
+                    let receipt = send_joining(client, store, &direct.room, text).await?;
                     if json {
                         out!("{}", json!({"room": direct.room, "seq": receipt.seq, "ts_ms": receipt.ts_ms}));
                     } else {
@@ -855,17 +921,19 @@ fn describe_event(m: &Message) -> Option<String> {
     })
 }
 
+fn message_json(m: &Message) -> serde_json::Value {
+    let body = String::from_utf8_lossy(&m.body);
+    let kind = chorus_proto::client::MessageKind::try_from(m.kind)
+        .map(|k| k.as_str_name().trim_start_matches("MESSAGE_KIND_").to_lowercase())
+        .unwrap_or_else(|_| "unknown".into());
+    json!({"room": m.room, "seq": m.seq, "ts_ms": m.ts_ms, "sender": m.sender, "body": body,
+           "client_seq": m.client_seq, "kind": kind, "target": m.target})
+}
+
 fn print_message(m: &Message, json: bool) {
     let body = String::from_utf8_lossy(&m.body);
     if json {
-        let kind = chorus_proto::client::MessageKind::try_from(m.kind)
-            .map(|k| k.as_str_name().trim_start_matches("MESSAGE_KIND_").to_lowercase())
-            .unwrap_or_else(|_| "unknown".into());
-        out!(
-            "{}",
-            json!({"room": m.room, "seq": m.seq, "ts_ms": m.ts_ms, "sender": m.sender, "body": body,
-                   "client_seq": m.client_seq, "kind": kind, "target": m.target})
-        );
+        out!("{}", message_json(m));
     } else if let Some(event) = describe_event(m) {
         out!("#{:<6} {}  -- {event} --", m.seq, format_time(m.ts_ms));
     } else {

@@ -172,6 +172,7 @@ impl ApplyBatch<'_> {
             kind: MessageKind::Text as i32,
             target: String::new(),
             role: 0,
+            text_ordinal: 0, // set by `push`
         };
         let Some((seq, ts_ms)) = self.push(&a.room, message)? else {
             return Ok(Err(CommandError::RoomNotFound { room: a.room.clone() }));
@@ -199,6 +200,7 @@ impl ApplyBatch<'_> {
             kind: event.kind as i32,
             target: event.target.to_owned(),
             role: event.role as i32,
+            text_ordinal: 0,
         };
         self.push(room, message)?
             .ok_or_else(|| StoreError::corrupt(format!("room {room:?}"), "vanished within its own batch"))
@@ -211,10 +213,13 @@ impl ApplyBatch<'_> {
         let Some(room) = self.room(room_name)? else { return Ok(None) };
         let (room_id, last_seq, last_ts, first_seq, retention) =
             (room.room_id, room.last_seq, room.last_ts_ms, first_retained(room), room.retention_max_messages);
+        let text_count = room.text_count + u64::from(message.kind == MessageKind::Text as i32);
+        let direct_users = room.direct_users.clone();
         let seq = last_seq + 1;
         let ts_ms = message.ts_ms.max(last_ts);
         message.seq = seq;
         message.ts_ms = ts_ms;
+        message.text_ordinal = text_count;
         let sm = self.view.db.cf_sm()?;
         self.write.put_cf(sm, self.keys.message(room_id, seq), message.encode_to_vec());
         // Retention: keep the newest `retention` messages.
@@ -237,8 +242,11 @@ impl ApplyBatch<'_> {
             room.last_seq = seq;
             room.last_ts_ms = ts_ms;
             room.first_seq = new_first;
+            room.text_count = text_count;
         }
         self.mark_dirty(room_name);
+        self.touch_room(room_name);
+        self.after_entry(room_id, &direct_users, &message)?;
         self.appended.push(Arc::new(AppliedMessage { room: room_name.to_owned(), message, wire: OnceLock::new() }));
         Ok(Some((seq, ts_ms)))
     }

@@ -27,7 +27,9 @@
 
 pub mod accounts;
 pub mod messages;
+pub mod read_markers;
 pub mod rooms;
+pub mod sync;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
@@ -335,6 +337,7 @@ fn apply_entries(
     let mut log_bytes = 0u64;
     for entry in entries {
         last_applied = Some(entry.log_id);
+        batch.index = entry.log_id.index;
         let response = match entry.payload {
             EntryPayload::Blank => CommandResponse::default(),
             EntryPayload::Membership(m) => {
@@ -413,6 +416,11 @@ struct ApplyBatch<'a> {
     revocations: Vec<Revocation>,
     /// The rules of the command being applied (see [`CURRENT_RULES`]).
     rules: u32,
+    /// The log index of the entry being applied: the position of what it changes in the
+    /// change indexes (see [`read_markers`]).
+    index: u64,
+    /// Rooms this batch appended to or created, with their `changed_at` before the batch.
+    room_changes: HashMap<String, u64>,
 }
 
 impl<'a> ApplyBatch<'a> {
@@ -433,6 +441,8 @@ impl<'a> ApplyBatch<'a> {
             appended: Vec::new(),
             revocations: Vec::new(),
             rules: CURRENT_RULES,
+            index: 0,
+            room_changes: HashMap::new(),
         }
     }
 
@@ -463,7 +473,8 @@ impl<'a> ApplyBatch<'a> {
 
     fn apply_op(&mut self, kind: &op::Kind, ts_ms: u64) -> OpResult {
         use op::Kind as K;
-        let room_op = matches!(kind, K::CreateRoom(_) | K::Append(_) | K::Membership(_) | K::OpenDirect(_));
+        let room_op =
+            matches!(kind, K::CreateRoom(_) | K::Append(_) | K::Membership(_) | K::OpenDirect(_) | K::MarkRead(_));
         if room_op == self.is_meta() {
             let group = if self.is_meta() { "the meta group" } else { "a room shard" };
             return Ok(Err(CommandError::Misrouted { group }));
@@ -473,6 +484,7 @@ impl<'a> ApplyBatch<'a> {
             K::Append(a) => self.append(a, ts_ms),
             K::Membership(m) => self.change_membership(m, ts_ms),
             K::OpenDirect(d) => self.open_direct(d, ts_ms),
+            K::MarkRead(m) => self.mark_read(m),
             K::CreateUser(u) => self.create_user(u, ts_ms),
             K::CreateSession(s) => self.create_session(s, ts_ms),
             K::ExternalLogin(e) => self.external_login(e, ts_ms),
@@ -568,6 +580,7 @@ impl<'a> ApplyBatch<'a> {
     /// revoked, and what the cache should remember once the batch is written.
     #[allow(clippy::type_complexity)]
     fn finish(mut self) -> Result<(WriteBatch, Vec<Arc<AppliedMessage>>, Vec<Revocation>, BatchState), StoreError> {
+        self.write_room_changes()?;
         let sm = self.view.db.cf_sm()?;
         for name in &self.dirty_rooms {
             if let Some(room) = self.rooms.get(name) {

@@ -262,6 +262,7 @@ impl ApplyBatch<'_> {
             since_ms: ts_ms,
             by: c.creator.clone(),
             since_seq: 0,
+            ..Default::default()
         };
         self.set_membership(&c.room, room_id, &c.creator, None, Some(owner))?;
         Ok(Ok(OpOutcome::RoomCreated { room_id, ts_ms }))
@@ -295,6 +296,7 @@ impl ApplyBatch<'_> {
         fill(&mut record);
         self.rooms.insert(name.to_owned(), record);
         self.mark_dirty(name);
+        self.touch_room(name);
         Ok(Ok((room_id, ts_ms)))
     }
 
@@ -326,6 +328,8 @@ impl ApplyBatch<'_> {
             }
             _ => None,
         };
+        let current = self.member(room_id, user)?;
+        let after = self.carry_read_state(room, room_id, user, current.as_ref(), after)?;
         // Through the overlay, so that the index is consistent within the batch.
         match listed {
             Some(value) => self.put(index, value)?,
@@ -358,6 +362,7 @@ impl ApplyBatch<'_> {
             since_ms: ts_ms,
             by: m.actor.clone(),
             since_seq: 0, // set once the event has its seq
+            ..Default::default()
         };
         let (actor_state, actor_role) = (state(actor.as_ref()), role(actor.as_ref()));
         let (target_state, target_role) = (state(target.as_ref()), role(target.as_ref()));
@@ -515,6 +520,7 @@ impl ApplyBatch<'_> {
                 since_ms: ts_ms,
                 by: d.actor.clone(),
                 since_seq: 0,
+                ..Default::default()
             };
             self.set_membership(&d.room, room_id, user, None, Some(member))?;
         }

@@ -385,12 +385,25 @@ async fn replicas_applying_the_same_entries_are_identical() {
                     create_room_op(room, "s")
                 } else if rng.random_bool(0.15) {
                     membership_op(room, user, actions[rng.random_range(0..actions.len())], other)
+                } else if rng.random_bool(0.1) {
+                    // Read markers move forward, back (unread) and past the end (refused).
+                    op::Kind::MarkRead(chorus_proto::storage::MarkRead {
+                        room: room.into(),
+                        user: user.into(),
+                        seq: rng.random_range(0..i + 2),
+                        unread: rng.random_bool(0.2),
+                        share: rng.random_bool(0.5),
+                    })
                 } else {
                     let client = [b'c', rng.random_range(0..3u8)];
                     // Client seqs climb past the dedup window, out of order and with retries,
                     // spread over the rooms: expiry runs, on sparse client seqs too.
                     let client_seq = i * 60 + rng.random_range(1..120);
-                    append_op(room, user, &client, client_seq, vec![0u8; rng.random_range(0..100)])
+                    let mut body = vec![0u8; rng.random_range(0..100)];
+                    if rng.random_bool(0.3) {
+                        body.extend_from_slice(format!(" @{other} @{user}").as_bytes());
+                    }
+                    append_op(room, user, &client, client_seq, body)
                 }
             })
             .map(|k| Op { kind: Some(k) })

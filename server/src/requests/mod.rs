@@ -9,11 +9,13 @@ pub mod create_room;
 pub mod hello;
 pub mod history;
 pub mod list_rooms;
+pub mod mark_read;
 pub mod membership;
 pub mod send;
 pub mod send_batch;
 pub mod status;
 pub mod subscribe;
+pub mod sync;
 
 use std::sync::Arc;
 
@@ -60,6 +62,8 @@ pub async fn dispatch(
         K::Membership(m) => membership::change(node, &me, m).await.map(R::MembershipChanged),
         K::Members(m) => membership::members(node, &me, m).await.map(R::Members),
         K::OpenDirect(d) => membership::open_direct(node, &me, d).await.map(R::DirectRoom),
+        K::MarkRead(m) => mark_read::handle(node, &me, m).await.map(R::MarkedRead),
+        K::Sync(s) => sync::handle(node, &me, s).await.map(R::Sync),
         K::CreateUser(u) => admin::create_user(node, &me, u).await.map(R::Done),
         K::SetUserDisabled(d) => admin::set_user_disabled(node, &me, d).await.map(R::Done),
         K::ListUsers(l) => admin::list_users(node, &me, l).await.map(R::Users),

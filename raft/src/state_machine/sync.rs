@@ -1,0 +1,214 @@
+//! One shard's part of a Sync: the viewer's rooms of this shard that changed after a position
+//! (a log index), with their read state and newest entries.
+//!
+//! Cost: a first sync reads every room of the viewer in the shard. A later one walks the
+//! shard's room change index after the position and the viewer's room index side by side,
+//! and stops at the end of the shorter: then it checks only the rooms of that one (changed
+//! rooms for membership, or the viewer's rooms for a change). So it reads at most about twice
+//! the smaller of "rooms changed in this shard since" and "rooms of the viewer here", plus
+//! the viewer's own change index (markers moved, memberships ended) since the position.
+
+use std::collections::BTreeSet;
+
+use chorus_proto::storage::{MemberRecord, MembershipState, MessageRecord, RoomRecord};
+use rocksdb::{Direction, IteratorMode, ReadOptions};
+
+use super::read_markers::{ordinal_before, unread_count};
+use super::{HistoryQuery, ShardReader};
+use crate::error::{CommandError, QueryError, StoreError};
+use crate::keys::SmKeys;
+
+/// Most newest entries returned per room.
+pub const MAX_SYNC_MESSAGES: usize = 100;
+
+/// What to read.
+#[derive(Debug, Clone, Default)]
+pub struct SyncQuery {
+    /// Changes after this log index; `None`: a first sync (every room of the viewer).
+    pub since: Option<u64>,
+    /// Rooms to return at most.
+    pub limit: usize,
+    /// Newest entries per room.
+    pub messages_per_room: usize,
+    /// Rooms after this one in Sync's order (newest last entry first, then by name).
+    pub after: Option<(u64, String)>,
+}
+
+/// One room of the viewer as Sync returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomUpdate {
+    pub room: RoomRecord,
+    /// `None`: the viewer is no longer a member (left, kicked).
+    pub member: Option<MemberRecord>,
+    pub unread: u64,
+    pub mentions: u64,
+    /// The room's newest entries, oldest first (none if the viewer may not read the room).
+    pub messages: Vec<MessageRecord>,
+    /// Unread entries exist before the first of `messages`.
+    pub limited: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SyncPage {
+    /// The shard's applied log index before the read: every change up to it is covered.
+    pub position: u64,
+    pub rooms: Vec<RoomUpdate>,
+    /// More rooms of this shard follow the last one.
+    pub more: bool,
+    /// Index entries and room records this read looked at: what it cost (see the module docs).
+    pub examined: usize,
+}
+
+/// The rooms a Sync looks at (names), those of them in the viewer's own change index, and how
+/// many index entries and records finding them read.
+type Candidates = (BTreeSet<Vec<u8>>, BTreeSet<Vec<u8>>, usize);
+
+/// Sync's order: newest last entry first, then by name.
+fn order_key(room: &RoomRecord) -> (std::cmp::Reverse<u64>, &str) {
+    (std::cmp::Reverse(room.last_ts_ms), room.name.as_str())
+}
+
+impl ShardReader {
+    /// The viewer's rooms of this shard that changed after `query.since`, in Sync's order.
+    pub fn sync(&self, viewer: &str, query: &SyncQuery) -> Result<SyncPage, QueryError> {
+        crate::limits::validate_user_name(viewer)?;
+        // First: whatever applies after this is either in this read or after the position.
+        let position = self.applied()?.map_or(0, |id| id.index);
+        let (mut updates, examined) = {
+            let (_generation, keys) = self.generation();
+            let (candidates, own_changes, looked_at) = self.sync_candidates(&keys, viewer, query.since)?;
+            let examined = looked_at + candidates.len();
+            let mut updates = Vec::new();
+            for name in candidates {
+                let name = std::str::from_utf8(&name).map_err(|e| {
+                    StoreError::corrupt(format!("room index entry {name:?} of shard {}", self.view.shard), e)
+                })?;
+                let Some(room) = self.view.get_room(&keys, name)? else { continue };
+                let member = self.view.get_member(&keys, room.room_id, viewer)?;
+                let state = member.as_ref().map_or(MembershipState::NotMember as i32, |m| m.state);
+                let listed = state == MembershipState::Joined as i32 || state == MembershipState::Invited as i32;
+                // A changed room that was never the viewer's is none of their business.
+                if !listed && !own_changes.contains(name.as_bytes()) {
+                    continue;
+                }
+                if let Some((ts, after)) = &query.after
+                    && order_key(&room) <= (std::cmp::Reverse(*ts), after.as_str())
+                {
+                    continue;
+                }
+                updates.push((room, member));
+            }
+            (updates, examined)
+        };
+        updates.sort_by(|a, b| order_key(&a.0).cmp(&order_key(&b.0)));
+        let more = updates.len() > query.limit;
+        updates.truncate(query.limit);
+        let mut rooms = Vec::with_capacity(updates.len());
+        for (room, member) in updates {
+            rooms.push(self.room_update(viewer, room, member, query.messages_per_room)?);
+        }
+        Ok(SyncPage { position, rooms, more, examined })
+    }
+
+    /// The names of the rooms to look at (see the module docs for the cost), and those of
+    /// them in the viewer's own change index (markers moved, memberships ended).
+    fn sync_candidates(&self, keys: &SmKeys, viewer: &str, since: Option<u64>) -> Result<Candidates, StoreError> {
+        let (mine_start, mine_end) = keys.user_room_range(viewer);
+        let name_of = |key: Box<[u8]>| key[mine_start.len()..].to_vec();
+        let mut candidates = BTreeSet::new();
+        let mut own_changes = BTreeSet::new();
+        let Some(since) = since else {
+            for key in self.keys_of(&mine_start, &mine_end)? {
+                candidates.insert(name_of(key?));
+            }
+            let looked_at = candidates.len();
+            return Ok((candidates, own_changes, looked_at));
+        };
+        let (start, end) = keys.room_changes_after(since);
+        let mut changes = self.keys_of(&start, &end)?;
+        let mut mine = self.keys_of(&mine_start, &mine_end)?;
+        let (mut changed, mut own) = (Vec::new(), Vec::new());
+        let changes_ended_first = loop {
+            match changes.next() {
+                None => break true,
+                Some(key) => changed.push(keys.room_of_change(&key?).unwrap_or_default().to_vec()),
+            }
+            match mine.next() {
+                None => break false,
+                Some(key) => own.push(name_of(key?)),
+            }
+        };
+        let mut looked_at = changed.len() + own.len();
+        if changes_ended_first {
+            // The rooms changed since: whether each is the viewer's is checked by the caller.
+            candidates.extend(changed);
+        } else {
+            for key in mine {
+                own.push(name_of(key?));
+            }
+            looked_at = changed.len() + 2 * own.len();
+            for name in own {
+                let Ok(name_str) = std::str::from_utf8(&name) else { continue };
+                if self.view.get_room(keys, name_str)?.is_some_and(|room| room.changed_at > since) {
+                    candidates.insert(name);
+                }
+            }
+        }
+        let (start, end) = keys.read_changes_after(viewer, since);
+        for key in self.keys_of(&start, &end)? {
+            let name = keys.room_of_read_change(viewer, &key?).unwrap_or_default().to_vec();
+            own_changes.insert(name.clone());
+            candidates.insert(name);
+            looked_at += 1;
+        }
+        Ok((candidates, own_changes, looked_at))
+    }
+
+    fn room_update(
+        &self,
+        viewer: &str,
+        room: RoomRecord,
+        member: Option<MemberRecord>,
+        messages_per_room: usize,
+    ) -> Result<RoomUpdate, QueryError> {
+        let first = super::first_retained(&room);
+        let before_first = || -> u64 {
+            let (_generation, keys) = self.generation();
+            match self.view.get::<MessageRecord>(&keys.message(room.room_id, first), || "message".into()) {
+                Ok(Some(message)) => ordinal_before(&message),
+                _ => 0,
+            }
+        };
+        let unread = unread_count(&room, member.as_ref(), before_first);
+        let joined = member.as_ref().is_some_and(|m| m.state == MembershipState::Joined as i32);
+        let mentions = if joined { member.as_ref().map_or(0, |m| m.unread_mentions) } else { 0 };
+        let limit = messages_per_room.min(MAX_SYNC_MESSAGES);
+        let messages = if limit == 0 || room.last_seq == 0 {
+            Vec::new()
+        } else {
+            match self.history(&room.name, HistoryQuery::Before { before: u64::MAX, limit }, viewer) {
+                Ok(page) => page.messages,
+                // Invited to a private room, or removed: counts, but no messages.
+                Err(QueryError::Invalid(CommandError::NotMember { .. } | CommandError::Forbidden { .. })) => Vec::new(),
+                Err(e) => return Err(e),
+            }
+        };
+        let read_seq = member.as_ref().map_or(0, |m| m.read_seq);
+        let limited =
+            joined && unread > 0 && messages.first().is_none_or(|m| m.seq > read_seq.saturating_add(1).max(first));
+        Ok(RoomUpdate { room, member, unread, mentions, messages, limited })
+    }
+
+    /// The keys of `[start, end)`, in order, read as they are needed.
+    fn keys_of(
+        &self,
+        start: &[u8],
+        end: &[u8],
+    ) -> Result<impl Iterator<Item = Result<Box<[u8]>, StoreError>> + '_, StoreError> {
+        let cf = self.view.db.cf_sm()?;
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(end.to_vec());
+        let iter = self.view.db.rocks().iterator_cf_opt(cf, opts, IteratorMode::From(start, Direction::Forward));
+        Ok(iter.map(|item| item.map(|(key, _)| key).map_err(StoreError::from)))
+    }
+}
