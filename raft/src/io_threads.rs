@@ -93,13 +93,19 @@ impl IoThread {
     }
 
     /// Runs what is queued and stops the thread; jobs queued later are refused.
+    ///
+    /// Called on the thread itself (a job held the last reference to what owns it, say the
+    /// node's database, whose drop stops its threads), it cannot wait for itself: the thread
+    /// ends on its own once its queue is empty.
     pub fn shutdown(&self) {
         self.shared.lock().closed = true;
         self.shared.wake.notify_one();
         let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(thread) = thread
-            && thread.join().is_err()
-        {
+        let Some(thread) = thread else { return };
+        if thread.thread().id() == std::thread::current().id() {
+            return;
+        }
+        if thread.join().is_err() {
             tracing::error!(thread = %self.name, "I/O thread panicked");
         }
     }
@@ -165,6 +171,29 @@ mod tests {
         let panicked = thread.run(|| -> u32 { panic!("injected") }).await;
         assert!(matches!(panicked, Err(IoThreadError::Panicked(_))));
         assert_eq!(thread.run(|| 7).await.unwrap(), 7);
+    }
+
+    #[test]
+    fn a_job_that_drops_the_last_handle_of_its_own_thread_does_not_deadlock() {
+        let thread = Arc::new(IoThread::start("test-io").unwrap());
+        let (go, wait_for_go) = std::sync::mpsc::channel::<()>();
+        let (finished, job_finished) = std::sync::mpsc::channel::<()>();
+        let held = thread.clone();
+        let job = move || {
+            let _ = wait_for_go.recv();
+            drop(held);
+            let _ = finished.send(());
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            let mut queued = std::pin::pin!(thread.run(job));
+            assert!(futures::poll!(queued.as_mut()).is_pending());
+        }); // Nobody waits for the job any more (as when openraft drops an apply).
+        drop(thread);
+        go.send(()).unwrap();
+        job_finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the job finished after dropping the last handle of its own thread");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
