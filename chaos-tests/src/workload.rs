@@ -268,6 +268,7 @@ pub async fn subscriber(process: u64, client: Client, rooms: Vec<(String, u64)>,
                 }
             }
             Ok(SubscriptionEvent::Resumed { .. }) => resumes += 1,
+            Ok(SubscriptionEvent::Presence(_) | SubscriptionEvent::Typing { .. }) => {}
             Ok(SubscriptionEvent::Gap(g)) => {
                 errors.insert(g.room.clone(), format!("unexpected gap {}..={}: {}", g.from_seq, g.to_seq, g.reason));
             }

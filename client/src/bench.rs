@@ -628,7 +628,10 @@ pub async fn run_failover(
                     let m = match subscription.next().await? {
                         SubscriptionEvent::Message(m) => m,
                         SubscriptionEvent::RoomError { error, .. } => return Err(error),
-                        SubscriptionEvent::Gap(_) | SubscriptionEvent::Resumed { .. } => continue,
+                        SubscriptionEvent::Gap(_)
+                        | SubscriptionEvent::Resumed { .. }
+                        | SubscriptionEvent::Presence(_)
+                        | SubscriptionEvent::Typing { .. } => continue,
                     };
                     let Some(sent) = m.body.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else {
                         continue;

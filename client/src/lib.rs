@@ -875,20 +875,56 @@ impl Client {
 
     /// Live messages of `rooms`, each after its cursor.
     pub fn subscribe(&self, rooms: impl IntoIterator<Item = (String, u64)>) -> Subscription {
-        Subscription::new(self.clone(), rooms.into_iter().collect())
+        Subscription::new(self.clone(), rooms.into_iter().collect(), Vec::new())
+    }
+
+    /// Live messages of `rooms` (each after its cursor), who types in them, and the presence
+    /// of `presence_of` (at most 1000 users; `rooms` may then be empty).
+    pub fn subscribe_with(
+        &self,
+        rooms: impl IntoIterator<Item = (String, u64)>,
+        presence_of: impl IntoIterator<Item = String>,
+    ) -> Subscription {
+        Subscription::new(self.clone(), rooms.into_iter().collect(), presence_of.into_iter().collect())
+    }
+
+    /// The signed-in user is active now (`away` false: an activity ping; send one when they do
+    /// something, about once a minute at most), or away while connected. `status_text`, when
+    /// given, replaces their status text.
+    pub async fn set_presence(&self, away: bool, status_text: Option<&str>) -> Result<(), ClientError> {
+        let state = if away { pb::PresenceState::Idle } else { pb::PresenceState::Online };
+        let kind = request::Kind::SetPresence(pb::SetPresence {
+            state: state as i32,
+            status_text: status_text.map(str::to_owned),
+        });
+        match self.call(kind).await? {
+            response::Kind::Done(_) => Ok(()),
+            other => Err(unexpected("set presence", other)),
+        }
+    }
+
+    /// The signed-in user is typing in `room` (repeat every few seconds while they type), or
+    /// stopped.
+    pub async fn typing(&self, room: &str, typing: bool) -> Result<(), ClientError> {
+        match self.call(request::Kind::Typing(pb::Typing { room: room.to_owned(), typing })).await? {
+            response::Kind::Done(_) => Ok(()),
+            other => Err(unexpected("typing", other)),
+        }
     }
 
     /// Opens a raw subscription stream on the current connection (used by [`Subscription`]).
     async fn open_subscription(
         &self,
         cursors: &BTreeMap<String, u64>,
+        presence_of: &[String],
     ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), ClientError> {
         let connection = self.connection().await?;
         let opened = async {
             let (mut send, recv) = connection.open_bi().await.map_err(|e| ClientError::lost(e, false))?;
             let rooms =
                 cursors.iter().map(|(room, after)| pb::RoomCursor { room: room.clone(), after_seq: *after }).collect();
-            let request = pb::Request { kind: Some(request::Kind::Subscribe(pb::Subscribe { rooms })) };
+            let subscribe = pb::Subscribe { rooms, presence_of: presence_of.to_vec() };
+            let request = pb::Request { kind: Some(request::Kind::Subscribe(subscribe)) };
             framing::write_message(&mut send, &request).await.map_err(|e| ClientError::lost(e, true))?;
             Ok::<_, ClientError>((send, recv))
         }

@@ -35,12 +35,22 @@ pub enum SubscriptionEvent {
     Resumed {
         node: String,
     },
+    /// Presence of watched users: all of them when the subscription starts (and again after
+    /// it resumes), then those that changed.
+    Presence(Vec<pb::UserPresence>),
+    /// Who is typing in `room` now (empty: nobody).
+    Typing {
+        room: String,
+        users: Vec<String>,
+    },
 }
 
 /// Live messages of some rooms; see the module docs. Created by [`Client::subscribe`].
 pub struct Subscription {
     client: Client,
     cursors: BTreeMap<String, u64>,
+    /// Users whose presence the subscription watches.
+    presence_of: Vec<String>,
     /// The stream's receive half, framed (the codec keeps a partly read frame across calls,
     /// which makes [`Subscription::next`] cancel-safe).
     stream: Option<(quinn::Connection, quinn::SendStream, FramedRead<quinn::RecvStream, LengthDelimitedCodec>)>,
@@ -63,8 +73,8 @@ enum Broken {
 }
 
 impl Subscription {
-    pub(crate) fn new(client: Client, cursors: BTreeMap<String, u64>) -> Subscription {
-        Subscription { client, cursors, stream: None, failures: 0, resuming: false }
+    pub(crate) fn new(client: Client, cursors: BTreeMap<String, u64>, presence_of: Vec<String>) -> Subscription {
+        Subscription { client, cursors, presence_of, stream: None, failures: 0, resuming: false }
     }
 
     /// The last sequence number delivered (or skipped by a gap) per room.
@@ -93,11 +103,11 @@ impl Subscription {
     /// buffered for the next call), so it may race other futures in a `select!`.
     pub async fn next(&mut self) -> Result<SubscriptionEvent, ClientError> {
         loop {
-            if self.cursors.is_empty() {
+            if self.cursors.is_empty() && self.presence_of.is_empty() {
                 return Err(ClientError::Protocol("the subscription has no rooms left".into()));
             }
             if self.stream.is_none() {
-                match self.client.open_subscription(&self.cursors).await {
+                match self.client.open_subscription(&self.cursors, &self.presence_of).await {
                     Ok((connection, send, recv)) => self.stream = Some((connection, send, framed(recv))),
                     Err(e) if e.retryable() => {
                         self.broken(false).await;
@@ -165,6 +175,10 @@ impl Subscription {
                 }
                 // The node is going away: resume elsewhere.
                 Some(event::Kind::Closing(_)) => self.broken(true).await,
+                Some(event::Kind::Presence(p)) => return Ok(SubscriptionEvent::Presence(p.users)),
+                Some(event::Kind::Typing(t)) => {
+                    return Ok(SubscriptionEvent::Typing { room: t.room, users: t.users });
+                }
                 None => {} // an event kind from a newer server
             }
         }

@@ -283,6 +283,9 @@ fn the_cli_signs_in_manages_rooms_and_members_and_signs_out() {
     assert!(history.contains("ann: secret plan") && history.contains("-- bob joined --"), "{history}");
     let members = ok(chorus_as(&node, "bob", &["members", "plans"], None));
     assert!(members.contains("ann") && members.contains("owner") && members.contains("bob"), "{members}");
+    // Who is around: both ran a command within the last 30 s, so both are online.
+    let who = ok(chorus_as(&node, "bob", &["who", "plans"], None));
+    assert!(who.contains("ann is online") && who.contains("bob is online"), "{who}");
     // Kicked, bob cannot send there any more; the kick is in the room's history.
     ok(chorus_as(&node, "ann", &["kick", "plans", "bob", "--reason", "oops"], None));
     let after = chorus_as(&node, "bob", &["send", "plans", "still here?"], None);

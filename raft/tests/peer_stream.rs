@@ -137,6 +137,13 @@ impl Peer for CountingPeer {
     ) -> Result<Response<pb::TakeLeadershipReply>, Status> {
         Err(Status::unimplemented("test peer"))
     }
+
+    async fn exchange_presence(
+        &self,
+        _: Request<pb::PresenceExchange>,
+    ) -> Result<Response<pb::PresenceExchange>, Status> {
+        Err(Status::unimplemented("test peer"))
+    }
 }
 
 async fn serve(peer: CountingPeer) -> SocketAddr {

@@ -645,6 +645,17 @@ pub async fn serve_forwarded_read(node: &Node, request: pb::ReadRequest) -> pb::
             let attempt = rooms_here(node, request.shard, viewer, &l, request.linearizable, remaining);
             answer(attempt.await, R::RoomPage)
         }
+        Some(pb::read_request::Query::MemberOf(room)) => {
+            let attempt = async {
+                if request.linearizable
+                    && let Err(stop) = linearizable_here(node, request.shard, remaining).await
+                {
+                    return stop;
+                }
+                member_of_here(node, request.shard, viewer, &room)
+            };
+            answer(attempt.await, R::Member)
+        }
         Some(pb::read_request::Query::Sync(q)) => {
             answer(sync_here(node, request.shard, viewer, &q, remaining).await, R::Sync)
         }
@@ -720,6 +731,74 @@ pub async fn list_rooms_of_shard(
         }
     })
     .await
+}
+
+/// Whether `viewer` is a joined member of `room` (for typing): asked of a replica of its
+/// shard (this node's first), and, when that says no, of the leader, so that a member who has
+/// just joined is not refused by a replica a moment behind.
+pub async fn is_joined(node: &Node, room: &str, viewer: &str) -> Result<bool, ServiceError> {
+    let shard = node.layout.router.shard_for_room(room);
+    let joined = |m: &client::Member| m.state == client::MembershipState::Joined as i32;
+    if joined(&member_of(node, shard, viewer, room, false).await?) {
+        return Ok(true);
+    }
+    Ok(joined(&member_of(node, shard, viewer, room, true).await?))
+}
+
+/// `viewer`'s own membership of `room`, read on a replica of its shard (this node's first), or
+/// through its leader when `linearizable`.
+pub async fn member_of(
+    node: &Node,
+    shard: ShardId,
+    viewer: &str,
+    room: &str,
+    linearizable: bool,
+) -> Result<client::Member, ServiceError> {
+    with_leader(node, shard, linearizable, |target, remaining| async move {
+        if target == node.id {
+            if linearizable && let Err(stop) = linearizable_here(node, shard, remaining).await {
+                return stop;
+            }
+            return member_of_here(node, shard, viewer, room);
+        }
+        let read = pb::ReadRequest {
+            shard,
+            linearizable,
+            query: Some(pb::read_request::Query::MemberOf(room.to_owned())),
+            viewer: viewer.to_owned(),
+        };
+        let member = read_reply_at(node, target, read, remaining, |reply| match reply {
+            pb::read_reply::Result::Member(member) => Some(member),
+            _ => None,
+        });
+        match member.await {
+            Attempt::Redirect(_) => {
+                Attempt::Retry { maybe_applied: false, reason: format!("node {target} does not host shard {shard}") }
+            }
+            other => other,
+        }
+    })
+    .await
+}
+
+fn member_of_here(node: &Node, shard: ShardId, viewer: &str, room: &str) -> Attempt<client::Member> {
+    let Some(replica) = node.shards.get(&shard) else {
+        return Attempt::Redirect(None);
+    };
+    if let Err(e) = chorus_raft::limits::validate_room_name(room) {
+        return Attempt::Failed(e.into());
+    }
+    match replica.reader.member(room, viewer) {
+        Ok(Some(m)) => Attempt::Done(client::Member {
+            user: m.user,
+            state: m.state,
+            role: m.role,
+            since_ms: m.since_ms,
+            read_seq: m.read_seq,
+        }),
+        Ok(None) => Attempt::Done(client::Member { user: viewer.to_owned(), ..Default::default() }),
+        Err(e) => Attempt::Failed(e.into()),
+    }
 }
 
 /// One shard's part of a Sync for `viewer`, read through the shard's leader.

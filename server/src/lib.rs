@@ -27,6 +27,7 @@ pub mod liveness;
 pub mod node;
 pub mod peer;
 pub mod peer_tls;
+pub mod presence;
 pub mod rate_limit;
 pub mod requests;
 pub mod status;

@@ -74,6 +74,8 @@ pub struct Node {
     pub rate: RateLimiters,
     /// The external identity provider, if one is configured.
     pub external: Option<ExternalVerifier>,
+    /// Presence and typing (ephemeral; see [`crate::presence`]).
+    pub presence: crate::presence::PresenceHub,
     /// Cancelled when the node cannot go on (a shard's Raft stopped, a background task keeps
     /// failing): it then shuts down and the process exits with an error.
     failed: CancellationToken,
@@ -313,6 +315,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         connections: Connections::default(),
         rate: RateLimiters::new(&config.rate_limits),
         external,
+        presence: crate::presence::PresenceHub::new(node_id),
         config,
         failed: CancellationToken::new(),
         started_at: std::time::Instant::now(),
@@ -347,6 +350,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         });
     }
     supervisor::service(&node, "shard watch", watch_shards);
+    supervisor::service(&node, "presence exchange", crate::presence::exchange_with_peers);
     tracing::info!(
         client_addr = %node.config.client_addr,
         peer_addr = %node.config.peer_addr,

@@ -142,10 +142,29 @@ impl Outbox {
         self.tx.send(Queued { event, _bytes: Some(bytes) }).await.is_ok()
     }
 
+    /// A handle that does not keep the subscription open: once every [`Outbox`] is gone, the
+    /// stream ends.
+    pub fn downgrade(&self) -> WeakOutbox {
+        WeakOutbox { tx: self.tx.downgrade(), bytes: self.bytes.clone() }
+    }
+
     /// Queues `event` at once if there is room for it, ignoring the byte budget (for the one
     /// small event that opens a stream).
     pub fn try_send_first(&self, event: impl Into<Outgoing>) -> bool {
         self.tx.try_send(Queued { event: event.into(), _bytes: None }).is_ok()
+    }
+}
+
+/// See [`Outbox::downgrade`].
+#[derive(Clone)]
+pub struct WeakOutbox {
+    tx: mpsc::WeakSender<Queued>,
+    bytes: Arc<Semaphore>,
+}
+
+impl WeakOutbox {
+    pub fn upgrade(&self) -> Option<Outbox> {
+        Some(Outbox { tx: self.tx.upgrade()?, bytes: self.bytes.clone() })
     }
 }
 
@@ -378,6 +397,8 @@ pub async fn follow_remote(
                 }
                 event::Kind::Error(e) => return Err(ServiceError::from_wire(e)),
                 event::Kind::Closing(_) => break,
+                // A peer's room feed carries no presence or typing (those come from this node).
+                event::Kind::Presence(_) | event::Kind::Typing(_) => {}
             }
         }
         pause(&cancel, attempt).await;

@@ -170,7 +170,9 @@ async fn bad_input_gets_specific_errors_and_the_node_stays_up() {
         let connection = connection.clone();
         async move {
             let (mut s, mut r) = common::within("a new stream", connection.open_bi()).await.unwrap();
-            s.write_all(&frame(&request(request::Kind::Subscribe(pb::Subscribe { rooms })))).await.unwrap();
+            s.write_all(&frame(&request(request::Kind::Subscribe(pb::Subscribe { rooms, presence_of: Vec::new() }))))
+                .await
+                .unwrap();
             s.finish().unwrap();
             let event: pb::Event =
                 common::within("the server's answer", framing::read_message(&mut r, 1 << 20)).await.unwrap().unwrap();
@@ -225,6 +227,7 @@ async fn every_subscription_gets_closing_before_a_sigterm_closes_the_connection(
         for _ in 0..3 {
             let subscribe = request(request::Kind::Subscribe(pb::Subscribe {
                 rooms: vec![pb::RoomCursor { room: "r".into(), after_seq: 0 }],
+                presence_of: Vec::new(),
             }));
             let (mut s, mut r) = common::within("a new stream", connection.open_bi()).await.unwrap();
             framing::write_message(&mut s, &subscribe).await.unwrap();

@@ -77,6 +77,7 @@ async fn a_slow_loris_and_a_subscriber_that_never_reads_do_not_starve_a_normal_c
     let subscribe = |after: u64| pb::Request {
         kind: Some(request::Kind::Subscribe(pb::Subscribe {
             rooms: vec![pb::RoomCursor { room: "lobby".into(), after_seq: after }],
+            presence_of: Vec::new(),
         })),
     };
     let (mut s, mut never_read) = common::within("a new stream", lazy.open_bi()).await.unwrap();
@@ -182,6 +183,7 @@ async fn a_connection_may_hold_a_bounded_number_of_subscriptions() {
     let subscribe = pb::Request {
         kind: Some(request::Kind::Subscribe(pb::Subscribe {
             rooms: vec![pb::RoomCursor { room: "lobby".into(), after_seq: 0 }],
+            presence_of: Vec::new(),
         })),
     };
     let mut open = Vec::new();

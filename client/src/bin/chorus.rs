@@ -139,6 +139,13 @@ enum Command {
     /// The members of a room, with their roles (and how far each has read, for those who share
     /// their read receipts).
     Members { room: String },
+    /// The members of a room who are online or idle now (with --all, everyone, with when
+    /// they were last active).
+    Who {
+        room: String,
+        #[arg(long)]
+        all: bool,
+    },
     /// Mark a room read up to SEQ (default: its newest message).
     Read {
         room: String,
@@ -525,6 +532,37 @@ async fn command(client: &Client, store: &ProfileStore, command: Command, json: 
                     out!("{:<32} {}", m.user, role_name(m.role));
                 } else {
                     out!("{:<32} ({state})", m.user);
+                }
+            }
+        }
+        Command::Who { room, all } => {
+            let members: Vec<String> = client
+                .all_members(&room)
+                .await?
+                .into_iter()
+                .filter(|m| m.state == chorus_proto::client::MembershipState::Joined as i32)
+                .map(|m| m.user)
+                .take(1000)
+                .collect();
+            let mut subscription = client.subscribe_with(Vec::<(String, u64)>::new(), members.clone());
+            let presence = loop {
+                let event = tokio::time::timeout(std::time::Duration::from_secs(10), subscription.next())
+                    .await
+                    .map_err(|_| anyhow::anyhow!("no presence came within 10 s"))??;
+                if let SubscriptionEvent::Presence(users) = event {
+                    break users;
+                }
+            };
+            for p in presence {
+                let offline = p.state == chorus_proto::client::PresenceState::Offline as i32;
+                if json {
+                    out!(
+                        "{}",
+                        json!({"user": p.user, "state": presence_name(p.state), "status_text": p.status_text,
+                               "last_active_ms": p.last_active_ms})
+                    );
+                } else if all || !offline {
+                    out!("{}", describe_presence(&p));
                 }
             }
         }
@@ -952,7 +990,43 @@ fn print_event(event: &SubscriptionEvent, json: bool) {
         }
         SubscriptionEvent::RoomError { room, error } => eprintln!("chorus: {room}: {error}"),
         SubscriptionEvent::Resumed { node } => eprintln!("(reconnected via {node}; nothing missed)"),
+        SubscriptionEvent::Presence(users) if json => {
+            for p in users {
+                out!(
+                    "{}",
+                    json!({"presence": p.user, "state": presence_name(p.state), "status_text": p.status_text,
+                           "last_active_ms": p.last_active_ms})
+                );
+            }
+        }
+        SubscriptionEvent::Presence(users) => {
+            for p in users {
+                out!("-- {} --", describe_presence(p));
+            }
+        }
+        SubscriptionEvent::Typing { room, users } if json => out!("{}", json!({"typing": users, "room": room})),
+        SubscriptionEvent::Typing { users, .. } if users.is_empty() => {}
+        SubscriptionEvent::Typing { users, .. } => out!("-- {} typing... --", users.join(", ")),
     }
+}
+
+fn presence_name(state: i32) -> &'static str {
+    match chorus_proto::client::PresenceState::try_from(state) {
+        Ok(chorus_proto::client::PresenceState::Online) => "online",
+        Ok(chorus_proto::client::PresenceState::Idle) => "idle",
+        _ => "offline",
+    }
+}
+
+fn describe_presence(p: &chorus_proto::client::UserPresence) -> String {
+    let mut text = format!("{} is {}", p.user, presence_name(p.state));
+    if !p.status_text.is_empty() {
+        text.push_str(&format!(" ({})", p.status_text));
+    }
+    if p.state == chorus_proto::client::PresenceState::Offline as i32 && p.last_active_ms > 0 {
+        text.push_str(&format!(", last active {}", format_time(p.last_active_ms)));
+    }
+    text
 }
 
 async fn follow(client: &Client, room: &str, after: u64, json: bool) -> anyhow::Result<()> {
@@ -983,12 +1057,41 @@ async fn chat_in(client: &Client, store: &ProfileStore, room: &str, title: &str)
     for m in &recent.messages {
         print_message(m, false);
     }
-    let mut subscription = client.subscribe([(room.to_owned(), recent.last_seq)]);
+    // Who is here, and then who comes and goes (members' presence) and who types.
+    let members: Vec<String> = match client.all_members(room).await {
+        Ok(members) => members
+            .into_iter()
+            .filter(|m| m.state == chorus_proto::client::MembershipState::Joined as i32 && m.user != user)
+            .map(|m| m.user)
+            .take(1000)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut subscription = client.subscribe_with([(room.to_owned(), recent.last_seq)], members);
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut first_presence = true;
+    let mut last_ping: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             event = subscription.next() => {
                 let event = event?;
+                match &event {
+                    // The first snapshot: one line for who is around.
+                    SubscriptionEvent::Presence(users) if std::mem::take(&mut first_presence) => {
+                        let here: Vec<String> = users
+                            .iter()
+                            .filter(|p| p.state != chorus_proto::client::PresenceState::Offline as i32)
+                            .map(|p| format!("{} ({})", p.user, presence_name(p.state)))
+                            .collect();
+                        if !here.is_empty() {
+                            out!("-- here: {} --", here.join(", "));
+                        }
+                        continue;
+                    }
+                    // After a reconnection the snapshot comes again: only changes are news.
+                    SubscriptionEvent::Resumed { .. } => first_presence = true,
+                    _ => {}
+                }
                 print_event(&event, false);
                 if let SubscriptionEvent::RoomError { error, .. } = event {
                     return Err(error.into());
@@ -1002,6 +1105,11 @@ async fn chat_in(client: &Client, store: &ProfileStore, room: &str, title: &str)
                 }
                 if line.is_empty() {
                     continue;
+                }
+                // Sending is activity: tell the cluster, at most once a minute.
+                if last_ping.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(60)) {
+                    last_ping = Some(std::time::Instant::now());
+                    let _ = client.set_presence(false, None).await;
                 }
                 // The message comes back through the subscription, in its place in the room.
                 if let Err(e) = send_joining(client, store, room, line.to_owned()).await {

@@ -73,9 +73,20 @@ pub struct Session {
     /// requests of the largest size.
     pub request_bytes: Arc<Semaphore>,
     pub subscriptions: Arc<Semaphore>,
+    /// The user this connection made online (see [`crate::presence`]), once it signed in.
+    online_as: OnceLock<String>,
 }
 
 impl Session {
+    /// The connection signed in (for the first time): its user is online while it lasts.
+    pub fn went_online(&self, node: &Node) {
+        if let Some(user) = self.auth.user()
+            && self.online_as.set(user.clone()).is_ok()
+        {
+            node.presence.connected(&user);
+        }
+    }
+
     pub fn new(node: &Node, quic: Option<quinn::Connection>, remote: std::net::SocketAddr) -> Session {
         Session {
             hello: OnceLock::new(),
@@ -84,6 +95,7 @@ impl Session {
             requests: node.rate.connection_rate(),
             request_bytes: Arc::new(Semaphore::new(2 * node.max_request_frame())),
             subscriptions: Arc::new(Semaphore::new(MAX_SUBSCRIPTIONS_PER_CONNECTION)),
+            online_as: OnceLock::new(),
         }
     }
 
@@ -147,8 +159,24 @@ pub async fn serve(node: Arc<Node>, endpoint: quinn::Endpoint) {
     }
 }
 
+/// Takes a connection's user offline (as far as this connection goes) when it ends, however
+/// it ends.
+struct OfflineOnDrop {
+    node: Arc<Node>,
+    session: Arc<Session>,
+}
+
+impl Drop for OfflineOnDrop {
+    fn drop(&mut self) {
+        if let Some(user) = self.session.online_as.get() {
+            self.node.presence.disconnected(user);
+        }
+    }
+}
+
 async fn handle_connection(node: Arc<Node>, connection: quinn::Connection) {
     let session = Arc::new(Session::new(&node, Some(connection.clone()), connection.remote_address()));
+    let _offline = OfflineOnDrop { node: node.clone(), session: session.clone() };
     // This connection's streams, to close it only once they are done.
     let streams = tokio_util::task::TaskTracker::new();
     loop {

@@ -178,6 +178,23 @@ impl Peer for PeerService {
         Ok(Response::new(crate::liveness::serve_heartbeat(&self.node, request.into_inner())))
     }
 
+    async fn exchange_presence(
+        &self,
+        request: Request<pb::PresenceExchange>,
+    ) -> Result<Response<pb::PresenceExchange>, Status> {
+        // The interceptor checked the caller's certificate against this header.
+        let caller: Option<chorus_raft::NodeId> =
+            request.metadata().get(NODE_ID_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        let exchange = request.into_inner();
+        if caller != Some(exchange.from_node) {
+            return Err(Status::permission_denied(format!(
+                "presence of node {} sent by node {caller:?}: a node speaks only for itself",
+                exchange.from_node
+            )));
+        }
+        Ok(Response::new(self.node.presence.receive(exchange)))
+    }
+
     async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
         Ok(Response::new(forward::serve_forwarded_propose(&self.node, request.into_inner()).await))
     }

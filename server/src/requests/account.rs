@@ -78,6 +78,7 @@ fn signed_in(
     };
     if session.auth.user().is_none_or(|u| u == user) {
         node.connections.sign_in(&session.auth, identity)?;
+        session.went_online(node);
     }
     Ok(SignedIn {
         user: user.to_owned(),

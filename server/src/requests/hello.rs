@@ -15,6 +15,7 @@ pub async fn handle(node: &Node, session: &Session, hello: Hello) -> Result<Hell
     if !hello.access_token.is_empty() {
         let identity = crate::auth::tokens::verify(node, &hello.access_token).await?;
         node.connections.sign_in(&session.auth, identity)?;
+        session.went_online(node);
     }
     let (user, access_expires_ms) = match session.auth.identity() {
         Ok(identity) => (identity.user.clone(), identity.expires_ms),

@@ -11,6 +11,7 @@ pub mod history;
 pub mod list_rooms;
 pub mod mark_read;
 pub mod membership;
+pub mod presence;
 pub mod send;
 pub mod send_batch;
 pub mod status;
@@ -64,6 +65,8 @@ pub async fn dispatch(
         K::OpenDirect(d) => membership::open_direct(node, &me, d).await.map(R::DirectRoom),
         K::MarkRead(m) => mark_read::handle(node, &me, m).await.map(R::MarkedRead),
         K::Sync(s) => sync::handle(node, &me, s).await.map(R::Sync),
+        K::SetPresence(p) => presence::set_presence(node, &me, p).map(R::Done),
+        K::Typing(t) => presence::typing(node, &me, t).await.map(R::Done),
         K::CreateUser(u) => admin::create_user(node, &me, u).await.map(R::Done),
         K::SetUserDisabled(d) => admin::set_user_disabled(node, &me, d).await.map(R::Done),
         K::ListUsers(l) => admin::list_users(node, &me, l).await.map(R::Users),

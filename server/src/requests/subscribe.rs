@@ -27,6 +27,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use chorus_proto::client::{self, Subscribe, event};
 use chorus_proto::framing;
+use tokio::sync::broadcast::error::RecvError;
 
 use crate::auth::Identity;
 use crate::auth::connections::{ConnectionAuth, SignIn};
@@ -44,6 +45,8 @@ const COALESCE_WINDOW: Duration = Duration::from_millis(5);
 
 /// Most rooms in one subscription.
 pub const MAX_ROOMS_PER_SUBSCRIPTION: usize = 256;
+/// Most users whose presence one subscription watches.
+pub const MAX_PRESENCE_WATCHED: usize = 1000;
 /// A write of which the subscriber takes no byte for this long evicts it (see the module docs).
 pub const SLOW_SUBSCRIBER_AFTER: Duration = Duration::from_secs(10);
 /// How long an evicted subscriber has to read what is buffered and the error saying why.
@@ -53,8 +56,17 @@ pub const EVICTION_GRACE: Duration = Duration::from_secs(5);
 const LAST_EVENT_DELIVERY: Duration = Duration::from_secs(2);
 
 fn validate(subscribe: &Subscribe) -> Result<(), ServiceError> {
-    if subscribe.rooms.is_empty() {
-        return Err(ServiceError::InvalidArgument("subscribe to at least one room".into()));
+    if subscribe.rooms.is_empty() && subscribe.presence_of.is_empty() {
+        return Err(ServiceError::InvalidArgument("subscribe to at least one room, or to presence".into()));
+    }
+    if subscribe.presence_of.len() > MAX_PRESENCE_WATCHED {
+        return Err(ServiceError::InvalidArgument(format!(
+            "presence of {} users in one subscription, over the limit of {MAX_PRESENCE_WATCHED}",
+            subscribe.presence_of.len()
+        )));
+    }
+    for user in &subscribe.presence_of {
+        chorus_raft::limits::validate_user_name(user)?;
     }
     if subscribe.rooms.len() > MAX_ROOMS_PER_SUBSCRIPTION {
         return Err(ServiceError::InvalidArgument(format!(
@@ -134,6 +146,17 @@ pub async fn handle(
     let cancel = node.clients_shutdown.child_token();
     let (outbox, mut rx) = subscription::Outbox::new();
     let mut feeds = tokio::task::JoinSet::new();
+    // Presence and typing first: a room feed may wait on its shard, they never do.
+    let typing_rooms: Vec<String> = subscribe.rooms.iter().map(|c| c.room.clone()).collect();
+    {
+        let (outbox, cancel, node, viewer) = (outbox.clone(), cancel.clone(), node.clone(), me.user.clone());
+        let watched = subscribe.presence_of.clone();
+        let outbox = outbox.downgrade();
+        feeds.spawn(async move {
+            presence_feed(&node, &viewer, watched, typing_rooms, outbox, &cancel).await;
+            None
+        });
+    }
     for cursor in subscribe.rooms {
         let (outbox, cancel, node, viewer) = (outbox.clone(), cancel.clone(), node.clone(), me.user.clone());
         feeds.spawn(async move {
@@ -222,6 +245,88 @@ pub async fn handle(
             if !last_event(&mut send, rest, &e.to_event(None), EVICTION_GRACE).await {
                 let _ = send.reset(close_codes::SLOW_SUBSCRIBER.into());
             }
+        }
+    }
+}
+
+/// The presence of `watched` (where each is now, then changes) and who types in `rooms`,
+/// until cancelled. Typing is shown only in rooms `viewer` is a joined member of (checked on a
+/// replica when the subscription starts: typing is a hint, not history). Watching presence
+/// keeps the stream open; typing alone does not (it ends with the rooms' feeds).
+async fn presence_feed(
+    node: &Node,
+    viewer: &str,
+    watched: Vec<String>,
+    rooms: Vec<String>,
+    outbox: subscription::WeakOutbox,
+    cancel: &tokio_util::sync::CancellationToken,
+) {
+    // Subscribed before the snapshot, so that no change falls between the two.
+    let mut changes = node.presence.changes();
+    let mut typing = node.presence.typing_changes();
+    let watched_set: std::collections::HashSet<&str> = watched.iter().map(String::as_str).collect();
+    // Held for as long as this feed runs.
+    let _holds_open = (!watched.is_empty()).then(|| outbox.upgrade()).flatten();
+    let send = |event: client::Event| {
+        let outbox = outbox.upgrade();
+        async move {
+            let Some(outbox) = outbox else { return false };
+            tokio::select! {
+                _ = cancel.cancelled() => false,
+                sent = outbox.send(event) => sent,
+            }
+        }
+    };
+    let presence_event = |users| client::Event { kind: Some(event::Kind::Presence(client::PresenceChanged { users })) };
+    if !watched.is_empty() && !send(presence_event(node.presence.snapshot(&watched))).await {
+        return;
+    }
+    let mut typing_rooms = std::collections::HashSet::new();
+    for room in rooms {
+        if let Ok(true) = crate::forward::is_joined(node, &room, viewer).await {
+            typing_rooms.insert(room);
+        }
+    }
+    if watched.is_empty() && typing_rooms.is_empty() {
+        return;
+    }
+    for room in &typing_rooms {
+        let users: Vec<String> = node.presence.typing_in(room).into_iter().filter(|u| u != viewer).collect();
+        if !users.is_empty() {
+            let event = client::TypingChanged { room: room.clone(), users };
+            if !send(client::Event { kind: Some(event::Kind::Typing(event)) }).await {
+                return;
+            }
+        }
+    }
+    loop {
+        let event = tokio::select! {
+            _ = cancel.cancelled() => return,
+            batch = changes.recv(), if !watched.is_empty() => match batch {
+                Ok(batch) => {
+                    let users: Vec<_> =
+                        batch.iter().filter(|p| watched_set.contains(p.user.as_str())).cloned().collect();
+                    if users.is_empty() {
+                        continue;
+                    }
+                    presence_event(users)
+                }
+                // Behind: where everyone is now says it all.
+                Err(RecvError::Lagged(_)) => presence_event(node.presence.snapshot(&watched)),
+                Err(RecvError::Closed) => return,
+            },
+            change = typing.recv(), if !typing_rooms.is_empty() => match change {
+                Ok(change) if typing_rooms.contains(&change.room) => {
+                    let users = change.users.iter().filter(|u| *u != viewer).cloned().collect();
+                    let change = client::TypingChanged { room: change.room.clone(), users };
+                    client::Event { kind: Some(event::Kind::Typing(change)) }
+                }
+                Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return,
+            },
+        };
+        if !send(event).await {
+            return;
         }
     }
 }
