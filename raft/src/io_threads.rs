@@ -16,34 +16,17 @@
 
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use tokio::sync::oneshot;
+
+use crate::work_queue::{QueueThread, WorkQueue};
 
 /// Apply threads at most, whatever the core count: applies are short, and past a few threads
 /// they contend on RocksDB's write path instead of running in parallel.
 pub const MAX_APPLY_THREADS: usize = 4;
 
 type Job = Box<dyn FnOnce() + Send>;
-
-#[derive(Default)]
-struct Queue {
-    jobs: Vec<Job>,
-    closed: bool,
-}
-
-struct Shared {
-    queue: Mutex<Queue>,
-    wake: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Queue> {
-        // Push and take are single operations: a poisoned lock still holds a whole queue.
-        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
 
 /// Why a job queued on an [`IoThread`] returned no result.
 #[derive(Debug, thiserror::Error)]
@@ -63,51 +46,36 @@ impl From<IoThreadError> for crate::error::StoreError {
 /// One named thread running queued jobs in order. Dropping it runs what is queued and joins it.
 pub struct IoThread {
     name: String,
-    shared: std::sync::Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    queue: Arc<WorkQueue<Job>>,
+    thread: QueueThread,
 }
 
 impl IoThread {
     pub fn start(name: impl Into<String>) -> io::Result<IoThread> {
         let name = name.into();
-        let shared = std::sync::Arc::new(Shared { queue: Mutex::new(Queue::default()), wake: Condvar::new() });
-        let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new().name(name.clone()).spawn(move || run(&thread_shared))?;
-        Ok(IoThread { name, shared, thread: Mutex::new(Some(thread)) })
+        let queue = Arc::new(WorkQueue::<Job>::new());
+        let drained = queue.clone();
+        let thread = QueueThread::spawn(name.clone(), move || run(&drained))?;
+        Ok(IoThread { name, queue, thread })
     }
 
     /// Runs `job` on this thread after the jobs queued before it, and returns its result.
     pub async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, IoThreadError> {
         let (done, result) = oneshot::channel();
-        {
-            let mut queue = self.shared.lock();
-            if queue.closed {
-                return Err(IoThreadError::Stopped(self.name.clone()));
-            }
-            // The caller may have stopped waiting (its task was cancelled): nothing to tell.
-            queue.jobs.push(Box::new(move || drop(done.send(job()))));
+        // The caller may have stopped waiting (its task was cancelled): nothing to tell.
+        let job: Job = Box::new(move || drop(done.send(job())));
+        if self.queue.push(job).is_err() {
+            return Err(IoThreadError::Stopped(self.name.clone()));
         }
-        self.shared.wake.notify_one();
-        // A job that panicked dropped its sender while unwinding; one never run was refused.
+        // A job that panicked dropped its sender while unwinding.
         result.await.map_err(|_| IoThreadError::Panicked(self.name.clone()))
     }
 
-    /// Runs what is queued and stops the thread; jobs queued later are refused.
-    ///
-    /// Called on the thread itself (a job held the last reference to what owns it, say the
-    /// node's database, whose drop stops its threads), it cannot wait for itself: the thread
-    /// ends on its own once its queue is empty.
+    /// Runs what is queued and stops the thread; jobs queued later are refused (see
+    /// [`QueueThread::join`] for a stop from the thread itself).
     pub fn shutdown(&self) {
-        self.shared.lock().closed = true;
-        self.shared.wake.notify_one();
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(thread) = thread else { return };
-        if thread.thread().id() == std::thread::current().id() {
-            return;
-        }
-        if thread.join().is_err() {
-            tracing::error!(thread = %self.name, "I/O thread panicked");
-        }
+        self.queue.close();
+        self.thread.join();
     }
 }
 
@@ -117,18 +85,8 @@ impl Drop for IoThread {
     }
 }
 
-fn run(shared: &Shared) {
-    loop {
-        let jobs = {
-            let mut queue = shared.lock();
-            while queue.jobs.is_empty() {
-                if queue.closed {
-                    return;
-                }
-                queue = shared.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
-            }
-            std::mem::take(&mut queue.jobs)
-        };
+fn run(queue: &WorkQueue<Job>) {
+    while let Some(jobs) = queue.take_all() {
         for job in jobs {
             // A panicking job fails its own caller (see `run`), not the jobs queued after it.
             if catch_unwind(AssertUnwindSafe(job)).is_err() {
@@ -146,7 +104,6 @@ pub fn apply_thread_count() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     #[tokio::test]

@@ -29,6 +29,7 @@ pub mod snapshot_pacing;
 pub mod state_machine;
 pub mod types;
 pub mod wal_sync;
+mod work_queue;
 
 pub use db::{DbOptions, NodeDb};
 pub use error::{CommandError, QueryError, StoreError};

@@ -12,14 +12,14 @@
 //! in-flight I/O, and it drains at every sync.
 
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 
 use openraft::storage::LogFlushed;
 use tokio::sync::oneshot;
 
 use crate::types::TypeConfig;
+use crate::work_queue::{QueueThread, WorkQueue};
 
 /// Something waiting for the WAL to be synced.
 enum SyncWaiter {
@@ -39,25 +39,9 @@ impl SyncWaiter {
     }
 }
 
-#[derive(Default)]
-struct Queue {
-    waiters: Vec<SyncWaiter>,
-    closed: bool,
-}
-
-struct Shared {
-    queue: Mutex<Queue>,
-    wake: Condvar,
+struct Counters {
     syncs: AtomicU64,
     synced_writes: AtomicU64,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Queue> {
-        // A panic while holding this lock cannot leave the queue half-updated (push and take are
-        // single operations), so a poisoned lock is still usable.
-        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
 }
 
 /// Counters of the group commit, for benchmarks and metrics.
@@ -71,22 +55,18 @@ pub struct SyncStats {
 
 /// The per-node WAL sync thread. Dropping it drains the queue and joins the thread.
 pub struct WalSyncer {
-    shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    queue: Arc<WorkQueue<SyncWaiter>>,
+    counters: Arc<Counters>,
+    thread: QueueThread,
 }
 
 impl WalSyncer {
     pub(crate) fn start(db: Arc<rocksdb::DB>) -> io::Result<WalSyncer> {
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
-            wake: Condvar::new(),
-            syncs: AtomicU64::new(0),
-            synced_writes: AtomicU64::new(0),
-        });
-        let thread_shared = shared.clone();
-        let thread =
-            std::thread::Builder::new().name("chorus-wal-sync".into()).spawn(move || run(&db, &thread_shared))?;
-        Ok(WalSyncer { shared, thread: Mutex::new(Some(thread)) })
+        let queue = Arc::new(WorkQueue::new());
+        let counters = Arc::new(Counters { syncs: AtomicU64::new(0), synced_writes: AtomicU64::new(0) });
+        let (drained, counted) = (queue.clone(), counters.clone());
+        let thread = QueueThread::spawn("chorus-wal-sync", move || run(&db, &drained, &counted))?;
+        Ok(WalSyncer { queue, counters, thread })
     }
 
     /// Calls openraft's callback once everything written so far is durable.
@@ -103,33 +83,21 @@ impl WalSyncer {
 
     pub fn stats(&self) -> SyncStats {
         SyncStats {
-            syncs: self.shared.syncs.load(Ordering::Relaxed),
-            synced_writes: self.shared.synced_writes.load(Ordering::Relaxed),
+            syncs: self.counters.syncs.load(Ordering::Relaxed),
+            synced_writes: self.counters.synced_writes.load(Ordering::Relaxed),
         }
     }
 
     fn enqueue(&self, waiter: SyncWaiter) {
-        let mut queue = self.shared.lock();
-        if queue.closed {
-            drop(queue);
+        if let Err(waiter) = self.queue.push(waiter) {
             waiter.complete(Err(io::Error::other("node is shutting down: WAL sync refused")));
-            return;
         }
-        queue.waiters.push(waiter);
-        drop(queue);
-        self.shared.wake.notify_one();
     }
 
     /// Completes every queued waiter (with a final sync) and stops the thread.
     pub fn shutdown(&self) {
-        self.shared.lock().closed = true;
-        self.shared.wake.notify_one();
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(thread) = thread
-            && thread.join().is_err()
-        {
-            tracing::error!("WAL sync thread panicked");
-        }
+        self.queue.close();
+        self.thread.join();
     }
 }
 
@@ -139,26 +107,16 @@ impl Drop for WalSyncer {
     }
 }
 
-fn run(db: &rocksdb::DB, shared: &Shared) {
-    loop {
-        let batch = {
-            let mut queue = shared.lock();
-            while queue.waiters.is_empty() {
-                if queue.closed {
-                    return;
-                }
-                queue = shared.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
-            }
-            std::mem::take(&mut queue.waiters)
-        };
+fn run(db: &rocksdb::DB, queue: &WorkQueue<SyncWaiter>, counters: &Counters) {
+    while let Some(batch) = queue.take_all() {
         let result = db.flush_wal(true).map_err(|e| e.into_string());
         if let Err(e) = &result {
             // RocksDB stops accepting writes after a failed WAL sync; openraft sees the error on
             // every shard and stops them (fail-stop, as etcd does on a failed fsync).
             tracing::error!(error = %e, "WAL sync failed");
         }
-        shared.syncs.fetch_add(1, Ordering::Relaxed);
-        shared.synced_writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        counters.syncs.fetch_add(1, Ordering::Relaxed);
+        counters.synced_writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
         for waiter in batch {
             waiter.complete(result.clone().map_err(io::Error::other));
         }
