@@ -91,7 +91,13 @@ struct RemoteNode {
     incarnation: u64,
     last_heard: Instant,
     users: HashMap<String, pb::PresenceEntry>,
+    /// When each user's entry became offline: kept for [`OFFLINE_KEPT`] (so that an older
+    /// entry arriving late cannot win), then forgotten.
+    offline_at: HashMap<String, Instant>,
 }
+
+/// How long a peer's offline entry is kept before it is forgotten.
+const OFFLINE_KEPT: Duration = Duration::from_secs(300);
 
 struct TypingEntry {
     until: Instant,
@@ -304,6 +310,18 @@ impl PresenceHub {
             .filter(|(_, r)| now.duration_since(r.last_heard) >= PEER_SILENT_AFTER)
             .map(|(id, _)| *id)
             .collect();
+        for remote in inner.remote.values_mut() {
+            let forgotten: Vec<String> = remote
+                .offline_at
+                .iter()
+                .filter(|(_, at)| now.duration_since(**at) >= OFFLINE_KEPT)
+                .map(|(user, _)| user.clone())
+                .collect();
+            for user in forgotten {
+                remote.offline_at.remove(&user);
+                remote.users.remove(&user);
+            }
+        }
         let mut affected: BTreeSet<String> = inner.pending.clone();
         for id in silent {
             if let Some(node) = inner.remote.remove(&id) {
@@ -344,6 +362,7 @@ impl PresenceHub {
                     want_full: whole,
                     entries: if whole { full.clone() } else { delta.clone() },
                     typing: typing.clone(),
+                    counter_high: inner.counter,
                 };
                 (peer, exchange)
             })
@@ -377,20 +396,43 @@ impl PresenceHub {
                     incarnation: from.incarnation,
                     last_heard: now,
                     users: HashMap::new(),
+                    offline_at: HashMap::new(),
                 });
                 remote.last_heard = now;
-                if fresh || from.full {
-                    // A restarted node, or a whole table: what it said before no longer holds.
+                if fresh {
+                    // A restarted node: what it said before no longer holds.
                     affected.extend(remote.users.keys().cloned());
                     remote.users.clear();
+                    remote.offline_at.clear();
                     remote.incarnation = from.incarnation;
+                }
+                if from.full {
+                    // A whole table: its users not in it are gone, unless what we have of them
+                    // is newer than the table (it came in an exchange built after it).
+                    let listed: HashSet<&str> = from.entries.iter().map(|e| e.user.as_str()).collect();
+                    let gone: Vec<String> = remote
+                        .users
+                        .iter()
+                        .filter(|(user, e)| !listed.contains(user.as_str()) && e.counter <= from.counter_high)
+                        .map(|(user, _)| user.clone())
+                        .collect();
+                    for user in gone {
+                        remote.users.remove(&user);
+                        remote.offline_at.remove(&user);
+                        affected.insert(user);
+                    }
                 }
                 for entry in from.entries {
                     let newer = remote.users.get(&entry.user).is_none_or(|e| e.counter < entry.counter);
                     if newer && crate::auth::normalize_user(&entry.user) == entry.user {
                         affected.insert(entry.user.clone());
-                        // Offline entries are kept too, so that an older one arriving late
-                        // does not win.
+                        // Offline entries are kept a while too, so that an older one arriving
+                        // late does not win.
+                        if entry.state == PresenceState::Offline as i32 {
+                            remote.offline_at.insert(entry.user.clone(), now);
+                        } else {
+                            remote.offline_at.remove(&entry.user);
+                        }
                         remote.users.insert(entry.user.clone(), entry);
                     }
                 }
@@ -415,6 +457,7 @@ impl PresenceHub {
             want_full: false,
             entries,
             typing: Vec::new(),
+            counter_high: inner.counter,
         }
     }
 }
@@ -555,6 +598,39 @@ mod tests {
         };
         c.receive(old);
         assert_eq!(state_of(&c, "ann"), PresenceState::Online);
+    }
+
+    #[test]
+    fn a_whole_table_older_than_a_change_already_seen_does_not_undo_it() {
+        let (a, b) = (PresenceHub::new(1), PresenceHub::new(2));
+        b.connected("ann");
+        // b's whole table, built now (ann online)...
+        let stale = b.receive(pb::PresenceExchange { from_node: 1, want_full: true, ..Default::default() });
+        // ...then ann leaves and b's delta saying so reaches a first.
+        b.disconnected("ann");
+        b.lock().local.get_mut("ann").unwrap().closed_at = Some(Instant::now() - OFFLINE_AFTER);
+        for (_, delta) in b.tick(&[1]) {
+            a.receive(delta);
+        }
+        assert_eq!(state_of(&a, "ann"), PresenceState::Offline);
+        a.receive(stale);
+        assert_eq!(state_of(&a, "ann"), PresenceState::Offline, "the late whole table brought back a ghost");
+    }
+
+    #[test]
+    fn offline_entries_of_peers_are_forgotten_after_a_while() {
+        let (a, b) = (PresenceHub::new(1), PresenceHub::new(2));
+        a.connected("ann");
+        exchange(&a, &b);
+        a.disconnected("ann");
+        a.lock().local.get_mut("ann").unwrap().closed_at = Some(Instant::now() - OFFLINE_AFTER);
+        exchange(&a, &b);
+        assert!(b.lock().remote[&1].users.contains_key("ann"));
+        for at in b.lock().remote.get_mut(&1).unwrap().offline_at.values_mut() {
+            *at = Instant::now() - OFFLINE_KEPT;
+        }
+        b.tick(&[1]);
+        assert!(!b.lock().remote[&1].users.contains_key("ann"), "the table holds only users connected now");
     }
 
     #[test]

@@ -26,10 +26,6 @@ use crate::types::OpOutcome;
 /// Most members one message mentions: further `@names` are ignored.
 pub const MAX_MENTIONS_PER_MESSAGE: usize = 16;
 
-/// Most unread mention entries looked at to recount them when a marker moves (an upper bound
-/// on work; a member with more unread mentions than this keeps an approximate count).
-const MENTION_SCAN_BUDGET: usize = 100_000;
-
 fn joined(member: Option<&MemberRecord>) -> bool {
     member.is_some_and(|m| m.state == MembershipState::Joined as i32)
 }
@@ -170,17 +166,17 @@ impl ApplyBatch<'_> {
         let before = member.read_seq;
         member.read_seq = seq;
         member.read_text_ordinal = ordinal;
-        if member.unread_mentions == 0 {
+        if member.unread_mentions == 0 || seq <= before {
+            // Marked unread: mentions already read stay read (see the module docs).
             return Ok(());
         }
-        if seq > before {
-            let (start, end) = self.keys.mention_range(room_id, &member.user, before.saturating_add(1), seq);
-            for key in self.keys_in(&start, &end, MENTION_SCAN_BUDGET)? {
-                self.delete(key)?;
-            }
+        // Entries exist only for unread mentions, so this reads no more than it deletes.
+        let (start, end) = self.keys.mention_range(room_id, &member.user, before.saturating_add(1), seq);
+        let passed = self.keys_in(&start, &end, usize::MAX)?;
+        member.unread_mentions = member.unread_mentions.saturating_sub(passed.len() as u64);
+        for key in passed {
+            self.delete(key)?;
         }
-        let (start, end) = self.keys.mention_range(room_id, &member.user, seq.saturating_add(1), u64::MAX);
-        member.unread_mentions = self.keys_in(&start, &end, MENTION_SCAN_BUDGET)?.len() as u64;
         Ok(())
     }
 
@@ -283,7 +279,7 @@ impl ApplyBatch<'_> {
         }
         if joined(current) {
             let (start, end) = self.keys.mention_range(room_id, user, 0, u64::MAX);
-            for key in self.keys_in(&start, &end, MENTION_SCAN_BUDGET)? {
+            for key in self.keys_in(&start, &end, usize::MAX)? {
                 self.delete(key)?;
             }
             if let Some(changed_at) = current.map(|c| c.read_changed_at).filter(|&c| c != 0) {

@@ -20,6 +20,8 @@ use crate::keys::SmKeys;
 
 /// Most newest entries returned per room.
 pub const MAX_SYNC_MESSAGES: usize = 100;
+/// Bytes of message bodies returned per room at most (the newest entry always comes).
+pub const MAX_ROOM_BYTES: usize = 256 * 1024;
 
 /// What to read.
 #[derive(Debug, Clone, Default)]
@@ -193,6 +195,14 @@ impl ShardReader {
                 Err(e) => return Err(e),
             }
         };
+        // A room's newest entries stay under MAX_ROOM_BYTES (at least one): the rest is History's.
+        let mut messages = messages;
+        let mut bytes: usize = messages.iter().map(|m| m.body.len()).sum();
+        while messages.len() > 1 && bytes > MAX_ROOM_BYTES {
+            bytes -= messages.remove(0).body.len();
+        }
+        // Mention entries of messages retention deleted may remain: never more than unread.
+        let mentions = mentions.min(unread);
         let read_seq = member.as_ref().map_or(0, |m| m.read_seq);
         let limited =
             joined && unread > 0 && messages.first().is_none_or(|m| m.seq > read_seq.saturating_add(1).max(first));

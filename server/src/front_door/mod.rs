@@ -73,17 +73,34 @@ pub struct Session {
     /// requests of the largest size.
     pub request_bytes: Arc<Semaphore>,
     pub subscriptions: Arc<Semaphore>,
-    /// The user this connection made online (see [`crate::presence`]), once it signed in.
-    online_as: OnceLock<String>,
+    /// Whether this connection made its user online (see [`crate::presence`]), decided
+    /// under one lock with its closing, so that a sign-in finishing after the close cannot
+    /// leave the user online.
+    online: std::sync::Mutex<Online>,
+}
+
+enum Online {
+    NotYet,
+    As(String),
+    Closed,
 }
 
 impl Session {
     /// The connection signed in (for the first time): its user is online while it lasts.
     pub fn went_online(&self, node: &Node) {
-        if let Some(user) = self.auth.user()
-            && self.online_as.set(user.clone()).is_ok()
-        {
+        let Some(user) = self.auth.user() else { return };
+        let mut online = self.online.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*online, Online::NotYet) {
             node.presence.connected(&user);
+            *online = Online::As(user);
+        }
+    }
+
+    /// The connection closed: its user is no longer online through it.
+    fn went_offline(&self, node: &Node) {
+        let mut online = self.online.lock().unwrap_or_else(|p| p.into_inner());
+        if let Online::As(user) = std::mem::replace(&mut *online, Online::Closed) {
+            node.presence.disconnected(&user);
         }
     }
 
@@ -95,7 +112,7 @@ impl Session {
             requests: node.rate.connection_rate(),
             request_bytes: Arc::new(Semaphore::new(2 * node.max_request_frame())),
             subscriptions: Arc::new(Semaphore::new(MAX_SUBSCRIPTIONS_PER_CONNECTION)),
-            online_as: OnceLock::new(),
+            online: std::sync::Mutex::new(Online::NotYet),
         }
     }
 
@@ -168,9 +185,7 @@ struct OfflineOnDrop {
 
 impl Drop for OfflineOnDrop {
     fn drop(&mut self) {
-        if let Some(user) = self.session.online_as.get() {
-            self.node.presence.disconnected(user);
-        }
+        self.session.went_offline(&self.node);
     }
 }
 
