@@ -239,23 +239,25 @@ impl PresenceHub {
 
     /// Recomputes a local user's state; a change gets the next counter and is pending.
     fn refresh_local(&self, inner: &mut Inner, user: &str, now: Instant) {
-        let Some(local) = inner.local.get(user) else { return };
-        let state = local.state(now);
-        let entry = pb::PresenceEntry {
-            user: user.to_owned(),
-            state: state as i32,
-            status_text: local.status_text.clone(),
-            last_active_ms: local.last_active_ms,
-            counter: local.entry.counter,
-        };
-        if entry == local.entry && entry.counter != 0 {
+        let Some(local) = inner.local.get_mut(user) else { return };
+        let state = local.state(now) as i32;
+        let entry = &local.entry;
+        // Every tick looks at every local user: compare before building anything.
+        let unchanged = entry.counter != 0
+            && entry.state == state
+            && entry.last_active_ms == local.last_active_ms
+            && entry.status_text == local.status_text;
+        if unchanged {
             return;
         }
         inner.counter += 1;
-        let counter = inner.counter;
-        if let Some(local) = inner.local.get_mut(user) {
-            local.entry = pb::PresenceEntry { counter, ..entry };
-        }
+        local.entry = pb::PresenceEntry {
+            user: user.to_owned(),
+            state,
+            status_text: local.status_text.clone(),
+            last_active_ms: local.last_active_ms,
+            counter: inner.counter,
+        };
         inner.pending.insert(user.to_owned());
     }
 
@@ -344,7 +346,14 @@ impl PresenceHub {
         }
         let delta: Vec<pb::PresenceEntry> =
             inner.pending.iter().filter_map(|u| inner.local.get(u).map(|l| l.entry.clone())).collect();
-        let full: Vec<pb::PresenceEntry> = inner.local.values().map(|l| l.entry.clone()).collect();
+        // The whole table only when some peer gets it (the first exchanges, after a failure).
+        let whole_for: HashSet<u64> = peers
+            .iter()
+            .copied()
+            .filter(|peer| inner.needs_full.contains(peer) || !inner.remote.contains_key(peer))
+            .collect();
+        let full: Vec<pb::PresenceEntry> =
+            if whole_for.is_empty() { Vec::new() } else { inner.local.values().map(|l| l.entry.clone()).collect() };
         let typing = std::mem::take(&mut inner.pending_typing);
         inner.pending.clear();
         for user in gone {
@@ -354,7 +363,7 @@ impl PresenceHub {
         peers
             .iter()
             .map(|&peer| {
-                let whole = inner.needs_full.contains(&peer) || !inner.remote.contains_key(&peer);
+                let whole = whole_for.contains(&peer);
                 let exchange = pb::PresenceExchange {
                     from_node: self.node,
                     incarnation: self.incarnation,

@@ -546,9 +546,10 @@ async fn command(client: &Client, store: &ProfileStore, command: Command, json: 
                 .collect();
             let mut subscription = client.subscribe_with(Vec::<(String, u64)>::new(), members.clone());
             let presence = loop {
-                let event = tokio::time::timeout(std::time::Duration::from_secs(10), subscription.next())
-                    .await
-                    .map_err(|_| anyhow::anyhow!("no presence came within 10 s"))??;
+                let event =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), subscription.next()).await.map_err(
+                        |_| anyhow::anyhow!("no presence came within 10 s: is the cluster up? (`chorus status` says)"),
+                    )??;
                 if let SubscriptionEvent::Presence(users) = event {
                     break users;
                 }

@@ -26,11 +26,12 @@ use crate::types::OpOutcome;
 /// Most members one message mentions: further `@names` are ignored.
 pub const MAX_MENTIONS_PER_MESSAGE: usize = 16;
 
-fn joined(member: Option<&MemberRecord>) -> bool {
+pub(super) fn joined(member: Option<&MemberRecord>) -> bool {
     member.is_some_and(|m| m.state == MembershipState::Joined as i32)
 }
 
-fn listed(member: Option<&MemberRecord>) -> bool {
+/// Joined or invited: the user's room (what their room index lists).
+pub(super) fn listed(member: Option<&MemberRecord>) -> bool {
     member.is_some_and(|m| m.state == MembershipState::Joined as i32 || m.state == MembershipState::Invited as i32)
 }
 
@@ -96,7 +97,10 @@ impl ApplyBatch<'_> {
         if let Some(room) = self.rooms.get_mut(name)
             && room.changed_at != index
         {
-            self.room_changes.entry(name.to_owned()).or_insert(room.changed_at);
+            // Once per room and batch (this runs for every entry appended).
+            if !self.room_changes.contains_key(name) {
+                self.room_changes.insert(name.to_owned(), room.changed_at);
+            }
             room.changed_at = index;
         }
     }

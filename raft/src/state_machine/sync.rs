@@ -10,10 +10,10 @@
 
 use std::collections::BTreeSet;
 
-use chorus_proto::storage::{MemberRecord, MembershipState, MessageRecord, RoomRecord};
+use chorus_proto::storage::{MemberRecord, MessageRecord, RoomRecord};
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 
-use super::read_markers::{ordinal_before, unread_count};
+use super::read_markers::{joined, listed, ordinal_before, unread_count};
 use super::{HistoryQuery, ShardReader};
 use crate::error::{CommandError, QueryError, StoreError};
 use crate::keys::SmKeys;
@@ -87,10 +87,8 @@ impl ShardReader {
                 })?;
                 let Some(room) = self.view.get_room(&keys, name)? else { continue };
                 let member = self.view.get_member(&keys, room.room_id, viewer)?;
-                let state = member.as_ref().map_or(MembershipState::NotMember as i32, |m| m.state);
-                let listed = state == MembershipState::Joined as i32 || state == MembershipState::Invited as i32;
                 // A changed room that was never the viewer's is none of their business.
-                if !listed && !own_changes.contains(name.as_bytes()) {
+                if !listed(member.as_ref()) && !own_changes.contains(name.as_bytes()) {
                     continue;
                 }
                 if let Some((ts, after)) = &query.after
@@ -182,7 +180,7 @@ impl ShardReader {
             }
         };
         let unread = unread_count(&room, member.as_ref(), before_first);
-        let joined = member.as_ref().is_some_and(|m| m.state == MembershipState::Joined as i32);
+        let joined = joined(member.as_ref());
         let mentions = if joined { member.as_ref().map_or(0, |m| m.unread_mentions) } else { 0 };
         let limit = messages_per_room.min(MAX_SYNC_MESSAGES);
         let messages = if limit == 0 || room.last_seq == 0 {
