@@ -13,8 +13,9 @@ use prost::Message;
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 
 use super::rooms::check_send;
-use super::{AppliedMessage, ApplyBatch, DEDUP_WINDOW, HistoryPage, HistoryQuery, MAX_PAGE, OpResult, ShardReader};
+use super::{AppliedMessage, ApplyBatch, At, DEDUP_WINDOW, HistoryPage, HistoryQuery, MAX_PAGE, OpResult, ShardReader};
 use crate::error::{CommandError, QueryError, StoreError};
+use crate::keys::SmKeys;
 use crate::limits;
 use crate::types::OpOutcome;
 
@@ -55,12 +56,31 @@ impl ShardReader {
 
     /// A page of a room's history, oldest first, for `viewer`, who must be allowed to read the
     /// room (see [`super::rooms::check_read`]). `limit` is capped at [`MAX_PAGE`].
+    ///
+    /// The page is read at one point of the state (a RocksDB snapshot): retention deleting the
+    /// oldest messages, or an append, while it reads cannot make its bounds and its messages
+    /// disagree.
     pub fn history(&self, name: &str, query: HistoryQuery, viewer: &str) -> Result<HistoryPage, QueryError> {
         limits::validate_room_name(name)?;
         let (_generation, keys) = self.generation();
-        let room =
-            self.view.get_room(&keys, name)?.ok_or_else(|| CommandError::RoomNotFound { room: name.to_owned() })?;
-        let member = self.view.get_member(&keys, room.room_id, viewer)?;
+        let snapshot = self.view.db.rocks().snapshot();
+        self.history_at(At::snapshot(&snapshot), &keys, name, query, viewer)
+    }
+
+    /// [`ShardReader::history`], as of `at`, for a caller that holds the generation guard.
+    pub(super) fn history_at(
+        &self,
+        at: At<'_>,
+        keys: &SmKeys,
+        name: &str,
+        query: HistoryQuery,
+        viewer: &str,
+    ) -> Result<HistoryPage, QueryError> {
+        let room = self
+            .view
+            .get_room_at(at, keys, name)?
+            .ok_or_else(|| CommandError::RoomNotFound { room: name.to_owned() })?;
+        let member = self.view.get_member_at(at, keys, room.room_id, viewer)?;
         super::rooms::check_read(&room, member.as_ref())?;
         // Sequence numbers are dense from the oldest retained one, so the page's range is known
         // before reading.
@@ -83,7 +103,7 @@ impl ShardReader {
             return Ok(page(messages));
         }
         let cf = self.view.db.cf_sm()?;
-        let mut opts = ReadOptions::default();
+        let mut opts = at.read_options();
         opts.set_iterate_upper_bound(keys.message(room.room_id, last.saturating_add(1)));
         let start = keys.message(room.room_id, first);
         let iter = self.view.db.rocks().iterator_cf_opt(cf, opts, IteratorMode::From(&start, Direction::Forward));

@@ -138,8 +138,22 @@ impl ShardView {
 
     /// A protobuf record, decoded; `what` names it in the error if it does not decode.
     fn get<T: Message + Default>(&self, key: &[u8], what: impl FnOnce() -> String) -> Result<Option<T>, StoreError> {
+        self.get_at(At::LIVE, key, what)
+    }
+
+    /// [`ShardView::get`], as of `at`.
+    fn get_at<T: Message + Default>(
+        &self,
+        at: At<'_>,
+        key: &[u8],
+        what: impl FnOnce() -> String,
+    ) -> Result<Option<T>, StoreError> {
         let cf = self.db.cf_sm()?;
-        match self.db.rocks().get_pinned_cf(cf, key)? {
+        let found = match at.0 {
+            Some(snapshot) => snapshot.get_pinned_cf(cf, key)?,
+            None => self.db.rocks().get_pinned_cf(cf, key)?,
+        };
+        match found {
             None => Ok(None),
             Some(bytes) => T::decode(bytes.as_ref())
                 .map(Some)
@@ -148,11 +162,25 @@ impl ShardView {
     }
 
     fn get_room(&self, keys: &SmKeys, name: &str) -> Result<Option<RoomRecord>, StoreError> {
-        self.get(&keys.room(name), || format!("room record {name:?}"))
+        self.get_room_at(At::LIVE, keys, name)
+    }
+
+    fn get_room_at(&self, at: At<'_>, keys: &SmKeys, name: &str) -> Result<Option<RoomRecord>, StoreError> {
+        self.get_at(at, &keys.room(name), || format!("room record {name:?}"))
     }
 
     fn get_member(&self, keys: &SmKeys, room_id: u64, user: &str) -> Result<Option<MemberRecord>, StoreError> {
-        self.get(&keys.member(room_id, user), || format!("member record of {user:?} in room {room_id}"))
+        self.get_member_at(At::LIVE, keys, room_id, user)
+    }
+
+    fn get_member_at(
+        &self,
+        at: At<'_>,
+        keys: &SmKeys,
+        room_id: u64,
+        user: &str,
+    ) -> Result<Option<MemberRecord>, StoreError> {
+        self.get_at(at, &keys.member(room_id, user), || format!("member record of {user:?} in room {room_id}"))
     }
 
     fn get_u64(&self, key: &[u8], what: &str) -> Result<Option<u64>, StoreError> {
@@ -186,6 +214,42 @@ impl ShardView {
         let applied = self.db.read_state(self.shard, StateKey::Applied, codec::decode_log_id)?;
         let membership = self.db.read_state(self.shard, StateKey::Membership, codec::decode_stored_membership)?;
         Ok((applied, membership.unwrap_or_default()))
+    }
+
+    /// The last log id applied, as of `snapshot`: exactly the entries whose effects it shows,
+    /// since an apply writes its data and its last-applied id in one batch.
+    fn applied_at(&self, snapshot: &rocksdb::Snapshot<'_>) -> Result<Option<LogId>, StoreError> {
+        let key = keys::state_key(self.shard, StateKey::Applied);
+        match snapshot.get_pinned_cf(self.db.cf_state()?, key)? {
+            None => Ok(None),
+            Some(bytes) => codec::decode_log_id(&bytes)
+                .map(Some)
+                .map_err(|e| StoreError::corrupt(format!("shard {} Applied record", self.shard), e)),
+        }
+    }
+}
+
+/// Where a read looks: at the live state (each read sees the newest applied batch, so two
+/// reads may see two different states), or at one point of it, a RocksDB snapshot. Reads that
+/// must agree with each other (a Sync page's counts and entries, a history page's bounds and
+/// messages) take one snapshot and read everything at it.
+#[derive(Clone, Copy)]
+pub(crate) struct At<'s>(Option<&'s rocksdb::Snapshot<'s>>);
+
+impl<'s> At<'s> {
+    pub(crate) const LIVE: At<'static> = At(None);
+
+    pub(crate) fn snapshot(snapshot: &'s rocksdb::Snapshot<'s>) -> At<'s> {
+        At(Some(snapshot))
+    }
+
+    /// Options for an iterator that reads at this point; the iterator must not outlive `'s`.
+    pub(crate) fn read_options(self) -> ReadOptions {
+        let mut opts = ReadOptions::default();
+        if let Some(snapshot) = self.0 {
+            opts.set_snapshot(snapshot);
+        }
+        opts
     }
 }
 

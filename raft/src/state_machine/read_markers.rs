@@ -539,6 +539,50 @@ mod tests {
         assert_eq!(seen, vec!["r5", "r1", "r3", "r0", "r2", "r4", "r6"]);
     }
 
+    /// A Sync page is one point of the state: while entries apply, every page's unread and
+    /// mention counts agree with its room's sequence and its position. (Read live, a mention
+    /// applied between reading the room and the member record counted in mentions but not in
+    /// unread; the chaos checker found it as `sync_count_mismatch`.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sync_page_reads_one_point_of_the_state_while_entries_apply() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let mut f = Fixture::new();
+        f.create("r").await;
+        apply(&mut f, join("r", "bob")).await.unwrap();
+        let base = sync(&f, "bob", None);
+        let (base_position, base_seq) = (base.position, base.rooms[0].room.last_seq);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = f.sm.reader();
+        let syncer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let query = SyncQuery { since: None, limit: 10, messages_per_room: 1, after: None };
+                let mut pages = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let page = reader.sync("bob", &query).unwrap();
+                    let room = &page.rooms[0];
+                    // Message k (1, 2, ...) is one entry; the odd ones mention bob.
+                    let sent = room.room.last_seq - base_seq;
+                    let seen = (room.unread, room.mentions, page.position - base_position);
+                    assert_eq!(seen, (sent, sent.div_ceil(2), sent), "page {pages} at seq {}", room.room.last_seq);
+                    pages += 1;
+                }
+                pages
+            })
+        };
+        for k in 1..=3_000u64 {
+            let body = if k % 2 == 1 { "hey @bob" } else { "hey" };
+            apply(&mut f, say("r", "alice", k, body)).await.unwrap();
+            if syncer.is_finished() {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let pages = syncer.join().unwrap_or_else(|_| panic!("a Sync page disagreed with itself: see the panic above"));
+        assert!(pages > 0);
+    }
+
     #[test]
     fn mentions_are_names_after_an_at_sign_that_starts_a_word() {
         let found = |body: &str| parse_mentions(body.as_bytes());

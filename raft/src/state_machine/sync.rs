@@ -11,10 +11,10 @@
 use std::collections::BTreeSet;
 
 use chorus_proto::storage::{MemberRecord, MessageRecord, RoomRecord};
-use rocksdb::{Direction, IteratorMode, ReadOptions};
+use rocksdb::{Direction, IteratorMode};
 
 use super::read_markers::{joined, listed, ordinal_before, unread_count};
-use super::{HistoryQuery, ShardReader};
+use super::{At, HistoryQuery, ShardReader};
 use crate::error::{CommandError, QueryError, StoreError};
 use crate::keys::SmKeys;
 
@@ -72,61 +72,71 @@ fn order_key(room: &RoomRecord) -> (std::cmp::Reverse<u64>, &str) {
 
 impl ShardReader {
     /// The viewer's rooms of this shard that changed after `query.since`, in Sync's order.
+    ///
+    /// The page is one point of the shard's state: everything in it (the position, which rooms
+    /// changed, their records, the viewer's member records, counts and newest entries) is read
+    /// at one RocksDB snapshot. An apply writes its data and its last-applied id in one batch,
+    /// so the page shows exactly the entries up to its position: unread and mention counts
+    /// agree with the room's sequence, and a later Sync from the position misses nothing.
     pub fn sync(&self, viewer: &str, query: &SyncQuery) -> Result<SyncPage, QueryError> {
         crate::limits::validate_user_name(viewer)?;
-        // First: whatever applies after this is either in this read or after the position.
-        let position = self.applied()?.map_or(0, |id| id.index);
-        let (mut updates, examined) = {
-            let (_generation, keys) = self.generation();
-            let (candidates, own_changes, looked_at) = self.sync_candidates(&keys, viewer, query.since)?;
-            let examined = looked_at + candidates.len();
-            let mut updates = Vec::new();
-            for name in candidates {
-                let name = std::str::from_utf8(&name).map_err(|e| {
-                    StoreError::corrupt(format!("room index entry {name:?} of shard {}", self.view.shard), e)
-                })?;
-                let Some(room) = self.view.get_room(&keys, name)? else { continue };
-                let member = self.view.get_member(&keys, room.room_id, viewer)?;
-                // A changed room that was never the viewer's is none of their business.
-                if !listed(member.as_ref()) && !own_changes.contains(name.as_bytes()) {
-                    continue;
-                }
-                if let Some((ts, after)) = &query.after
-                    && order_key(&room) <= (std::cmp::Reverse(*ts), after.as_str())
-                {
-                    continue;
-                }
-                updates.push((room, member));
+        let (_generation, keys) = self.generation();
+        let snapshot = self.view.db.rocks().snapshot();
+        let at = At::snapshot(&snapshot);
+        let position = self.view.applied_at(&snapshot)?.map_or(0, |id| id.index);
+        let (candidates, own_changes, looked_at) = self.sync_candidates(at, &keys, viewer, query.since)?;
+        let examined = looked_at + candidates.len();
+        let mut updates = Vec::new();
+        for name in candidates {
+            let name = std::str::from_utf8(&name).map_err(|e| {
+                StoreError::corrupt(format!("room index entry {name:?} of shard {}", self.view.shard), e)
+            })?;
+            let Some(room) = self.view.get_room_at(at, &keys, name)? else { continue };
+            let member = self.view.get_member_at(at, &keys, room.room_id, viewer)?;
+            // A changed room that was never the viewer's is none of their business.
+            if !listed(member.as_ref()) && !own_changes.contains(name.as_bytes()) {
+                continue;
             }
-            (updates, examined)
-        };
+            if let Some((ts, after)) = &query.after
+                && order_key(&room) <= (std::cmp::Reverse(*ts), after.as_str())
+            {
+                continue;
+            }
+            updates.push((room, member));
+        }
         updates.sort_by(|a, b| order_key(&a.0).cmp(&order_key(&b.0)));
         let more = updates.len() > query.limit;
         updates.truncate(query.limit);
         let mut rooms = Vec::with_capacity(updates.len());
         for (room, member) in updates {
-            rooms.push(self.room_update(viewer, room, member, query.messages_per_room)?);
+            rooms.push(self.room_update(at, &keys, viewer, room, member, query.messages_per_room)?);
         }
         Ok(SyncPage { position, rooms, more, examined })
     }
 
     /// The names of the rooms to look at (see the module docs for the cost), and those of
     /// them in the viewer's own change index (markers moved, memberships ended).
-    fn sync_candidates(&self, keys: &SmKeys, viewer: &str, since: Option<u64>) -> Result<Candidates, StoreError> {
+    fn sync_candidates(
+        &self,
+        at: At<'_>,
+        keys: &SmKeys,
+        viewer: &str,
+        since: Option<u64>,
+    ) -> Result<Candidates, StoreError> {
         let (mine_start, mine_end) = keys.user_room_range(viewer);
         let name_of = |key: Box<[u8]>| key[mine_start.len()..].to_vec();
         let mut candidates = BTreeSet::new();
         let mut own_changes = BTreeSet::new();
         let Some(since) = since else {
-            for key in self.keys_of(&mine_start, &mine_end)? {
+            for key in self.keys_of(at, &mine_start, &mine_end)? {
                 candidates.insert(name_of(key?));
             }
             let looked_at = candidates.len();
             return Ok((candidates, own_changes, looked_at));
         };
         let (start, end) = keys.room_changes_after(since);
-        let mut changes = self.keys_of(&start, &end)?;
-        let mut mine = self.keys_of(&mine_start, &mine_end)?;
+        let mut changes = self.keys_of(at, &start, &end)?;
+        let mut mine = self.keys_of(at, &mine_start, &mine_end)?;
         let (mut changed, mut own) = (Vec::new(), Vec::new());
         let changes_ended_first = loop {
             match changes.next() {
@@ -149,13 +159,13 @@ impl ShardReader {
             looked_at = changed.len() + 2 * own.len();
             for name in own {
                 let Ok(name_str) = std::str::from_utf8(&name) else { continue };
-                if self.view.get_room(keys, name_str)?.is_some_and(|room| room.changed_at > since) {
+                if self.view.get_room_at(at, keys, name_str)?.is_some_and(|room| room.changed_at > since) {
                     candidates.insert(name);
                 }
             }
         }
         let (start, end) = keys.read_changes_after(viewer, since);
-        for key in self.keys_of(&start, &end)? {
+        for key in self.keys_of(at, &start, &end)? {
             let name = keys.room_of_read_change(viewer, &key?).unwrap_or_default().to_vec();
             own_changes.insert(name.clone());
             candidates.insert(name);
@@ -166,6 +176,8 @@ impl ShardReader {
 
     fn room_update(
         &self,
+        at: At<'_>,
+        keys: &SmKeys,
         viewer: &str,
         room: RoomRecord,
         member: Option<MemberRecord>,
@@ -173,8 +185,7 @@ impl ShardReader {
     ) -> Result<RoomUpdate, QueryError> {
         let first = super::first_retained(&room);
         let before_first = || -> u64 {
-            let (_generation, keys) = self.generation();
-            match self.view.get::<MessageRecord>(&keys.message(room.room_id, first), || "message".into()) {
+            match self.view.get_at::<MessageRecord>(at, &keys.message(room.room_id, first), || "message".into()) {
                 Ok(Some(message)) => ordinal_before(&message),
                 _ => 0,
             }
@@ -186,7 +197,7 @@ impl ShardReader {
         let messages = if limit == 0 || room.last_seq == 0 {
             Vec::new()
         } else {
-            match self.history(&room.name, HistoryQuery::Before { before: u64::MAX, limit }, viewer) {
+            match self.history_at(at, keys, &room.name, HistoryQuery::Before { before: u64::MAX, limit }, viewer) {
                 Ok(page) => page.messages,
                 // Invited to a private room, or removed: counts, but no messages.
                 Err(QueryError::Invalid(CommandError::NotMember { .. } | CommandError::Forbidden { .. })) => Vec::new(),
@@ -207,14 +218,15 @@ impl ShardReader {
         Ok(RoomUpdate { room, member, unread, mentions, messages, limited })
     }
 
-    /// The keys of `[start, end)`, in order, read as they are needed.
-    fn keys_of(
-        &self,
+    /// The keys of `[start, end)` as of `at`, in order, read as they are needed.
+    fn keys_of<'a>(
+        &'a self,
+        at: At<'a>,
         start: &[u8],
         end: &[u8],
-    ) -> Result<impl Iterator<Item = Result<Box<[u8]>, StoreError>> + '_, StoreError> {
+    ) -> Result<impl Iterator<Item = Result<Box<[u8]>, StoreError>> + 'a, StoreError> {
         let cf = self.view.db.cf_sm()?;
-        let mut opts = ReadOptions::default();
+        let mut opts = at.read_options();
         opts.set_iterate_upper_bound(end.to_vec());
         let iter = self.view.db.rocks().iterator_cf_opt(cf, opts, IteratorMode::From(start, Direction::Forward));
         Ok(iter.map(|item| item.map(|(key, _)| key).map_err(StoreError::from)))
