@@ -73,6 +73,7 @@ async fn run(shards: u32, seconds: u64, body_bytes: usize) -> RunResult {
                     ts_ms: index,
                     ops: vec![Op { kind: Some(op) }],
                     rules: chorus_raft::state_machine::CURRENT_RULES,
+                    notify_after_ms: 0,
                 };
                 let entry = Entry {
                     log_id: LogId::new(CommittedLeaderId::new(1, 1), index),

@@ -181,6 +181,7 @@ mod tests {
                             })),
                         }],
                         rules: 1,
+                        notify_after_ms: 0,
                     }))
                 }
             ),
@@ -221,8 +222,12 @@ mod tests {
     /// same bytes: they still decode, and re-encode identically.
     #[test]
     fn a_command_field_is_the_encoded_message() {
-        let cmd =
-            Command { ts_ms: 7, ops: vec![Op { kind: Some(op::Kind::Append(AppendMessage::default())) }], rules: 1 };
+        let cmd = Command {
+            ts_ms: 7,
+            ops: vec![Op { kind: Some(op::Kind::Append(AppendMessage::default())) }],
+            rules: 1,
+            notify_after_ms: 0,
+        };
         let entry = Entry { log_id: LogId::default(), payload: EntryPayload::Normal(SharedCommand::new(cmd.clone())) };
         let mut by_hand = pb::LogId::default().encode_length_delimited_to_vec();
         by_hand.insert(0, 0x0a); // field 1, length-delimited

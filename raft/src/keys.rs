@@ -16,6 +16,11 @@
 //! | `sm`          | shard u32 · gen u32 · `0x04` · room id · client key  | highest client_seq u64 |
 //! | `sm`          | shard u32 · gen u32 · `0x05` · room id · user name   | `MemberRecord`   |
 //! | `sm`          | shard u32 · gen u32 · `0x06` · user key · room name  | membership state u8 |
+//! | `sm`          | shard u32 · gen u32 · `0x07` · room id · user key · seq u64 | empty (an unread mention) |
+//! | `sm`          | shard u32 · gen u32 · `0x08` · log index u64 · room name | empty (room change index) |
+//! | `sm`          | shard u32 · gen u32 · `0x09` · user key · log index u64 · room name | empty (read change index) |
+//! | `sm`          | shard u32 · gen u32 · `0x0a` · due ms u64 · log index u64 · ordinal u32 | `NotificationRecord` |
+//! | `sm`          | shard u32 · gen u32 · `0x0b`                         | `NotificationQueueState` |
 //!
 //! The meta group (shard [`META_SHARD`]) holds the cluster's accounts instead of rooms:
 //!
@@ -77,6 +82,8 @@ pub const SM_TAG_USER_ROOM: u8 = 0x06;
 pub const SM_TAG_MENTION: u8 = 0x07;
 pub const SM_TAG_ROOM_CHANGE: u8 = 0x08;
 pub const SM_TAG_READ_CHANGE: u8 = 0x09;
+pub const SM_TAG_NOTIFICATION: u8 = 0x0a;
+pub const SM_TAG_NOTIFY_STATE: u8 = 0x0b;
 pub const SM_TAG_USER: u8 = 0x10;
 pub const SM_TAG_SESSION: u8 = 0x11;
 pub const SM_TAG_USER_SESSION: u8 = 0x12;
@@ -282,6 +289,36 @@ impl SmKeys {
     /// The room name of a key of `user`'s read change index.
     pub fn room_of_read_change<'k>(&self, user: &str, key: &'k [u8]) -> Option<&'k [u8]> {
         key.get(SM_PREFIX_LEN + 1 + 1 + user.len() + 8..)
+    }
+
+    /// A queued notification, in order of its due time (see [`crate::state_machine::notify`]).
+    pub fn notification(&self, due_ms: u64, index: u64, ordinal: u32) -> Vec<u8> {
+        self.key(SM_TAG_NOTIFICATION, &[&due_ms.to_be_bytes(), &index.to_be_bytes(), &ordinal.to_be_bytes()])
+    }
+
+    /// `[start, end)` of the notifications due at or before `due_ms`.
+    pub fn notifications_due(&self, due_ms: u64) -> (Vec<u8>, Vec<u8>) {
+        let end = match due_ms.checked_add(1) {
+            Some(after) => self.key(SM_TAG_NOTIFICATION, &[&after.to_be_bytes()]),
+            None => self.key(SM_TAG_NOTIFICATION + 1, &[]),
+        };
+        (self.key(SM_TAG_NOTIFICATION, &[]), end)
+    }
+
+    /// `(due_ms, index, ordinal)` of a notification key.
+    pub fn notification_id(&self, key: &[u8]) -> Option<(u64, u64, u32)> {
+        let rest = key.get(SM_PREFIX_LEN + 1..)?;
+        if rest.len() != 20 {
+            return None;
+        }
+        let due = u64::from_be_bytes(rest[..8].try_into().ok()?);
+        let index = u64::from_be_bytes(rest[8..16].try_into().ok()?);
+        let ordinal = u32::from_be_bytes(rest[16..].try_into().ok()?);
+        Some((due, index, ordinal))
+    }
+
+    pub fn notify_state(&self) -> Vec<u8> {
+        self.key(SM_TAG_NOTIFY_STATE, &[])
     }
 
     pub fn user(&self, name: &str) -> Vec<u8> {

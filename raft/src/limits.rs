@@ -91,6 +91,12 @@ impl Limits {
                 validate_room_name(&m.room)?;
                 validate_user_name(&m.user)
             }
+            K::NotificationsDone(d) => {
+                if d.ids.len() > crate::state_machine::notify::MAX_DONE_PER_OP {
+                    return Err(CommandError::invalid("ids", "at most 1,000 per NotificationsDone"));
+                }
+                Ok(())
+            }
             K::CreateUser(u) => {
                 validate_user_name(&u.name)?;
                 if u.password_phc.is_empty() || u.password_phc.len() > MAX_PHC_BYTES {
@@ -370,7 +376,7 @@ mod tests {
     fn batch_limits_count_ops_and_bytes() {
         let limits = Limits { max_body_bytes: 1000, max_ops_per_command: 2, max_command_bytes: 1500 };
         let op = |n| Op { kind: Some(op::Kind::Append(append("r", n))) };
-        let cmd = |ops| Command { ts_ms: 1, ops, rules: 1 };
+        let cmd = |ops| Command { ts_ms: 1, ops, rules: 1, notify_after_ms: 0 };
         assert_eq!(limits.check_command(&cmd(vec![])), Err(CommandError::EmptyBatch));
         assert_eq!(limits.check_command(&cmd(vec![op(10), op(10)])), Ok(()));
         assert_eq!(

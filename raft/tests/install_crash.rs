@@ -40,6 +40,7 @@ fn entry(index: u64) -> Entry {
                 ts_ms: index,
                 ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(),
                 rules: chorus_raft::state_machine::CURRENT_RULES,
+                notify_after_ms: 0,
             }
             .into(),
         )

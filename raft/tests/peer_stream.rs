@@ -159,8 +159,12 @@ async fn serve(peer: CountingPeer) -> SocketAddr {
 fn request(body_bytes: Option<usize>) -> AppendEntriesRequest<TypeConfig> {
     let entries = body_bytes.map(|n| {
         let op = append_op("room", "alice", b"client", 1, Bytes::from(vec![b'x'; n]));
-        let cmd =
-            Command { ts_ms: 1, ops: vec![Op { kind: Some(op) }], rules: chorus_raft::state_machine::CURRENT_RULES };
+        let cmd = Command {
+            ts_ms: 1,
+            ops: vec![Op { kind: Some(op) }],
+            rules: chorus_raft::state_machine::CURRENT_RULES,
+            notify_after_ms: 0,
+        };
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 1), payload: EntryPayload::Normal(cmd.into()) }
     });
     AppendEntriesRequest {

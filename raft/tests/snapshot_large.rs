@@ -68,6 +68,7 @@ async fn a_100k_message_snapshot_streams_and_installs_with_bounded_memory() {
             ts_ms: index,
             ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(),
             rules: chorus_raft::state_machine::CURRENT_RULES,
+            notify_after_ms: 0,
         };
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd.into()) }
     };

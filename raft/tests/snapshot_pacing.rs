@@ -24,6 +24,7 @@ fn command(ops: Vec<chorus_proto::storage::op::Kind>) -> SharedCommand {
         ts_ms: 1,
         ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(),
         rules: chorus_raft::state_machine::CURRENT_RULES,
+        notify_after_ms: 0,
     }
     .into()
 }

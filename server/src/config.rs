@@ -47,6 +47,7 @@ pub mod defaults {
     pub const RATE_FAILED_LOGINS_PER_USER: &str = "5/min,10";
     pub const RATE_FAILED_LOGINS_PER_ADDRESS: &str = "30/min,60";
     pub const RATE_REGISTRATIONS_PER_ADDRESS: &str = "10/min,20";
+    pub const NOTIFY_DELAY_MS: u64 = 60_000;
 }
 
 /// Who may create an account.
@@ -363,6 +364,23 @@ pub struct RunArgs {
     /// issues its own peer certificate from it at first start, into <data-dir>/tls/.
     #[arg(long, env = "CHORUS_PEER_CA_DIR", value_name = "DIR")]
     pub peer_ca_dir: Option<PathBuf>,
+
+    /// Notify users who are away: POST a JSON notification to this URL (https://, or http://
+    /// to this machine) for each mention of, or direct message to, a user who has not read it
+    /// and is not online when it falls due (see --notify-delay-ms). Give every node the same.
+    #[arg(long, env = "CHORUS_NOTIFY_WEBHOOK_URL", value_name = "URL")]
+    pub notify_webhook_url: Option<String>,
+
+    /// Signs each webhook POST (`Chorus-Signature`: HMAC-SHA256 of the timestamp and the body),
+    /// so the receiver knows it came from this cluster. At least 16 characters. A secret:
+    /// never logged.
+    #[arg(long, env = "CHORUS_NOTIFY_WEBHOOK_SECRET", hide_env_values = true)]
+    pub notify_webhook_secret: Option<Secret>,
+
+    /// How long after its message a notification falls due: a user who reads the message, or
+    /// comes online, before then is not notified. [default: 60000]
+    #[arg(long, env = "CHORUS_NOTIFY_DELAY_MS")]
+    pub notify_delay_ms: Option<u64>,
 }
 
 /// The `--config` file: the same keys as the flags, read by serde.
@@ -409,6 +427,16 @@ pub struct NodeConfig {
     pub auth: AuthConfig,
     pub rate_limits: RateLimits,
     pub peer_tls: PeerTlsSource,
+    /// Notifications for users who are away (`None`: none are sent).
+    pub notify: Option<NotifyConfig>,
+}
+
+/// Where and when to notify users who are away (see `notify`).
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    pub url: String,
+    pub secret: Option<Secret>,
+    pub delay: Duration,
 }
 
 /// Accounts and sign-in.
@@ -503,6 +531,7 @@ pub fn parse_initial_cluster(spec: &str) -> Result<BTreeMap<NodeId, String>, Con
 fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
     use defaults as d;
     let auth = resolve_auth(&args, &file)?;
+    let notify = resolve_notify(&args, &file)?;
     let node_id = args.node_id.or(file.node_id).unwrap_or(d::NODE_ID);
     if node_id == 0 {
         return Err(ConfigError::Invalid("node id must be a positive integer".into()));
@@ -691,7 +720,35 @@ fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
         auth,
         rate_limits,
         peer_tls,
+        notify,
     })
+}
+
+fn resolve_notify(args: &RunArgs, file: &FileConfig) -> Result<Option<NotifyConfig>, ConfigError> {
+    let url = args.notify_webhook_url.clone().or(file.notify_webhook_url.clone());
+    let secret = args.notify_webhook_secret.clone().or(file.notify_webhook_secret.clone());
+    let delay_ms = args.notify_delay_ms.or(file.notify_delay_ms);
+    let Some(url) = url else {
+        if secret.is_some() || delay_ms.is_some() {
+            return Err(ConfigError::Invalid(
+                "notify_webhook_secret and notify_delay_ms need notify_webhook_url".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    crate::http::check_url(&url, "notify_webhook_url").map_err(ConfigError::Invalid)?;
+    reqwest::Url::parse(&url)
+        .map_err(|e| ConfigError::Invalid(format!("notify_webhook_url {url:?} is not a URL: {e}")))?;
+    if secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
+        return Err(ConfigError::Invalid("the notify webhook secret must be at least 16 characters".into()));
+    }
+    let delay_ms = delay_ms.unwrap_or(defaults::NOTIFY_DELAY_MS);
+    if delay_ms == 0 || delay_ms > 86_400_000 {
+        return Err(ConfigError::Invalid(format!(
+            "notify_delay_ms must be between 1 and 86400000 (a day), got {delay_ms}"
+        )));
+    }
+    Ok(Some(NotifyConfig { url, secret, delay: Duration::from_millis(delay_ms) }))
 }
 
 fn resolve_auth(args: &RunArgs, file: &FileConfig) -> Result<AuthConfig, ConfigError> {

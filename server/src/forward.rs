@@ -124,8 +124,12 @@ where
 /// Proposes `ops` to `shard` and returns one result per op. Validated here first (cheap
 /// refusals never leave this node), again by the leader, and finally by the state machine.
 pub async fn propose(node: &Node, shard: ShardId, ops: Vec<op::Kind>) -> Result<Vec<OpResult>, ServiceError> {
-    let command =
-        Command { ts_ms: 0, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(), rules: CURRENT_RULES };
+    let command = Command {
+        ts_ms: 0,
+        ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(),
+        rules: CURRENT_RULES,
+        notify_after_ms: 0,
+    };
     node.config.limits.check_batch(&command)?;
     with_leader(node, shard, true, |target, remaining| {
         let command = command.clone();
@@ -189,6 +193,8 @@ async fn propose_here(
     command.ts_ms = now_ms();
     // The leader's rules decide how the entry applies, whoever forwarded it.
     command.rules = CURRENT_RULES;
+    // So is whether its mentions queue notifications (only a leader with a webhook sends them).
+    command.notify_after_ms = node.config.notify.as_ref().map_or(0, |n| n.delay.as_millis() as u64);
     match tokio::time::timeout(remaining, replica.raft.client_write(SharedCommand::new(command))).await {
         Ok(Ok(response)) => {
             Attempt::Done(response.data.results.into_iter().map(|r| r.map_err(ServiceError::Command)).collect())

@@ -351,6 +351,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     }
     supervisor::service(&node, "shard watch", watch_shards);
     supervisor::service(&node, "presence exchange", crate::presence::exchange_with_peers);
+    if node.config.notify.is_some() {
+        supervisor::service(&node, "notifications", crate::notify::deliver);
+    }
     tracing::info!(
         client_addr = %node.config.client_addr,
         peer_addr = %node.config.peer_addr,

@@ -71,7 +71,8 @@ impl Fixture {
         ops: Vec<op::Kind>,
         rules: u32,
     ) -> Vec<Result<OpOutcome, CommandError>> {
-        let cmd = Command { ts_ms, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(), rules };
+        let cmd =
+            Command { ts_ms, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(), rules, notify_after_ms: 0 };
         let entry = self.entry(EntryPayload::Normal(cmd.into()));
         let mut responses = self.sm.apply([entry]).await.unwrap();
         assert_eq!(responses.len(), 1);

@@ -266,7 +266,7 @@ impl ApplyBatch<'_> {
         }
         self.mark_dirty(room_name);
         self.touch_room(room_name);
-        self.after_entry(room_id, &direct_users, &message)?;
+        self.after_entry((room_name, room_id), &direct_users, &message)?;
         self.appended.push(Arc::new(AppliedMessage { room: room_name.to_owned(), message, wire: OnceLock::new() }));
         Ok(Some((seq, ts_ms)))
     }

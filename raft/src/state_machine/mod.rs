@@ -27,6 +27,7 @@
 
 pub mod accounts;
 pub mod messages;
+pub mod notify;
 pub mod read_markers;
 pub mod rooms;
 pub mod sync;
@@ -485,6 +486,10 @@ struct ApplyBatch<'a> {
     index: u64,
     /// Rooms this batch appended to or created, with their `changed_at` before the batch.
     room_changes: HashMap<String, u64>,
+    /// The command's `notify_after_ms` (0: queue no notifications; see [`notify`]).
+    notify_after_ms: u64,
+    /// The entry whose notifications are being numbered, and the next number.
+    notify_ordinal: (u64, u32),
 }
 
 impl<'a> ApplyBatch<'a> {
@@ -507,6 +512,8 @@ impl<'a> ApplyBatch<'a> {
             rules: CURRENT_RULES,
             index: 0,
             room_changes: HashMap::new(),
+            notify_after_ms: 0,
+            notify_ordinal: (0, 0),
         }
     }
 
@@ -521,6 +528,7 @@ impl<'a> ApplyBatch<'a> {
         }
         let ts_ms = cmd.ts_ms;
         self.rules = cmd.rules;
+        self.notify_after_ms = cmd.notify_after_ms;
         let mut results = Vec::with_capacity(cmd.ops.len());
         for op in &cmd.ops {
             let result = match &op.kind {
@@ -537,8 +545,15 @@ impl<'a> ApplyBatch<'a> {
 
     fn apply_op(&mut self, kind: &op::Kind, ts_ms: u64) -> OpResult {
         use op::Kind as K;
-        let room_op =
-            matches!(kind, K::CreateRoom(_) | K::Append(_) | K::Membership(_) | K::OpenDirect(_) | K::MarkRead(_));
+        let room_op = matches!(
+            kind,
+            K::CreateRoom(_)
+                | K::Append(_)
+                | K::Membership(_)
+                | K::OpenDirect(_)
+                | K::MarkRead(_)
+                | K::NotificationsDone(_)
+        );
         if room_op == self.is_meta() {
             let group = if self.is_meta() { "the meta group" } else { "a room shard" };
             return Ok(Err(CommandError::Misrouted { group }));
@@ -549,6 +564,7 @@ impl<'a> ApplyBatch<'a> {
             K::Membership(m) => self.change_membership(m, ts_ms),
             K::OpenDirect(d) => self.open_direct(d, ts_ms),
             K::MarkRead(m) => self.mark_read(m),
+            K::NotificationsDone(d) => self.notifications_done(d, ts_ms),
             K::CreateUser(u) => self.create_user(u, ts_ms),
             K::CreateSession(s) => self.create_session(s, ts_ms),
             K::ExternalLogin(e) => self.external_login(e, ts_ms),

@@ -120,10 +120,10 @@ impl ApplyBatch<'_> {
     }
 
     /// After entry `message` was appended to `room_name`: its sender has read up to it, and
-    /// the members it mentions have an unread mention.
+    /// the members it mentions have an unread mention (and a notification, see [`super::notify`]).
     pub(super) fn after_entry(
         &mut self,
-        room_id: u64,
+        (room_name, room_id): (&str, u64),
         direct_users: &[String],
         message: &MessageRecord,
     ) -> Result<(), StoreError> {
@@ -154,6 +154,7 @@ impl ApplyBatch<'_> {
             self.put(self.keys.mention(room_id, &user, message.seq), Vec::new())?;
             member.unread_mentions = member.unread_mentions.saturating_add(1);
             self.set_member(room_id, &user, Some(member));
+            self.queue_notification((room_name, room_id), &user, message, !direct_users.is_empty())?;
         }
         Ok(())
     }

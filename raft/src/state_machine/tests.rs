@@ -243,8 +243,9 @@ async fn bad_input_gets_its_specific_error_and_writes_nothing() {
     let results = f.apply_cmd(3_000, ops).await;
     assert!(results.iter().all(|r| matches!(r, Err(CommandError::BatchTooLarge { .. }))));
     // An operation of unknown kind (from a newer version) is refused on its own.
-    let entry =
-        f.entry(EntryPayload::Normal(Command { ts_ms: 1, ops: vec![Op { kind: None }], rules: CURRENT_RULES }.into()));
+    let entry = f.entry(EntryPayload::Normal(
+        Command { ts_ms: 1, ops: vec![Op { kind: None }], rules: CURRENT_RULES, notify_after_ms: 0 }.into(),
+    ));
     let responses = f.sm.apply([entry]).await.unwrap();
     assert_eq!(responses[0].results, vec![Err(CommandError::UnknownOperation)]);
 
@@ -408,7 +409,12 @@ async fn replicas_applying_the_same_entries_are_identical() {
             })
             .map(|k| Op { kind: Some(k) })
             .collect();
-        entries.push(Command { ts_ms: 1_000 + rng.random_range(0..100) + i, ops, rules: CURRENT_RULES });
+        entries.push(Command {
+            ts_ms: 1_000 + rng.random_range(0..100) + i,
+            ops,
+            rules: CURRENT_RULES,
+            notify_after_ms: 0,
+        });
     }
     // One replica applies each entry on its own, the other in runs of up to 100 entries (as a
     // follower catching up does): the result must not depend on how entries are grouped.
@@ -601,8 +607,12 @@ async fn applies_leave_the_async_thread_free() {
     let mut pending = 0;
     for round in 0..3u64 {
         let ops = (1..=1_000).map(|s| append_op("r", "alice", b"c", round * 1_000 + s, "hello")).collect::<Vec<_>>();
-        let cmd =
-            Command { ts_ms: 5, ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(), rules: CURRENT_RULES };
+        let cmd = Command {
+            ts_ms: 5,
+            ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(),
+            rules: CURRENT_RULES,
+            notify_after_ms: 0,
+        };
         let entry = f.entry(EntryPayload::Normal(cmd.into()));
         let mut apply = std::pin::pin!(f.sm.apply([entry]));
         let responses = match futures::poll!(apply.as_mut()) {

@@ -122,6 +122,7 @@ fn entry(shard: ShardId, term: u64, index: u64, rng: &mut StdRng) -> Entry {
                     ts_ms: index,
                     ops: ops.into_iter().map(|k| Op { kind: Some(k) }).collect(),
                     rules: chorus_raft::state_machine::CURRENT_RULES,
+                    notify_after_ms: 0,
                 }
                 .into(),
             )

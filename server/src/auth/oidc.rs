@@ -67,40 +67,6 @@ pub fn user_name_from(claim: &str) -> String {
     if name.is_empty() { "user".into() } else { name }
 }
 
-/// http:// is only for a provider on this machine (tests, a local proxy).
-fn check_url(url: &str) -> Result<(), String> {
-    if url.starts_with("https://") {
-        return Ok(());
-    }
-    let rest = url.strip_prefix("http://").ok_or("a JWKS URL must start with https://")?;
-    let host = rest.split(['/', '?']).next().unwrap_or_default();
-    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-    if matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
-        Ok(())
-    } else {
-        Err(format!("a JWKS URL must be https:// (http:// only on loopback), not {url}"))
-    }
-}
-
-fn http_client() -> Result<reqwest::Client, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    for cert in found.certs {
-        let _ = roots.add(cert);
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .timeout(FETCH_TIMEOUT)
-        .build()
-        .map_err(|e| format!("HTTP client: {e}"))
-}
-
 impl ExternalVerifier {
     /// Reads the provider's keys (a file must be readable now; a URL that cannot be fetched yet
     /// is fetched again when a token comes).
@@ -108,8 +74,8 @@ impl ExternalVerifier {
         let http = match &config.jwks {
             JwksSource::File(_) => None,
             JwksSource::Url(url) => {
-                check_url(url)?;
-                Some(http_client()?)
+                crate::http::check_url(url, "a JWKS URL")?;
+                Some(crate::http::client(FETCH_TIMEOUT)?)
             }
         };
         let verifier = ExternalVerifier {
@@ -304,14 +270,5 @@ mod tests {
             assert!(verifier.key_for(Some("rotated"), Algorithm::ES256).await.is_err());
         }
         assert_eq!(asked.load(Ordering::SeqCst), 2, "once more for the unknown key, then not within the period");
-    }
-
-    #[test]
-    fn plain_http_is_for_loopback_only() {
-        assert!(check_url("https://id.example.com/jwks").is_ok());
-        assert!(check_url("http://127.0.0.1:8080/jwks").is_ok());
-        assert!(check_url("http://localhost/jwks").is_ok());
-        assert!(check_url("http://id.example.com/jwks").is_err());
-        assert!(check_url("ftp://x").is_err());
     }
 }
