@@ -12,6 +12,8 @@
 #   idle         CPU of each node with 256 shards and no traffic, over 30 s
 #   catch-up     a node down while 100k messages are written: time until it serves the same history
 #   flood        one user floods a node (rate limits on) while another sends 20 msgs/s through it
+#   presence     10,000 users over the 3 nodes, each watching 50 others, a change per user per 2 min:
+#                watcher latency across nodes, CPU and memory of each node
 #
 # Every connection signs in (a bench user, and users of its own for the load); rate limits are
 # off except for the flood benchmark.
@@ -159,6 +161,30 @@ IDLE_MAX=$(tr ' ' '\n' <<<"$IDLE" | sort -n | tail -1)
 say "idle, 256 shards: CPU % of one core per node: $IDLE"
 scripts/cluster.sh reset >/dev/null
 
+# --- presence: 10,000 users, each watching 50 ----------------------------------------------------
+# Users sign in through an identity provider whose key the bench holds (no 10,000 password
+# hashes); each connection is a UDP socket of the bench process, hence the file limit.
+ensure_packages openssl
+OIDC_DIR="$OUT/presence-oidc"; mkdir -p "$OIDC_DIR"; chmod 700 "$OIDC_DIR"
+[ -f "$OIDC_DIR/key.der" ] || openssl genpkey -algorithm ed25519 -outform DER -out "$OIDC_DIR/key.der"
+X=$(openssl pkey -inform DER -in "$OIDC_DIR/key.der" -pubout -outform DER | tail -c 32 | base64 -w0 | tr '+/' '-_' | tr -d '=')
+echo "{\"keys\":[{\"kty\":\"OKP\",\"crv\":\"Ed25519\",\"kid\":\"bench\",\"x\":\"$X\"}]}" > "$OIDC_DIR/jwks.json"
+PR_OIDC="--oidc-issuer https://bench.invalid --oidc-audience chorus-bench --oidc-jwks $OIDC_DIR/jwks.json"
+PR_CMD="chorus bench presence --users 10000 --watch 50 --change-every 2min --duration 60s"
+other50=(); other99=(); cpu=(); mem=()
+for _ in $(seq "$RUNS"); do
+  fresh $NO_LIMITS $PR_OIDC
+  pids="$(pid_of 1),$(pid_of 2),$(pid_of 3)"
+  j=$( (ulimit -n "$(ulimit -Hn)"; chorus --json --nodes 127.0.0.1:7401,127.0.0.1:7402,127.0.0.1:7403 bench presence \
+        --users 10000 --watch 50 --change-every 2min --duration 60s --oidc-key "$OIDC_DIR/key.der" \
+        --oidc-issuer https://bench.invalid --oidc-audience chorus-bench --node-pids "$pids") )
+  other50+=("$(field '["other_node"]["p50_us"]' <<<"$j")"); other99+=("$(field '["other_node"]["p99_us"]' <<<"$j")")
+  cpu+=("$(python3 -c 'import sys,json; print(max(n["cpu_percent"] for n in json.load(sys.stdin)["nodes"]))' <<<"$j")")
+  mem+=("$(python3 -c 'import sys,json; print(max(n["rss_end_mib"] - n["rss_idle_mib"] for n in json.load(sys.stdin)["nodes"]))' <<<"$j")")
+done
+PR_P50=$(median "${other50[@]}"); PR_P99=$(median "${other99[@]}"); PR_CPU=$(median "${cpu[@]}"); PR_MEM=$(median "${mem[@]}")
+say "presence: seen on another node p50 ${PR_P50} µs, p99 ${PR_P99} µs; busiest node ${PR_CPU}% of a core, +${PR_MEM} MiB"
+
 # --- report -----------------------------------------------------------------------------------
 MACHINE="$(nproc) vCPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, Linux $(uname -r)"
 verdict() { python3 -c "print('met' if $1 else 'not met')"; }
@@ -178,6 +204,7 @@ Medians of $RUNS runs where several were made.
 | leader failover, delivery to a subscriber connected to the killed leader (5 kills) | p50 ${FAILS_P50} ms (all: ${FAILS_ALL}) | | | \`$FAILS_CMD\` |
 | idle, 256 shards, 30 s | ${IDLE% } % of one core per node | ≤ 3 % | $(verdict "$IDLE_MAX <= 3") | \`CHORUS_NODE_ARGS="--shard-count 256" scripts/cluster.sh up\`, CPU from /proc |
 | catch-up, 100k messages | ${CU_S} s after restart; history $same | | | \`$CU_CMD\` |
+| presence: 10,000 users over 3 nodes, each watching 50, a change per user per 2 min | a change seen on another node: p50 $(printf %.0f "$(python3 -c "print($PR_P50/1000)")") ms, p99 $(printf %.0f "$(python3 -c "print($PR_P99/1000)")") ms; busiest node $(printf %.1f "$PR_CPU") % of a core, +$(printf %.0f "$PR_MEM") MiB over idle | p99 ≤ 2 s, ≤ 10 %, ≤ 200 MiB | $(verdict "$PR_P99 <= 2000000 and $PR_CPU <= 10 and $PR_MEM <= 200") | \`$PR_CMD\` (users sign in with an identity provider's tokens) |
 | one user flooding a node (default rate limits), another at 20 msgs/s | the other's ack p99 $(printf %.1f "$(python3 -c "print($FL_ALONE/1000)")") ms alone, $(printf %.1f "$(python3 -c "print($FL_FLOODED/1000)")") ms during the flood ($(printf %.2f "$FL_RATIO")×) | ≤ 2× | $(verdict "$FL_RATIO <= 2") | \`$FL_CMD\` |
 EOF
 )

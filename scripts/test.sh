@@ -34,6 +34,6 @@ if [ "$(id -u)" -eq 0 ]; then
 elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
   sudo "${chaos[@]}"
 else
-  echo "scripts/test.sh: not root and no passwordless sudo: the chaos run leaves out partitions" >&2
+  echo "scripts/test.sh: not root and no passwordless sudo: the chaos run leaves out partitions and power cuts" >&2
   "${chaos[@]}" --faults kill,pause
 fi

@@ -12,11 +12,16 @@
 //! - **flood**: one user sends at a modest fixed rate through a node, alone and then while
 //!   another user floods the same node as fast as it can: how much the flood moves the first
 //!   user's acknowledgement latency (the per-user rate limits should keep it within 2×).
+//! - **presence**: many users signed in, each watching others' presence, changing theirs now
+//!   and then: how long a change takes to reach its watchers, and what it costs the nodes
+//!   (see [`presence`]).
 //!
 //! Every connection signs in. The signed-in user running the bench creates the rooms; each
 //! sender and subscriber connection signs in as a user of its own, `bench-<run>-<n>`, made for
 //! the run (registered where registration is open, else created by the running user, who must
 //! then be an admin), with a random password; they join the rooms first.
+
+pub mod presence;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -208,7 +208,7 @@ enum Command {
     /// Joins the room if it is public and you are not in it (creating it if it does not exist).
     Chat { room: String },
     /// Measure a running cluster: throughput, latency, fan-out (see docs/BENCHMARKS.md).
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -301,6 +301,38 @@ enum BenchMode {
         /// Message size in bytes.
         #[arg(long, default_value_t = 200)]
         size: usize,
+    },
+    /// Many users signed in, each watching others' presence and changing their own now and
+    /// then: how long a change takes to reach its watchers, and what it costs the nodes. Users
+    /// sign in with tokens of the cluster's identity provider, minted with its key.
+    Presence {
+        /// Users, each on a connection of its own.
+        #[arg(long, default_value_t = 10_000)]
+        users: usize,
+        /// Others each user watches.
+        #[arg(long, default_value_t = 50)]
+        watch: usize,
+        /// Each user changes presence about this often (e.g. 2min).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2min")]
+        change_every: std::time::Duration,
+        /// How long to measure (after everyone is connected).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        duration: std::time::Duration,
+        /// The identity provider's Ed25519 private key (PKCS#8 DER, as `openssl genpkey -algorithm
+        /// ed25519 -outform DER` writes it); the nodes run with
+        /// --oidc-jwks naming its public key, with key id "bench".
+        #[arg(long)]
+        oidc_key: std::path::PathBuf,
+        #[arg(long)]
+        oidc_issuer: String,
+        #[arg(long)]
+        oidc_audience: String,
+        /// The connections' QUIC idle timeout (keep-alives every quarter of it).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+        idle_timeout: std::time::Duration,
+        /// Process ids of local nodes (comma-separated), to report their CPU and memory.
+        #[arg(long, value_delimiter = ',')]
+        node_pids: Vec<u32>,
     },
 }
 
@@ -701,7 +733,7 @@ async fn command(client: &Client, store: &ProfileStore, command: Command, json: 
             ensure_room(client, &room, false).await?;
             chat_in(client, store, &room, &room).await?
         }
-        Command::Bench(args) => bench(client.options(), args, json).await?,
+        Command::Bench(args) => bench(client.options(), *args, json).await?,
     }
     Ok(())
 }
@@ -886,6 +918,38 @@ async fn bench(options: &chorus_client::ClientOptions, args: BenchArgs, json: bo
                     report.flood_refused_per_s,
                     report.victim_errors
                 );
+            }
+        }
+        Some(BenchMode::Presence {
+            users,
+            watch,
+            change_every,
+            duration,
+            oidc_key,
+            oidc_issuer,
+            oidc_audience,
+            idle_timeout,
+            node_pids,
+        }) => {
+            let oidc_key_der =
+                std::fs::read(&oidc_key).with_context(|| format!("reading --oidc-key {}", oidc_key.display()))?;
+            let config = bench::presence::PresenceConfig {
+                users,
+                watch,
+                change_every,
+                duration,
+                oidc_key_der,
+                oidc_issuer,
+                oidc_audience,
+                idle_timeout,
+                node_pids,
+                progress: !json,
+            };
+            let report = bench::presence::run_presence(options, &config).await?;
+            if json {
+                out!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.human());
             }
         }
         None => {
