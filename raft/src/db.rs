@@ -237,7 +237,23 @@ impl NodeDb {
         kind: keys::StateKey,
         decode: impl FnOnce(&[u8]) -> Result<T, crate::codec::DecodeError>,
     ) -> Result<Option<T>, StoreError> {
-        match self.db.get_pinned_cf(self.cf_state()?, keys::state_key(shard, kind))? {
+        self.read_state_at(None, shard, kind, decode)
+    }
+
+    /// [`NodeDb::read_state`], as of `snapshot` when given.
+    pub(crate) fn read_state_at<T>(
+        &self,
+        snapshot: Option<&rocksdb::Snapshot<'_>>,
+        shard: ShardId,
+        kind: keys::StateKey,
+        decode: impl FnOnce(&[u8]) -> Result<T, crate::codec::DecodeError>,
+    ) -> Result<Option<T>, StoreError> {
+        let (cf, key) = (self.cf_state()?, keys::state_key(shard, kind));
+        let found = match snapshot {
+            Some(snapshot) => snapshot.get_pinned_cf(cf, key)?,
+            None => self.db.get_pinned_cf(cf, key)?,
+        };
+        match found {
             None => Ok(None),
             Some(bytes) => {
                 decode(&bytes).map(Some).map_err(|e| StoreError::corrupt(format!("shard {shard} {kind:?} record"), e))

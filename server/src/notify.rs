@@ -47,6 +47,8 @@ pub const MAX_IN_FLIGHT: usize = 8;
 const READ_PER_LOOK: usize = 256;
 /// One POST's limit.
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest pause between two attempts at one notification.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// A notification that could not be delivered for this long after it fell due is dropped.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 
@@ -123,6 +125,14 @@ struct ShardDeliveries {
     done: Vec<NotificationId>,
 }
 
+impl ShardDeliveries {
+    /// `id` was delivered or skipped: it is proposed as done, and never retried here.
+    fn dealt_with(&mut self, id: NotificationId) {
+        self.waiting.remove(&key_of(&id));
+        self.done.push(id);
+    }
+}
+
 fn key_of(id: &NotificationId) -> (u64, u64, u32) {
     (id.due_ms, id.index, id.ordinal)
 }
@@ -136,8 +146,8 @@ pub async fn deliver(node: Arc<Node>) {
     let http = match crate::http::client(POST_TIMEOUT) {
         Ok(http) => http,
         Err(e) => {
-            tracing::error!(error = %e, "notifications: no HTTP client; none will be sent");
-            node.peers_shutdown.cancelled().await;
+            // Ending is a failure to the supervisor: it retries, then stops the node, loudly.
+            tracing::error!(error = %e, "notifications: no HTTP client for --notify-webhook-url");
             return;
         }
     };
@@ -183,34 +193,29 @@ fn finished(shards: &mut HashMap<ShardId, ShardDeliveries>, shard: ShardId, id: 
     match posted {
         Posted::Delivered => {
             tracing::debug!("notification delivered");
-            deliveries.waiting.remove(&key);
-            deliveries.done.push(id);
+            deliveries.dealt_with(id);
         }
         Posted::Refused(reason) => {
             tracing::warn!(%reason, "the webhook refused a notification; dropped");
-            deliveries.waiting.remove(&key);
-            deliveries.done.push(id);
+            deliveries.dealt_with(id);
+        }
+        Posted::Retry { reason, .. } if now_ms().saturating_sub(id.due_ms) > GIVE_UP_AFTER.as_millis() as u64 => {
+            tracing::warn!(%reason, "a notification could not be delivered for a day; dropped");
+            deliveries.dealt_with(id);
         }
         Posted::Retry { reason, after } => {
             let now = Instant::now();
-            let given_up = now_ms().saturating_sub(id.due_ms) > GIVE_UP_AFTER.as_millis() as u64;
-            if given_up {
-                tracing::warn!(%reason, "a notification could not be delivered for a day; dropped");
-                deliveries.waiting.remove(&key);
-                deliveries.done.push(id);
-                return;
-            }
             let waiting = deliveries.waiting.entry(key).or_insert_with(|| Waiting {
                 next: now,
                 backoff: backon::ExponentialBuilder::default()
                     .with_min_delay(Duration::from_secs(1))
-                    .with_max_delay(Duration::from_secs(300))
+                    .with_max_delay(MAX_BACKOFF)
                     .with_factor(2.0)
                     .with_jitter()
                     .without_max_times()
                     .build(),
             });
-            let pause = waiting.backoff.next().unwrap_or(Duration::from_secs(300)).max(after.unwrap_or_default());
+            let pause = waiting.backoff.next().unwrap_or(MAX_BACKOFF).max(after.unwrap_or_default());
             waiting.next = now + pause;
             tracing::info!(%reason, retry_in = ?pause, "a notification was not delivered; will retry");
         }
@@ -253,8 +258,7 @@ fn look(
         }
         if let Some(reason) = skip {
             tracing::debug!(shard, user = %record.user, room = %record.room, seq = record.seq, reason, "notification skipped");
-            deliveries.waiting.remove(&key);
-            deliveries.done.push(id);
+            deliveries.dealt_with(id);
             continue;
         }
         if posts.len() >= MAX_IN_FLIGHT {

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use chorus_proto::storage::{AppendMessage, DedupRecord, MessageKind, MessageRecord, Role, RoomRecord};
+use chorus_proto::storage::{AppendMessage, DedupRecord, MemberRecord, MessageKind, MessageRecord, Role, RoomRecord};
 use prost::Message;
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 
@@ -64,27 +64,30 @@ impl ShardReader {
         limits::validate_room_name(name)?;
         let (_generation, keys) = self.generation();
         let snapshot = self.view.db.rocks().snapshot();
-        self.history_at(At::snapshot(&snapshot), &keys, name, query, viewer)
+        let at = At::snapshot(&snapshot);
+        let room = self
+            .view
+            .get_room_at(at, &keys, name)?
+            .ok_or_else(|| CommandError::RoomNotFound { room: name.to_owned() })?;
+        let member = self.view.get_member_at(at, &keys, room.room_id, viewer)?;
+        self.page_at(at, &keys, &room, member.as_ref(), query)
     }
 
-    /// [`ShardReader::history`], as of `at`, for a caller that holds the generation guard.
-    pub(super) fn history_at(
+    /// A history page of `room` (its record and the viewer's member record as of `at`), read
+    /// as of `at`, for a caller that holds the generation guard.
+    pub(super) fn page_at(
         &self,
         at: At<'_>,
         keys: &SmKeys,
-        name: &str,
+        room: &RoomRecord,
+        member: Option<&MemberRecord>,
         query: HistoryQuery,
-        viewer: &str,
     ) -> Result<HistoryPage, QueryError> {
-        let room = self
-            .view
-            .get_room_at(at, keys, name)?
-            .ok_or_else(|| CommandError::RoomNotFound { room: name.to_owned() })?;
-        let member = self.view.get_member_at(at, keys, room.room_id, viewer)?;
-        super::rooms::check_read(&room, member.as_ref())?;
+        let name = room.name.as_str();
+        super::rooms::check_read(room, member)?;
         // Sequence numbers are dense from the oldest retained one, so the page's range is known
         // before reading.
-        let oldest = first_retained(&room);
+        let oldest = first_retained(room);
         let (first, last) = match query {
             HistoryQuery::After { after, limit } => {
                 let first = after.saturating_add(1).max(oldest);

@@ -220,13 +220,7 @@ impl ShardView {
     /// The last log id applied, as of `snapshot`: exactly the entries whose effects it shows,
     /// since an apply writes its data and its last-applied id in one batch.
     fn applied_at(&self, snapshot: &rocksdb::Snapshot<'_>) -> Result<Option<LogId>, StoreError> {
-        let key = keys::state_key(self.shard, StateKey::Applied);
-        match snapshot.get_pinned_cf(self.db.cf_state()?, key)? {
-            None => Ok(None),
-            Some(bytes) => codec::decode_log_id(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::corrupt(format!("shard {} Applied record", self.shard), e)),
-        }
+        self.db.read_state_at(Some(snapshot), self.shard, StateKey::Applied, codec::decode_log_id)
     }
 }
 

@@ -109,7 +109,7 @@ impl ShardReader {
         updates.truncate(query.limit);
         let mut rooms = Vec::with_capacity(updates.len());
         for (room, member) in updates {
-            rooms.push(self.room_update(at, &keys, viewer, room, member, query.messages_per_room)?);
+            rooms.push(self.room_update(at, &keys, room, member, query.messages_per_room)?);
         }
         Ok(SyncPage { position, rooms, more, examined })
     }
@@ -178,7 +178,6 @@ impl ShardReader {
         &self,
         at: At<'_>,
         keys: &SmKeys,
-        viewer: &str,
         room: RoomRecord,
         member: Option<MemberRecord>,
         messages_per_room: usize,
@@ -197,7 +196,7 @@ impl ShardReader {
         let messages = if limit == 0 || room.last_seq == 0 {
             Vec::new()
         } else {
-            match self.history_at(at, keys, &room.name, HistoryQuery::Before { before: u64::MAX, limit }, viewer) {
+            match self.page_at(at, keys, &room, member.as_ref(), HistoryQuery::Before { before: u64::MAX, limit }) {
                 Ok(page) => page.messages,
                 // Invited to a private room, or removed: counts, but no messages.
                 Err(QueryError::Invalid(CommandError::NotMember { .. } | CommandError::Forbidden { .. })) => Vec::new(),
