@@ -645,7 +645,11 @@ impl Client {
             _ => String::new(),
         };
         let hello = |access_token: String| {
-            request::Kind::Hello(pb::Hello { client_name: options.client_name.clone(), access_token })
+            request::Kind::Hello(pb::Hello {
+                client_name: options.client_name.clone(),
+                access_token,
+                route_only: direct,
+            })
         };
         let keep_alive = (!direct).then(|| keep_alive_interval(options));
         let reply = match call_on(&connection, hello(token.clone()), options.request_timeout, keep_alive).await {

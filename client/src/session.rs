@@ -211,6 +211,7 @@ impl Client {
             let hello = request::Kind::Hello(pb::Hello {
                 client_name: self.inner.options.client_name.clone(),
                 access_token: token.clone(),
+                route_only: true,
             });
             if call_on(&connection, hello, self.inner.options.request_timeout, None).await.is_err() {
                 self.routes().failed(node);

@@ -95,7 +95,13 @@ mod tests {
     use crate::client::{Hello, Request, request};
 
     fn hello() -> Request {
-        Request { kind: Some(request::Kind::Hello(Hello { client_name: "t".into(), access_token: "ann".into() })) }
+        Request {
+            kind: Some(request::Kind::Hello(Hello {
+                client_name: "t".into(),
+                access_token: "ann".into(),
+                ..Default::default()
+            })),
+        }
     }
 
     #[tokio::test]
@@ -111,8 +117,13 @@ mod tests {
 
     #[tokio::test]
     async fn appended_frames_read_back_one_by_one() {
-        let other =
-            Request { kind: Some(request::Kind::Hello(Hello { client_name: "u".into(), access_token: "bo".into() })) };
+        let other = Request {
+            kind: Some(request::Kind::Hello(Hello {
+                client_name: "u".into(),
+                access_token: "bo".into(),
+                ..Default::default()
+            })),
+        };
         let mut buf = BytesMut::new();
         append_frame(&mut buf, &hello());
         append_frame(&mut buf, &other);

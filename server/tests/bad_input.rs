@@ -68,7 +68,11 @@ async fn bad_input_gets_specific_errors_and_the_node_stays_up() {
         body: Bytes::from_static(b"x"),
     }));
     assert_eq!(error_code_for(&connection, &frame(&send)).await, "hello_required");
-    let hello = request(request::Kind::Hello(pb::Hello { client_name: "raw".into(), access_token: String::new() }));
+    let hello = request(request::Kind::Hello(pb::Hello {
+        client_name: "raw".into(),
+        access_token: String::new(),
+        ..Default::default()
+    }));
     let reply = exchange(&connection, &hello).await;
     assert!(matches!(reply.kind, Some(response::Kind::Hello(_))));
     // Not signed in yet: nothing but the sign-in requests.
@@ -215,7 +219,11 @@ async fn every_subscription_gets_closing_before_a_sigterm_closes_the_connection(
             cluster.wait_ready(1).await;
         }
         let connection = raw_connection(&cluster).await;
-        let hello = request(request::Kind::Hello(pb::Hello { client_name: "raw".into(), access_token: String::new() }));
+        let hello = request(request::Kind::Hello(pb::Hello {
+            client_name: "raw".into(),
+            access_token: String::new(),
+            ..Default::default()
+        }));
         exchange(&connection, &hello).await;
         let login = request(request::Kind::Register(pb::Register {
             user: format!("watcher{attempt}"),

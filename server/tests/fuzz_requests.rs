@@ -136,7 +136,11 @@ async fn signed_in(cluster: &TestCluster, n: u32) -> quinn::Connection {
     let addr = cluster.nodes[&1].client_addr.parse().unwrap();
     let connection = endpoint.connect_with(config, addr, "localhost").unwrap().await.unwrap();
     for kind in [
-        request::Kind::Hello(pb::Hello { client_name: "fuzz".into(), access_token: String::new() }),
+        request::Kind::Hello(pb::Hello {
+            client_name: "fuzz".into(),
+            access_token: String::new(),
+            ..Default::default()
+        }),
         request::Kind::Register(pb::Register {
             user: format!("fuzzer{n}"),
             password: "fuzzer-password".into(),

@@ -29,7 +29,11 @@ async fn raw_signed_in(cluster: &TestCluster, token: &str) -> quinn::Connection 
     let addr = cluster.nodes[&1].client_addr.parse().unwrap();
     let connection = endpoint.connect_with(config, addr, "localhost").unwrap().await.unwrap();
     let hello = pb::Request {
-        kind: Some(request::Kind::Hello(pb::Hello { client_name: "hostile".into(), access_token: token.into() })),
+        kind: Some(request::Kind::Hello(pb::Hello {
+            client_name: "hostile".into(),
+            access_token: token.into(),
+            ..Default::default()
+        })),
     };
     let (mut s, mut r) = common::within("a new stream", connection.open_bi()).await.unwrap();
     framing::write_message(&mut s, &hello).await.unwrap();

@@ -140,3 +140,28 @@ async fn typing_reaches_members_on_other_nodes_and_expires() {
     assert_eq!(eve.typing("general", true).await.unwrap_err().code(), Some("not_member"));
     assert_eq!(next_typing(&mut eves, "general", Duration::from_secs(1)).await, None, "eve is not a member");
 }
+
+/// A client's extra connections to shard leaders (its leader routes) are not devices: ann on
+/// node 1, with routes open to the leaders on the other nodes, says she is away, and bob sees
+/// her idle. (Were a route "online", it would outrank her main connection's idle state, and its
+/// closing would change her presence long after the fact.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_leader_routes_do_not_make_its_user_present() {
+    let cluster = TestCluster::start(3, 3, 2, &[]);
+    cluster.wait_ready(1).await;
+    let tokens = cluster.client(&[1], "ann").await.session().expect("ann is signed in");
+    let bob = cluster.client(&[2], "bob").await;
+    let mut watch = bob.subscribe_with(Vec::<(String, u64)>::new(), ["ann".to_string()]);
+    // Signed in from its first Hello, so every leader route signs in too.
+    let ann = cluster.connect(cluster.options_with(&[1], chorus_client::Credentials::Session(tokens))).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ann.direct_shards().is_empty() {
+        assert!(Instant::now() < deadline, "ann's client opened no route to a leader on another node");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("ann's routes: {:?}", ann.direct_shards());
+    until_presence(&mut watch, "ann", PresenceState::Online, Duration::from_secs(10)).await.unwrap();
+    ann.set_presence(true, Some("away from the desk")).await.unwrap();
+    let away = until_presence(&mut watch, "ann", PresenceState::Idle, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(away.status_text, "away from the desk");
+}

@@ -81,6 +81,9 @@ pub struct Session {
 
 enum Online {
     NotYet,
+    /// A connection that only routes requests to shard leaders (its first Hello said so):
+    /// its user is present through their main connection, not this one.
+    RouteOnly,
     As(String),
     Closed,
 }
@@ -93,6 +96,16 @@ impl Session {
         if matches!(*online, Online::NotYet) {
             node.presence.connected(&user);
             *online = Online::As(user);
+        }
+    }
+
+    /// The connection's first Hello said it only routes requests to shard leaders: it never
+    /// makes its user online (else a client's idle or away state would lose to the "online"
+    /// of its routes, and its closing routes would change presence long after the fact).
+    pub fn route_only(&self) {
+        let mut online = self.online.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*online, Online::NotYet) {
+            *online = Online::RouteOnly;
         }
     }
 

@@ -11,7 +11,9 @@ use crate::front_door::Session;
 use crate::node::Node;
 
 pub async fn handle(node: &Node, session: &Session, hello: Hello) -> Result<HelloReply, ServiceError> {
-    let _ = session.hello.set(());
+    if session.hello.set(()).is_ok() && hello.route_only {
+        session.route_only();
+    }
     if !hello.access_token.is_empty() {
         let identity = crate::auth::tokens::verify(node, &hello.access_token).await?;
         node.connections.sign_in(&session.auth, identity)?;

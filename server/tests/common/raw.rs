@@ -42,7 +42,11 @@ pub async fn error_of(connection: &quinn::Connection, kind: request::Kind) -> (S
 }
 
 pub fn hello(access_token: &str) -> request::Kind {
-    request::Kind::Hello(pb::Hello { client_name: "raw test".into(), access_token: access_token.into() })
+    request::Kind::Hello(pb::Hello {
+        client_name: "raw test".into(),
+        access_token: access_token.into(),
+        ..Default::default()
+    })
 }
 
 /// A connection that said an anonymous hello.
