@@ -474,7 +474,7 @@ impl Client {
                     self.learn_nodes(&new.hello.node_addrs);
                     self.inner.main_node.store(new.hello.node_id, Ordering::Relaxed);
                     self.routes().set_shard_count(new.hello.shard_count);
-                    self.learn_leaders(&new.hello.leaders);
+                    self.routes().note(&new.hello.leaders);
                     *live = Some(new);
                     // The next failover starts at the node after this one (and dials this one,
                     // suspected once lost, after the others).
@@ -510,8 +510,9 @@ impl Client {
         self.inner.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes in leader hints, and opens (in the background) a connection to each leader that
-    /// has none yet. Sends go through the main connection until it is up.
+    /// Takes in leader hints of a SendBatch reply (shards whose sends were forwarded), and
+    /// opens (in the background) a connection to each leader that has none yet. Sends go
+    /// through the main connection until it is up.
     fn learn_leaders(&self, hints: &[pb::ShardLeader]) {
         if !self.inner.options.route_to_leaders || hints.is_empty() {
             return;
@@ -523,7 +524,7 @@ impl Client {
                 match client.connect_to(&addr, true).await {
                     Ok(live) if live.hello.node_id == node => {
                         client.routes().connected(node, live.connection);
-                        client.learn_leaders(&live.hello.leaders);
+                        client.routes().note(&live.hello.leaders);
                     }
                     Ok(live) => {
                         // Another node answers at that address now: hints about it are stale.

@@ -1,8 +1,9 @@
 //! Leader-aware routing of sends. Every node accepts every request and forwards writes to the
 //! shard's leader, but that costs a gRPC round trip per batch. Nodes tell the client which node
 //! leads which shard (in their hello, and in each SendBatch reply for the shards they had to
-//! forward), and the client keeps one extra connection per leader it learned of, so most sends
-//! go to their leader directly. The main connection remains the fallback: a shard whose leader
+//! forward), and a client that sends keeps one extra connection per leader its sends were
+//! forwarded to, so most sends go to their leader directly. Hello's hints are only noted: a
+//! client that only reads (most chat users, most of the time) opens no extra connection. The main connection remains the fallback: a shard whose leader
 //! is unknown, not yet connected, or unreachable is sent there and forwarded as before.
 //!
 //! Hints may be stale; that costs a forward (and the reply corrects the hint), never
@@ -86,6 +87,15 @@ impl Routes {
             }
         }
         connect
+    }
+
+    /// Records leader hints without connecting (a client that never sends needs no route).
+    pub fn note(&mut self, hints: &[ShardLeader]) {
+        for hint in hints {
+            if hint.node_id != 0 && !hint.client_addr.is_empty() && hint.shard < self.shard_count {
+                self.leaders.insert(hint.shard, hint.node_id);
+            }
+        }
     }
 
     /// The direct connection to the leader of `room`'s shard, if there is one that is not the
@@ -185,6 +195,16 @@ mod tests {
         assert_eq!(routes.leader_of(2), Some(2));
         // Not connected yet: the main connection carries everything.
         assert!(routes.connection_for("any room", 1).is_none());
+    }
+
+    #[test]
+    fn noted_hints_open_no_connection_until_a_send_learns_them() {
+        let mut routes = Routes::default();
+        routes.set_shard_count(2);
+        routes.note(&[hint(0, 2), hint(1, 3), ShardLeader { shard: 1, node_id: 0, client_addr: "x:1".into() }]);
+        assert_eq!((routes.leader_of(0), routes.leader_of(1)), (Some(2), Some(3)));
+        assert!(routes.open_connections().is_empty());
+        assert_eq!(routes.learn(&[hint(0, 2)], 1), vec![(2, "127.0.0.1:7402".to_owned())]);
     }
 
     #[test]

@@ -17,12 +17,16 @@
 //!   after their last Typing; notices go to every peer with the next exchange (a user's
 //!   repeated "still typing" at most once per [`TYPING_RESEND`]).
 //!
-//! Delivery is to whoever asked: effective changes (after merging) are published in batches
-//! on a broadcast channel, and each subscription passes on those of the users it watches.
+//! Delivery is to whoever asked: a subscription registers a [`PresenceWatch`] of the users it
+//! shows, in an index by watched user. An effective change (after merging) goes only to the
+//! watches of that user: into each one's inbox, where the last state of each user wins, and
+//! the watch's task is woken. A node with thousands of subscriptions thus does work per
+//! delivered change, not per change and subscription, and a slow subscription never falls
+//! behind: its inbox holds at most one entry per watched user.
 //!
 //! Bounds: the table holds the users connected to the cluster (one entry per user and node);
 //! typing holds the users typing now; the pending deltas and notices are drained every
-//! exchange and capped ([`MAX_PENDING_TYPING`]).
+//! exchange and capped ([`MAX_PENDING_TYPING`]); a watch's inbox, its watched users.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use chorus_proto::client::{PresenceState, TypingChanged, UserPresence};
 use chorus_proto::peer as pb;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
 
 use crate::auth::now_ms;
 
@@ -50,8 +54,8 @@ pub const TYPING_RESEND: Duration = Duration::from_secs(2);
 pub const MAX_STATUS_BYTES: usize = 256;
 /// Typing notices kept for the next exchange at most (more are dropped: typing is a hint).
 const MAX_PENDING_TYPING: usize = 10_000;
-/// Batches of changes a slow subscription may fall behind before it gets a fresh snapshot.
-const CHANGES_CAPACITY: usize = 256;
+/// Typing changes a slow subscription may fall behind before it skips some (typing is a hint).
+const TYPING_CAPACITY: usize = 256;
 
 fn rank(state: PresenceState) -> u8 {
     match state {
@@ -120,29 +124,117 @@ struct Inner {
     pending_typing: Vec<pb::TypingNotice>,
 }
 
+/// Where a watch's changes wait for its task: the newest state of each watched user that
+/// changed since the task last looked.
+#[derive(Default)]
+struct Inbox {
+    changes: Mutex<HashMap<String, UserPresence>>,
+    ready: Notify,
+}
+
+/// The watches of each user (see the module docs).
+#[derive(Default)]
+struct WatchIndex {
+    next_id: u64,
+    by_user: HashMap<String, Vec<(u64, Arc<Inbox>)>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One subscription's watch of some users' presence, from [`PresenceHub::watch`]; dropping it
+/// takes it out of the index.
+pub struct PresenceWatch {
+    id: u64,
+    users: Vec<String>,
+    inbox: Arc<Inbox>,
+    index: Arc<Mutex<WatchIndex>>,
+}
+
+impl PresenceWatch {
+    /// The watched users that changed since the last call (each as they are now), once there
+    /// is at least one. Cancel-safe: nothing is taken before it returns.
+    pub async fn changed(&self) -> Vec<UserPresence> {
+        loop {
+            let changes: Vec<UserPresence> = lock(&self.inbox.changes).drain().map(|(_, p)| p).collect();
+            if !changes.is_empty() {
+                return changes;
+            }
+            // A change published since the drain left a permit: this returns at once.
+            self.inbox.ready.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+impl PresenceWatch {
+    fn try_changed(&self) -> Vec<UserPresence> {
+        let mut changes: Vec<UserPresence> = lock(&self.inbox.changes).drain().map(|(_, p)| p).collect();
+        changes.sort_by(|a, b| a.user.cmp(&b.user));
+        changes
+    }
+}
+
+impl Drop for PresenceWatch {
+    fn drop(&mut self) {
+        let mut index = lock(&self.index);
+        for user in &self.users {
+            if let Some(watches) = index.by_user.get_mut(user) {
+                watches.retain(|(id, _)| *id != self.id);
+                if watches.is_empty() {
+                    index.by_user.remove(user);
+                }
+            }
+        }
+    }
+}
+
 /// The node's presence and typing state; see the module docs.
 pub struct PresenceHub {
     node: u64,
     incarnation: u64,
     inner: Mutex<Inner>,
-    changes: broadcast::Sender<Arc<Vec<UserPresence>>>,
+    /// Taken after `inner` when both are.
+    watches: Arc<Mutex<WatchIndex>>,
     typing: broadcast::Sender<Arc<TypingChanged>>,
 }
 
 impl PresenceHub {
     pub fn new(node: u64) -> PresenceHub {
-        let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
-        let (typing, _) = broadcast::channel(CHANGES_CAPACITY);
-        PresenceHub { node, incarnation: now_ms(), inner: Mutex::default(), changes, typing }
+        let (typing, _) = broadcast::channel(TYPING_CAPACITY);
+        PresenceHub { node, incarnation: now_ms(), inner: Mutex::default(), watches: Arc::default(), typing }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
 
-    /// Effective presence changes, in batches, from now on.
-    pub fn changes(&self) -> broadcast::Receiver<Arc<Vec<UserPresence>>> {
-        self.changes.subscribe()
+    /// Watches `users`: where they are now (offline when unknown), and a watch that collects
+    /// their changes from that point on (no change falls between the two).
+    pub fn watch(&self, users: &[String]) -> (PresenceWatch, Vec<UserPresence>) {
+        let inner = self.lock();
+        let now: Vec<UserPresence> =
+            users.iter().map(|u| inner.effective.get(u).cloned().unwrap_or_else(|| offline(u))).collect();
+        let mut distinct: Vec<String> = users.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let inbox = Arc::new(Inbox::default());
+        let mut index = lock(&self.watches);
+        let id = index.next_id;
+        index.next_id += 1;
+        for user in &distinct {
+            index.by_user.entry(user.clone()).or_default().push((id, inbox.clone()));
+        }
+        drop(index);
+        (PresenceWatch { id, users: distinct, inbox, index: self.watches.clone() }, now)
+    }
+
+    /// How many watches there are (of any user), and of how many distinct users.
+    #[cfg(test)]
+    fn watch_counts(&self) -> (usize, usize) {
+        let index = lock(&self.watches);
+        (index.by_user.values().map(Vec::len).sum(), index.by_user.len())
     }
 
     /// Typing changes of every room, from now on.
@@ -276,9 +368,15 @@ impl PresenceHub {
                 inner.effective.insert(user, now);
             }
         }
-        if !changed.is_empty() {
-            // No receiver is fine: nobody watches presence on this node right now.
-            let _ = self.changes.send(Arc::new(changed));
+        if changed.is_empty() {
+            return;
+        }
+        let index = lock(&self.watches);
+        for presence in changed {
+            for (_, inbox) in index.by_user.get(&presence.user).into_iter().flatten() {
+                lock(&inbox.changes).insert(presence.user.clone(), presence.clone());
+                inbox.ready.notify_one();
+            }
         }
     }
 
@@ -551,13 +649,13 @@ mod tests {
     #[test]
     fn a_connected_user_is_online_on_every_node_and_offline_after_the_grace() {
         let (a, b) = (PresenceHub::new(1), PresenceHub::new(2));
-        let mut changes = b.changes();
+        let (watch, _) = b.watch(&["ann".into()]);
         a.connected("ann");
         assert_eq!(state_of(&a, "ann"), PresenceState::Online);
         exchange(&a, &b);
         exchange(&b, &a);
         assert_eq!(state_of(&b, "ann"), PresenceState::Online);
-        let batch = changes.try_recv().unwrap();
+        let batch = watch.try_changed();
         assert_eq!((batch[0].user.as_str(), batch[0].state), ("ann", PresenceState::Online as i32));
         // The last connection closes: still online during the grace, then offline everywhere.
         a.disconnected("ann");
@@ -567,6 +665,35 @@ mod tests {
         exchange(&a, &b);
         assert_eq!(state_of(&a, "ann"), PresenceState::Offline);
         assert_eq!(state_of(&b, "ann"), PresenceState::Offline);
+    }
+
+    #[test]
+    fn a_watch_gets_only_its_users_last_states_and_leaves_the_index_when_dropped() {
+        let hub = PresenceHub::new(1);
+        hub.connected("ann");
+        let (watch, now) = hub.watch(&["ann".into(), "bob".into(), "ann".into()]);
+        let states: Vec<i32> = now.iter().map(|p| p.state).collect();
+        assert_eq!(states, [PresenceState::Online as i32, PresenceState::Offline as i32, PresenceState::Online as i32]);
+        let (other, _) = hub.watch(&["carol".into()]);
+        assert_eq!(hub.watch_counts(), (3, 3), "one entry per distinct watched user");
+        // Several changes before the watch looks: the last state of each user, once.
+        hub.connected("bob");
+        hub.activity("ann", true, Some("one".into()));
+        hub.activity("ann", true, Some("two".into()));
+        hub.connected("dave");
+        let changes = watch.try_changed();
+        let seen: Vec<(&str, &str)> = changes.iter().map(|p| (p.user.as_str(), p.status_text.as_str())).collect();
+        assert_eq!(seen, [("ann", "two"), ("bob", "")]);
+        assert!(watch.try_changed().is_empty());
+        assert!(other.try_changed().is_empty(), "carol did not change");
+        // Nothing is lost between a change and the wait.
+        hub.activity("bob", true, None);
+        let waited = futures::executor::block_on(watch.changed());
+        assert_eq!((waited[0].user.as_str(), waited[0].state), ("bob", PresenceState::Idle as i32));
+        drop(watch);
+        assert_eq!(hub.watch_counts(), (1, 1));
+        drop(other);
+        assert_eq!(hub.watch_counts(), (0, 0));
     }
 
     #[test]

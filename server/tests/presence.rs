@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use chorus_client::{Subscription, SubscriptionEvent};
 use chorus_proto::client::{PresenceState, UserPresence};
+use chorus_proto::routing::shard_for_room;
 use common::TestCluster;
 
 /// Waits (up to `within`) until every one of `users` is in `state` as the subscription
@@ -152,11 +153,21 @@ async fn a_clients_leader_routes_do_not_make_its_user_present() {
     let tokens = cluster.client(&[1], "ann").await.session().expect("ann is signed in");
     let bob = cluster.client(&[2], "bob").await;
     let mut watch = bob.subscribe_with(Vec::<(String, u64)>::new(), ["ann".to_string()]);
-    // Signed in from its first Hello, so every leader route signs in too.
+    // Signed in from its first Hello, so every leader route signs in too. Routes open once
+    // sends were forwarded: one room per shard, so that some leader is on another node.
     let ann = cluster.connect(cluster.options_with(&[1], chorus_client::Credentials::Session(tokens))).await;
+    let rooms: Vec<String> = (0..3)
+        .map(|shard| (0..).map(|i| format!("room-{i}")).find(|r| shard_for_room(r, 3) == shard).unwrap())
+        .collect();
+    for room in &rooms {
+        ann.create_room(room, BTreeMap::new(), 0).await.unwrap();
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while ann.direct_shards().is_empty() {
         assert!(Instant::now() < deadline, "ann's client opened no route to a leader on another node");
+        for room in &rooms {
+            ann.send(room, "hello").await.unwrap();
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!("ann's routes: {:?}", ann.direct_shards());

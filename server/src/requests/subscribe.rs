@@ -174,8 +174,9 @@ pub async fn handle(
         });
     }
     let mut last_write: Option<tokio::time::Instant> = None;
-    // Reused across writes: each write hands QUIC the filled part without copying it.
-    let mut frames = BytesMut::with_capacity(COALESCE_BYTES);
+    // Reused across writes: each write hands QUIC the filled part without copying it. It grows
+    // on demand (thousands of mostly quiet subscriptions must not hold 64 KiB each).
+    let mut frames = BytesMut::new();
     let ended = sign_in_ends(&auth);
     tokio::pin!(ended);
     let end = loop {
@@ -261,10 +262,10 @@ async fn presence_feed(
     outbox: subscription::WeakOutbox,
     cancel: &tokio_util::sync::CancellationToken,
 ) {
-    // Subscribed before the snapshot, so that no change falls between the two.
-    let mut changes = node.presence.changes();
-    let mut typing = node.presence.typing_changes();
-    let watched_set: std::collections::HashSet<&str> = watched.iter().map(String::as_str).collect();
+    // Registered with the snapshot, and typing subscribed before its snapshot, so that no
+    // change falls between the two.
+    let watch = (!watched.is_empty()).then(|| node.presence.watch(&watched));
+    let mut typing = (!rooms.is_empty()).then(|| node.presence.typing_changes());
     // Held for as long as this feed runs.
     let _holds_open = (!watched.is_empty()).then(|| outbox.upgrade()).flatten();
     let send = |event: client::Event| {
@@ -278,9 +279,15 @@ async fn presence_feed(
         }
     };
     let presence_event = |users| client::Event { kind: Some(event::Kind::Presence(client::PresenceChanged { users })) };
-    if !watched.is_empty() && !send(presence_event(node.presence.snapshot(&watched))).await {
-        return;
-    }
+    let watch = match watch {
+        Some((watch, now)) => {
+            if !send(presence_event(now)).await {
+                return;
+            }
+            Some(watch)
+        }
+        None => None,
+    };
     let mut typing_rooms = std::collections::HashSet::new();
     for room in rooms {
         if let Ok(true) = crate::forward::is_joined(node, &room, viewer).await {
@@ -302,20 +309,8 @@ async fn presence_feed(
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => return,
-            batch = changes.recv(), if !watched.is_empty() => match batch {
-                Ok(batch) => {
-                    let users: Vec<_> =
-                        batch.iter().filter(|p| watched_set.contains(p.user.as_str())).cloned().collect();
-                    if users.is_empty() {
-                        continue;
-                    }
-                    presence_event(users)
-                }
-                // Behind: where everyone is now says it all.
-                Err(RecvError::Lagged(_)) => presence_event(node.presence.snapshot(&watched)),
-                Err(RecvError::Closed) => return,
-            },
-            change = typing.recv(), if !typing_rooms.is_empty() => match change {
+            users = changed(&watch), if watch.is_some() => presence_event(users),
+            change = typing_changed(&mut typing), if !typing_rooms.is_empty() => match change {
                 Ok(change) if typing_rooms.contains(&change.room) => {
                     let users = change.users.iter().filter(|u| *u != viewer).cloned().collect();
                     let change = client::TypingChanged { room: change.room.clone(), users };
@@ -328,6 +323,24 @@ async fn presence_feed(
         if !send(event).await {
             return;
         }
+    }
+}
+
+/// The next changes of a watch; never, without one.
+async fn changed(watch: &Option<crate::presence::PresenceWatch>) -> Vec<client::UserPresence> {
+    match watch {
+        Some(watch) => watch.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next typing change; never, without a receiver.
+async fn typing_changed(
+    typing: &mut Option<tokio::sync::broadcast::Receiver<Arc<client::TypingChanged>>>,
+) -> Result<Arc<client::TypingChanged>, RecvError> {
+    match typing {
+        Some(typing) => typing.recv().await,
+        None => std::future::pending().await,
     }
 }
 
