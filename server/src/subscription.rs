@@ -52,8 +52,10 @@ pub fn message_event(message: client::Message) -> client::Event {
 /// What a feed hands to its consumer (a client's stream writer, or a relay to another node).
 #[derive(Debug)]
 pub enum Outgoing {
-    /// An event made for this feed alone: a history message, a gap, an error.
-    Event(client::Event),
+    /// An event made for this feed alone: a history message, a gap, an error. Boxed: an
+    /// outbox's channel allocates its slots up front, 32 at a time, and an unboxed event would
+    /// make each slot ~200 bytes (6 KiB for every subscription, however quiet).
+    Event(Box<client::Event>),
     /// A live message as the shard applied it, shared by every feed of the room on this node
     /// and encoded for clients once, however many subscribe.
     Live(Arc<AppliedMessage>),
@@ -61,7 +63,7 @@ pub enum Outgoing {
 
 impl From<client::Event> for Outgoing {
     fn from(event: client::Event) -> Outgoing {
-        Outgoing::Event(event)
+        Outgoing::Event(Box::new(event))
     }
 }
 
@@ -70,7 +72,7 @@ impl Outgoing {
     /// here or by whoever frames it first).
     pub fn frame_len(&self) -> usize {
         match self {
-            Outgoing::Event(event) => 4 + prost::Message::encoded_len(event),
+            Outgoing::Event(event) => 4 + prost::Message::encoded_len(event.as_ref()),
             Outgoing::Live(applied) => live_frame(applied).len(),
         }
     }
@@ -78,14 +80,14 @@ impl Outgoing {
     /// Appends the event as one client-protocol frame.
     pub fn append_frame(&self, frames: &mut BytesMut) {
         match self {
-            Outgoing::Event(event) => framing::append_frame(frames, event),
+            Outgoing::Event(event) => framing::append_frame(frames, event.as_ref()),
             Outgoing::Live(applied) => frames.extend_from_slice(live_frame(applied)),
         }
     }
 
     pub fn into_event(self) -> client::Event {
         match self {
-            Outgoing::Event(event) => event,
+            Outgoing::Event(event) => *event,
             Outgoing::Live(applied) => message_event(message_to_pb(&applied.room, applied.message.clone())),
         }
     }
@@ -437,6 +439,12 @@ mod tests {
     use chorus_proto::storage::MessageRecord;
 
     use super::*;
+
+    #[test]
+    fn an_outbox_slot_stays_small() {
+        // Every subscription's channel allocates 32 slots at once, busy or not.
+        assert!(std::mem::size_of::<Queued>() <= 32, "{} bytes", std::mem::size_of::<Queued>());
+    }
 
     fn applied(room: &str, seq: u64) -> Arc<AppliedMessage> {
         let message = MessageRecord {
