@@ -119,9 +119,24 @@ pub fn network_error(msg: &str) -> NetworkError {
     NetworkError::new(&std::io::Error::other(msg.to_owned()))
 }
 
+/// Opens a node's database. A test that "restarts" a node in the same process may reopen it
+/// while the previous instance's threads are still letting go of it (moments after its last
+/// handle was dropped; after a real kill -9 the process is gone at once): RocksDB then refuses
+/// with its in-process lock, and the open is retried for a while.
 pub fn open_node_db(dir: &Path, node_id: NodeId, options: &DbOptions) -> Arc<NodeDb> {
     let identity = ClusterIdentity { cluster_id: "test-cluster".into(), node_id, shard_count: 4, format_version: 0 };
-    NodeDb::open(dir, identity, options).expect("open node db")
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match NodeDb::open(dir, identity.clone(), options) {
+            Ok(db) => return db,
+            Err(e)
+                if e.to_string().contains("lock hold by current process") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open node db: {e:?}"),
+        }
+    }
 }
 
 /// A node of a test cluster: its database and its replica of one shard.
