@@ -136,7 +136,8 @@ struct Inbox {
 #[derive(Default)]
 struct WatchIndex {
     next_id: u64,
-    by_user: HashMap<String, Vec<(u64, Arc<Inbox>)>>,
+    /// Watched user → the inboxes of their watches, by watch id.
+    by_user: HashMap<String, HashMap<u64, Arc<Inbox>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -181,7 +182,7 @@ impl Drop for PresenceWatch {
         let mut index = lock(&self.index);
         for user in &self.users {
             if let Some(watches) = index.by_user.get_mut(user) {
-                watches.retain(|(id, _)| *id != self.id);
+                watches.remove(&self.id);
                 if watches.is_empty() {
                     index.by_user.remove(user);
                 }
@@ -224,7 +225,7 @@ impl PresenceHub {
         let id = index.next_id;
         index.next_id += 1;
         for user in &distinct {
-            index.by_user.entry(user.clone()).or_default().push((id, inbox.clone()));
+            index.by_user.entry(user.clone()).or_default().insert(id, inbox.clone());
         }
         drop(index);
         (PresenceWatch { id, users: distinct, inbox, index: self.watches.clone() }, now)
@@ -234,7 +235,7 @@ impl PresenceHub {
     #[cfg(test)]
     fn watch_counts(&self) -> (usize, usize) {
         let index = lock(&self.watches);
-        (index.by_user.values().map(Vec::len).sum(), index.by_user.len())
+        (index.by_user.values().map(HashMap::len).sum(), index.by_user.len())
     }
 
     /// Typing changes of every room, from now on.
@@ -373,7 +374,7 @@ impl PresenceHub {
         }
         let index = lock(&self.watches);
         for presence in changed {
-            for (_, inbox) in index.by_user.get(&presence.user).into_iter().flatten() {
+            for inbox in index.by_user.get(&presence.user).into_iter().flat_map(HashMap::values) {
                 lock(&inbox.changes).insert(presence.user.clone(), presence.clone());
                 inbox.ready.notify_one();
             }

@@ -77,8 +77,8 @@ async fn presence_crosses_nodes_and_a_killed_nodes_users_go_offline() {
     let mut watch = bob.subscribe_with(Vec::<(String, u64)>::new(), ["ann".to_string(), "carol".to_string()]);
     let ann = cluster.client(&[1], "ann").await;
     let carol = cluster.client(&[3], "carol").await;
-    until_presence(&mut watch, "ann", PresenceState::Online, Duration::from_secs(10)).await.unwrap();
-    until_presence(&mut watch, "carol", PresenceState::Online, Duration::from_secs(10)).await.unwrap();
+    // Both at once: one batch may carry both (a wait for one alone would drop the other).
+    until_all(&mut watch, &["ann", "carol"], PresenceState::Online, Duration::from_secs(10)).await.unwrap();
 
     ann.set_presence(true, Some("at lunch")).await.unwrap();
     let away = until_presence(&mut watch, "ann", PresenceState::Idle, Duration::from_secs(10)).await.unwrap();

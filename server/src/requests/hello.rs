@@ -11,9 +11,13 @@ use crate::front_door::Session;
 use crate::node::Node;
 
 pub async fn handle(node: &Node, session: &Session, hello: Hello) -> Result<HelloReply, ServiceError> {
-    if session.hello.set(()).is_ok() && hello.route_only {
-        session.route_only();
-    }
+    // Decided before the hello counts as said: a sign-in on another stream of this connection
+    // must not find it said and not yet route-only.
+    session.hello.get_or_init(|| {
+        if hello.route_only {
+            session.route_only();
+        }
+    });
     if !hello.access_token.is_empty() {
         let identity = crate::auth::tokens::verify(node, &hello.access_token).await?;
         node.connections.sign_in(&session.auth, identity)?;
