@@ -931,6 +931,8 @@ impl Client {
             let subscribe = pb::Subscribe { rooms, presence_of: presence_of.to_vec() };
             let request = pb::Request { kind: Some(request::Kind::Subscribe(subscribe)) };
             framing::write_message(&mut send, &request).await.map_err(|e| ClientError::lost(e, true))?;
+            // The request is the whole of what a subscriber says (see PROTOCOL.md).
+            let _ = send.finish();
             Ok::<_, ClientError>((send, recv))
         }
         .await;

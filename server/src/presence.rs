@@ -136,8 +136,9 @@ struct Inbox {
 #[derive(Default)]
 struct WatchIndex {
     next_id: u64,
-    /// Watched user → the inboxes of their watches, by watch id.
-    by_user: HashMap<String, HashMap<u64, Arc<Inbox>>>,
+    /// Watched user → the inboxes of their watches, by watch id. The key is shared with the
+    /// watches (thousands of watches of the same users hold one copy of each name).
+    by_user: HashMap<Arc<str>, HashMap<u64, Arc<Inbox>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -148,7 +149,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// takes it out of the index.
 pub struct PresenceWatch {
     id: u64,
-    users: Vec<String>,
+    users: Vec<Arc<str>>,
     inbox: Arc<Inbox>,
     index: Arc<Mutex<WatchIndex>>,
 }
@@ -181,10 +182,10 @@ impl Drop for PresenceWatch {
     fn drop(&mut self) {
         let mut index = lock(&self.index);
         for user in &self.users {
-            if let Some(watches) = index.by_user.get_mut(user) {
+            if let Some(watches) = index.by_user.get_mut(&**user) {
                 watches.remove(&self.id);
                 if watches.is_empty() {
-                    index.by_user.remove(user);
+                    index.by_user.remove(&**user);
                 }
             }
         }
@@ -213,22 +214,27 @@ impl PresenceHub {
 
     /// Watches `users`: where they are now (offline when unknown), and a watch that collects
     /// their changes from that point on (no change falls between the two).
-    pub fn watch(&self, users: &[String]) -> (PresenceWatch, Vec<UserPresence>) {
+    pub fn watch(&self, mut users: Vec<String>) -> (PresenceWatch, Vec<UserPresence>) {
         let inner = self.lock();
         let now: Vec<UserPresence> =
             users.iter().map(|u| inner.effective.get(u).cloned().unwrap_or_else(|| offline(u))).collect();
-        let mut distinct: Vec<String> = users.to_vec();
-        distinct.sort_unstable();
-        distinct.dedup();
+        users.sort_unstable();
+        users.dedup();
         let inbox = Arc::new(Inbox::default());
         let mut index = lock(&self.watches);
         let id = index.next_id;
         index.next_id += 1;
-        for user in &distinct {
-            index.by_user.entry(user.clone()).or_default().insert(id, inbox.clone());
+        let mut keys = Vec::with_capacity(users.len());
+        for user in users {
+            let key = match index.by_user.get_key_value(user.as_str()) {
+                Some((key, _)) => key.clone(),
+                None => Arc::from(user),
+            };
+            index.by_user.entry(key.clone()).or_default().insert(id, inbox.clone());
+            keys.push(key);
         }
         drop(index);
-        (PresenceWatch { id, users: distinct, inbox, index: self.watches.clone() }, now)
+        (PresenceWatch { id, users: keys, inbox, index: self.watches.clone() }, now)
     }
 
     /// How many watches there are (of any user), and of how many distinct users.
@@ -374,7 +380,7 @@ impl PresenceHub {
         }
         let index = lock(&self.watches);
         for presence in changed {
-            for inbox in index.by_user.get(&presence.user).into_iter().flat_map(HashMap::values) {
+            for inbox in index.by_user.get(presence.user.as_str()).into_iter().flat_map(HashMap::values) {
                 lock(&inbox.changes).insert(presence.user.clone(), presence.clone());
                 inbox.ready.notify_one();
             }
@@ -650,7 +656,7 @@ mod tests {
     #[test]
     fn a_connected_user_is_online_on_every_node_and_offline_after_the_grace() {
         let (a, b) = (PresenceHub::new(1), PresenceHub::new(2));
-        let (watch, _) = b.watch(&["ann".into()]);
+        let (watch, _) = b.watch(vec!["ann".into()]);
         a.connected("ann");
         assert_eq!(state_of(&a, "ann"), PresenceState::Online);
         exchange(&a, &b);
@@ -672,10 +678,10 @@ mod tests {
     fn a_watch_gets_only_its_users_last_states_and_leaves_the_index_when_dropped() {
         let hub = PresenceHub::new(1);
         hub.connected("ann");
-        let (watch, now) = hub.watch(&["ann".into(), "bob".into(), "ann".into()]);
+        let (watch, now) = hub.watch(vec!["ann".into(), "bob".into(), "ann".into()]);
         let states: Vec<i32> = now.iter().map(|p| p.state).collect();
         assert_eq!(states, [PresenceState::Online as i32, PresenceState::Offline as i32, PresenceState::Online as i32]);
-        let (other, _) = hub.watch(&["carol".into()]);
+        let (other, _) = hub.watch(vec!["carol".into()]);
         assert_eq!(hub.watch_counts(), (3, 3), "one entry per distinct watched user");
         // Several changes before the watch looks: the last state of each user, once.
         hub.connected("bob");

@@ -344,6 +344,9 @@ async fn handle_stream(
             // The budget bounds requests waiting for an answer; a subscription lives on for
             // as long as the client wants, so it must not keep its share.
             drop(budget);
+            // Its client has nothing more to say on it (the request was the whole of it): the
+            // receive half's state need not live as long as the subscription.
+            drop(recv);
             let me = session.requests.request().and_then(|()| session.identity()).and_then(|me| {
                 let slot = session
                     .subscriptions
@@ -364,7 +367,9 @@ async fn handle_stream(
         }
         Some(kind) => {
             let outcome = match node.inflight.clone().try_acquire_owned() {
-                Ok(_permit) => requests::dispatch(&node, &session, kind).await,
+                // Boxed: the largest request's future would otherwise size every stream's
+                // task, a subscription's too, for as long as it lives (~3.7 KiB each).
+                Ok(_permit) => Box::pin(requests::dispatch(&node, &session, kind)).await,
                 Err(_) => Err(ServiceError::Unavailable { reason: "this node has too many requests in flight".into() }),
             };
             let kind = outcome.unwrap_or_else(|e| {
@@ -388,4 +393,31 @@ async fn reply(send: &mut quinn::SendStream, kind: response::Kind) {
         return;
     }
     let _ = send.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future an async fn of four owned arguments returns.
+    fn future_size4<A, B, C, D, Fut, F: FnOnce(A, B, C, D) -> Fut>(_: &F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    fn future_size5<A, B, C, D, E, Fut, F: FnOnce(A, B, C, D, E) -> Fut>(_: &F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every stream's task is as large as the largest future it may await inline, for as long
+    /// as it lives: a subscription's must not pay for the largest unary request (thousands of
+    /// subscriptions per node; see docs/BENCHMARKS.md, presence).
+    #[test]
+    fn a_streams_task_is_sized_by_the_subscription_not_by_the_largest_request() {
+        let stream = future_size4(&handle_stream);
+        let subscription = future_size5(&requests::subscribe::handle);
+        assert!(
+            stream <= subscription + 1024,
+            "a stream's task takes {stream} bytes, a subscription's future {subscription}"
+        );
+    }
 }

@@ -127,7 +127,7 @@ pub async fn handle(
     node: Arc<Node>,
     me: Arc<Identity>,
     auth: Arc<ConnectionAuth>,
-    subscribe: Subscribe,
+    mut subscribe: Subscribe,
     mut send: quinn::SendStream,
 ) {
     if let Err(e) = validate(&subscribe) {
@@ -150,7 +150,8 @@ pub async fn handle(
     let typing_rooms: Vec<String> = subscribe.rooms.iter().map(|c| c.room.clone()).collect();
     {
         let (outbox, cancel, node, viewer) = (outbox.clone(), cancel.clone(), node.clone(), me.user.clone());
-        let watched = subscribe.presence_of.clone();
+        // Moved, not copied: the names live on in the watch alone, for as long as it lasts.
+        let watched = std::mem::take(&mut subscribe.presence_of);
         let outbox = outbox.downgrade();
         feeds.spawn(async move {
             presence_feed(&node, &viewer, watched, typing_rooms, outbox, &cancel).await;
@@ -264,10 +265,11 @@ async fn presence_feed(
 ) {
     // Registered with the snapshot, and typing subscribed before its snapshot, so that no
     // change falls between the two.
-    let watch = (!watched.is_empty()).then(|| node.presence.watch(&watched));
+    let watching = !watched.is_empty();
+    let watch = watching.then(|| node.presence.watch(watched));
     let mut typing = (!rooms.is_empty()).then(|| node.presence.typing_changes());
     // Held for as long as this feed runs.
-    let _holds_open = (!watched.is_empty()).then(|| outbox.upgrade()).flatten();
+    let _holds_open = watching.then(|| outbox.upgrade()).flatten();
     let send = |event: client::Event| {
         let outbox = outbox.upgrade();
         async move {
@@ -290,11 +292,13 @@ async fn presence_feed(
     };
     let mut typing_rooms = std::collections::HashSet::new();
     for room in rooms {
-        if let Ok(true) = crate::forward::is_joined(node, &room, viewer).await {
+        // Boxed: a read that may go to another node is a large future, needed only here, and
+        // the feed's task would otherwise hold room for it for as long as it lives.
+        if let Ok(true) = Box::pin(crate::forward::is_joined(node, &room, viewer)).await {
             typing_rooms.insert(room);
         }
     }
-    if watched.is_empty() && typing_rooms.is_empty() {
+    if !watching && typing_rooms.is_empty() {
         return;
     }
     for room in &typing_rooms {
