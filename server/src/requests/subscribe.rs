@@ -4,7 +4,8 @@
 //! them to the stream writer. On shutdown the stream ends with a `Closing` event, delivered
 //! before the node closes the connection; a room whose feed fails gets an `Error` event naming
 //! it, and the other rooms go on, except for `lagging` (this node is cut off from the shard's
-//! leader), which ends the whole stream so that the client resumes on another node.
+//! leader, or stopped following it), which ends the whole stream so that the client resumes
+//! on another node.
 //!
 //! A subscriber that does not read is evicted: when no byte of a write is taken for
 //! [`SLOW_SUBSCRIBER_AFTER`] (QUIC flow control holds it: the client's receive window is
@@ -191,7 +192,14 @@ pub async fn handle(
                 tracing::debug!(?stopped, "subscriber stopped the stream");
                 break End::Gone;
             }
-            Some(Ok(Some(e))) = feeds.join_next() => break End::Error(e),
+            // Not a `Some(Ok(Some(e))) = feeds.join_next()` pattern: a feed that ends on its
+            // own (presence with nothing to watch) would fail the pattern, which disables the
+            // branch for the rest of this wait, and an error of another feed then went unseen
+            // until some event woke the writer: a cut-off node's subscribers waited in silence.
+            finished = feeds_end(&mut feeds) => match finished {
+                Some(e) => break End::Error(e),
+                None => break End::Closing("every room of the subscription ended"),
+            },
             event = rx.recv() => match event {
                 Some(event) => {
                     // Events that are already waiting leave in the same write (one QUIC write
@@ -230,7 +238,7 @@ pub async fn handle(
         End::Gone => {}
         End::Error(e) => {
             if matches!(e, ServiceError::Lagging { .. }) {
-                tracing::info!(error = %e, "a subscription ends: this node is out of contact with a shard's leader");
+                tracing::info!(error = %e, "a subscription ends: this node's replica of a shard is out of contact with its leader, or behind it");
             } else {
                 tracing::debug!(error = %e, "subscription ends");
             }
@@ -382,6 +390,25 @@ async fn write_or_stall(send: &mut quinn::SendStream, chunk: Bytes) -> Written {
     Written::All
 }
 
+/// Resolves when the subscription's feeds end it: one fails with an error for the whole stream
+/// (`Some`: `lagging`, a failure of the feed itself), or none is left (`None`). Feeds that end
+/// on their own (a room whose error event was sent, presence with nothing to watch) are
+/// collected on the way. Cancel-safe: it holds nothing but the set.
+async fn feeds_end(feeds: &mut tokio::task::JoinSet<Option<ServiceError>>) -> Option<ServiceError> {
+    while let Some(joined) = feeds.join_next().await {
+        match joined {
+            Ok(Some(e)) => return Some(e),
+            Ok(None) => {}
+            Err(e) if e.is_panic() => {
+                tracing::error!(error = %e, "a feed of a subscription panicked");
+                return Some(ServiceError::Internal("a feed of this subscription failed".into()));
+            }
+            Err(_) => {} // cancelled
+        }
+    }
+    None
+}
+
 /// Writes `rest` (the end of a frame already begun) and then `event`, finishes the stream and
 /// waits until the subscriber has it all, for at most `within`. True when it was delivered.
 async fn last_event(send: &mut quinn::SendStream, rest: Bytes, event: &client::Event, within: Duration) -> bool {
@@ -409,6 +436,40 @@ pub async fn refuse(send: &mut quinn::SendStream, e: &ServiceError) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_feed_error_ends_the_subscription_after_another_feed_ended_quietly() {
+        let mut feeds = tokio::task::JoinSet::new();
+        // Presence with nothing to watch ends at once; a room feed fails later.
+        feeds.spawn(async { None });
+        feeds.spawn(async {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            Some(ServiceError::Unavailable { reason: "cut off".into() })
+        });
+        feeds.spawn(std::future::pending::<Option<ServiceError>>());
+        // As the writer waits: beside a branch that never fires, woken by nothing else.
+        let idle = std::future::pending::<()>();
+        tokio::pin!(idle);
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::select! {
+                _ = &mut idle => None,
+                finished = feeds_end(&mut feeds) => finished,
+            }
+        })
+        .await
+        .expect("the failing feed's error is seen, not swallowed");
+        assert_eq!(ended.as_ref().map(ServiceError::code), Some("unavailable"));
+    }
+
+    #[tokio::test]
+    async fn feeds_that_all_end_quietly_end_the_subscription_and_a_panic_is_an_error() {
+        let mut feeds = tokio::task::JoinSet::new();
+        feeds.spawn(async { None });
+        feeds.spawn(async { None });
+        assert!(feeds_end(&mut feeds).await.is_none());
+        feeds.spawn(async { panic!("injected") });
+        assert_eq!(feeds_end(&mut feeds).await.as_ref().map(ServiceError::code), Some("internal"));
+    }
 
     #[test]
     fn only_a_busy_subscriber_waits_and_never_longer_than_the_window() {
