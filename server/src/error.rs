@@ -55,10 +55,11 @@ pub enum ServiceError {
     /// Resubscribe from the last seq received (and read faster).
     #[error("this subscription did not read its events for {} ms with {queued_bytes} bytes waiting; closed so that they need not be kept (resubscribe from the last seq received)", waited.as_millis())]
     SlowSubscriber { waited: std::time::Duration, queued_bytes: usize },
-    /// This node's replica of the shard has heard nothing from a leader for longer than an
-    /// election timeout (the node is cut off): its feed would stall. Resume on another node.
-    #[error("this node's replica of shard {shard} has heard from no leader for {} ms (cut off from its peers?): resume on another node", silent.as_millis())]
-    Lagging { shard: ShardId, silent: std::time::Duration },
+    /// This node's replica of the shard has heard nothing from a leader for longer than two
+    /// election timeouts (the node is cut off), or has stayed behind its leader that long:
+    /// its feed would stall. Resume on another node.
+    #[error("this node's replica of shard {shard} {lag}: resume on another node")]
+    Lagging { shard: ShardId, lag: crate::node::ReplicaLag },
     #[error("internal error: {0}")]
     Internal(String),
     /// An error a peer already mapped (forwarded requests): passed on unchanged.

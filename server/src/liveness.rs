@@ -50,6 +50,13 @@ struct PeerView {
     claims: HashMap<ShardId, u64>,
 }
 
+/// A leader's applied index that a shard replica here had not reached when it heard of it.
+#[derive(Debug, Clone, Copy)]
+struct Behind {
+    goal: u64,
+    since: Instant,
+}
+
 /// What this node knows of its peers' liveness and leaderships.
 #[derive(Default)]
 pub struct Liveness {
@@ -57,6 +64,9 @@ pub struct Liveness {
     /// When each shard replica here last accepted an AppendEntries from its leader. (Locked
     /// after `peers` where both are.)
     appends: Mutex<HashMap<ShardId, Instant>>,
+    /// Per shard replica here, the oldest applied index a leader reported that the replica had
+    /// not reached yet, and since when (see [`Liveness::leader_applied`]).
+    behind: Mutex<HashMap<ShardId, Behind>>,
 }
 
 impl Liveness {
@@ -84,6 +94,34 @@ impl Liveness {
     /// The replica of `shard` here accepted an AppendEntries from its leader.
     pub fn appended(&self, shard: ShardId, at: Instant) {
         self.appends.lock().unwrap_or_else(|p| p.into_inner()).insert(shard, at);
+    }
+
+    /// A leader of `shard` said it had applied `goal` when the replica here had applied
+    /// `applied`. Keeps the oldest goal not reached yet: a replica that follows reaches each
+    /// within a heartbeat or two, one that has stopped following (its entries or the commit
+    /// index do not reach it, or it cannot apply them) stays behind the same goal. Returns how
+    /// long the replica has been behind that goal (zero: it is not).
+    pub fn leader_applied(&self, shard: ShardId, applied: u64, goal: u64, at: Instant) -> Duration {
+        let mut behind = self.behind.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = behind.get(&shard)
+            && applied < b.goal
+        {
+            return at.saturating_duration_since(b.since);
+        }
+        if applied >= goal {
+            behind.remove(&shard);
+        } else {
+            behind.insert(shard, Behind { goal, since: at });
+        }
+        Duration::ZERO
+    }
+
+    /// The leader's applied index the replica of `shard` here, at `applied`, has not reached,
+    /// and for how long, as of `now`; `None` when it is not behind.
+    pub fn behind(&self, shard: ShardId, applied: u64, now: Instant) -> Option<(u64, Duration)> {
+        let behind = self.behind.lock().unwrap_or_else(|p| p.into_inner());
+        let b = behind.get(&shard).filter(|b| applied < b.goal)?;
+        Some((b.goal, now.saturating_duration_since(b.since)))
     }
 
     /// Runs `f` with a function answering: when did this node last hear that `shard` is led, at
@@ -119,28 +157,42 @@ impl Liveness {
 }
 
 /// Answers a peer's NodeHeartbeat: records its claims and names the claimed shards whose
-/// replica here does not follow it at that term.
+/// replica here does not follow it at that term, or has stayed behind its applied index for
+/// longer than [`resync_after`].
 pub fn serve_heartbeat(node: &Node, request: pb::NodeHeartbeatRequest) -> pb::NodeHeartbeatReply {
     let from = request.from_node;
     if from == node.id || !node.layout.nodes.contains_key(&from) {
         return pb::NodeHeartbeatReply { out_of_step: Vec::new() };
     }
+    let now = Instant::now();
+    let resync = resync_after(node);
     // Only a replica of a shard can lead it: other claims are ignored.
-    let claims: HashMap<ShardId, u64> =
-        request.leading.iter().filter(|c| node.layout.hosts(from, c.shard)).map(|c| (c.shard, c.term)).collect();
-    let out_of_step = claims
+    let leading: Vec<&pb::ShardTerm> = request.leading.iter().filter(|c| node.layout.hosts(from, c.shard)).collect();
+    let out_of_step = leading
         .iter()
-        .filter(|&(shard, &term)| {
-            node.shards.get(shard).is_some_and(|replica| {
-                let m = replica.raft.metrics();
-                let m = m.borrow();
-                m.current_term != term || m.current_leader != Some(from)
+        .filter(|c| {
+            node.shards.get(&c.shard).is_some_and(|replica| {
+                let (in_step, applied) = {
+                    let m = replica.raft.metrics();
+                    let m = m.borrow();
+                    (m.current_term == c.term && m.current_leader == Some(from), m.last_applied.map_or(0, |l| l.index))
+                };
+                let behind = node.liveness.leader_applied(c.shard, applied, c.applied, now);
+                !in_step || behind > resync
             })
         })
-        .map(|(&shard, _)| shard)
+        .map(|c| c.shard)
         .collect();
-    node.liveness.claims(from, Instant::now(), claims);
+    node.liveness.claims(from, now, leading.iter().map(|c| (c.shard, c.term)).collect());
     pb::NodeHeartbeatReply { out_of_step }
+}
+
+/// How long a replica may stay behind its leader's applied index before the leader is asked
+/// for a Raft heartbeat: it carries the commit index, which a replica that has every entry
+/// but missed the commit-only AppendEntries (lost in a partition) would otherwise wait for
+/// until the shard's next write.
+fn resync_after(node: &Node) -> Duration {
+    Duration::from_millis(node.config.tuning.election_timeout_max_ms)
 }
 
 /// Sends this node's heartbeat to every peer each interval, and Raft heartbeats to the shards
@@ -157,7 +209,8 @@ pub async fn send_heartbeats(node: Arc<Node>) {
             if m.state != ServerState::Leader {
                 continue;
             }
-            leading.push(pb::ShardTerm { shard, term: m.current_term });
+            let applied = m.last_applied.map_or(0, |l| l.index);
+            leading.push(pb::ShardTerm { shard, term: m.current_term, applied });
             let last = m.last_log_index;
             if let Some(replication) = &m.replication
                 && replication.values().any(|matched| matched.map(|l| l.index) < last)
@@ -201,7 +254,13 @@ struct Timer {
     seen: (u64, ServerState, Option<NodeId>),
     since: Instant,
     timeout: Duration,
+    /// Terms in a row that began without a leader emerging: each doubles the next timeout, up
+    /// to [`MAX_BACKOFF_DOUBLINGS`].
+    leaderless: u32,
 }
+
+/// An election timeout doubles at most this many times while elections keep failing.
+const MAX_BACKOFF_DOUBLINGS: u32 = 2;
 
 /// Calls an election for every shard this node follows whose leadership nobody has claimed
 /// for a randomized election timeout. Checks every `CHECK_EVERY`, and schedules each election
@@ -210,7 +269,10 @@ struct Timer {
 /// shutdown.
 pub async fn watch_leaders(node: Arc<Node>) {
     let (min, max) = (node.config.tuning.election_timeout_min_ms, node.config.tuning.election_timeout_max_ms);
-    let random_timeout = || Duration::from_millis(rand::rng().random_range(min..max.max(min + 1)));
+    // Elections that keep failing back off (randomized, doubling): when votes are slow (a
+    // node catching up, a slow disk) a round can outlast a plain timeout, and two candidates
+    // that keep starting new terms over each other's rounds never finish one.
+    let random_timeout = |leaderless: u32| backed_off(rand::rng().random_range(min..max.max(min + 1)), leaderless);
     let mut timers: HashMap<ShardId, Timer> = HashMap::new();
     let mut ticker = ticker(CHECK_EVERY);
     let mut elections = tokio::task::JoinSet::new();
@@ -225,10 +287,20 @@ pub async fn watch_leaders(node: Arc<Node>) {
                     let m = m.borrow();
                     (m.current_term, m.state, m.current_leader)
                 };
-                let timer =
-                    timers.entry(shard).or_insert_with(|| Timer { seen, since: now, timeout: random_timeout() });
+                let timer = timers.entry(shard).or_insert_with(|| Timer {
+                    seen,
+                    since: now,
+                    timeout: random_timeout(0),
+                    leaderless: 0,
+                });
                 if timer.seen != seen {
-                    *timer = Timer { seen, since: now, timeout: random_timeout() };
+                    // A new term with no leader known: an election is under way, or has failed.
+                    let leaderless = match seen.2 {
+                        Some(_) => 0,
+                        None if seen.0 > timer.seen.0 => timer.leaderless.saturating_add(1),
+                        None => timer.leaderless,
+                    };
+                    *timer = Timer { seen, since: now, timeout: random_timeout(leaderless), leaderless };
                 }
                 if !matches!(seen.1, ServerState::Follower | ServerState::Candidate) {
                     timer.since = now;
@@ -240,7 +312,7 @@ pub async fn watch_leaders(node: Arc<Node>) {
                     due.push((shard, seen.0, at));
                     // The next timeout counts from this election.
                     timer.since = at.max(now);
-                    timer.timeout = random_timeout();
+                    timer.timeout = random_timeout(timer.leaderless);
                 }
             }
             due
@@ -249,6 +321,11 @@ pub async fn watch_leaders(node: Arc<Node>) {
             elections.spawn(elect_at(node.clone(), shard, term, at));
         }
     }
+}
+
+/// An election timeout of `base_ms` after `leaderless` terms in a row without a leader.
+fn backed_off(base_ms: u64, leaderless: u32) -> Duration {
+    Duration::from_millis(base_ms.saturating_mul(1 << leaderless.min(MAX_BACKOFF_DOUBLINGS)))
 }
 
 /// At `at`, calls an election for `shard` unless someone claimed it meanwhile or its term moved.
@@ -262,13 +339,23 @@ async fn elect_at(node: Arc<Node>, shard: ShardId, term: u64, at: Instant) {
     }) {
         return;
     }
-    let still = {
+    let (still, last_log) = {
         let m = replica.raft.metrics();
         let m = m.borrow();
-        m.current_term == term && matches!(m.state, ServerState::Follower | ServerState::Candidate)
+        (m.current_term == term && matches!(m.state, ServerState::Follower | ServerState::Candidate), m.last_log_index)
     };
     // A node that is stopping leads nothing new.
     if !still || node.is_leaving() {
+        return;
+    }
+    // Nor does a replica whose log ends before an entry a leader said it had applied (so
+    // committed): a majority holds that entry, every majority of voters includes one of them,
+    // and they refuse a candidate without it. Its terms would only outbid the candidates that
+    // can win (a node back from a crash, still catching up, once kept a shard leaderless for
+    // 15 s that way).
+    let last_log = last_log.unwrap_or(0);
+    if let Some((committed, _)) = node.liveness.behind(shard, last_log, now) {
+        tracing::debug!(shard, term, last_log, committed, "no election: this replica lacks committed entries");
         return;
     }
     // Like Raft's pre-vote: an election that cannot reach a majority cannot win, and the term
@@ -322,6 +409,46 @@ mod tests {
         liveness.appended(7, t2);
         assert_eq!(liveness.claimed(7, 6), Some(t2));
         assert_eq!(liveness.claimed(8, 1), None);
+    }
+
+    #[test]
+    fn a_replica_behind_its_leaders_is_timed_from_the_oldest_goal_it_has_not_reached() {
+        let liveness = Liveness::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let at = |d: u64| t0 + ms(d);
+        // Keeping up: every goal is reached by the next heartbeat, so it is never behind long.
+        assert_eq!(liveness.leader_applied(7, 10, 10, t0), Duration::ZERO);
+        assert_eq!(liveness.behind(7, 10, t0), None);
+        assert_eq!(liveness.leader_applied(7, 10, 12, t0), Duration::ZERO);
+        assert_eq!(liveness.behind(7, 11, at(100)), Some((12, ms(100))));
+        assert_eq!(liveness.leader_applied(7, 12, 15, at(250)), Duration::ZERO, "12 reached: 15 is the goal now");
+        assert_eq!(liveness.behind(7, 15, at(300)), None);
+        // Stuck at 12: the goal stays 15 and its age grows, however far the leader moves on.
+        assert_eq!(liveness.leader_applied(7, 12, 20, at(500)), ms(250));
+        assert_eq!(liveness.behind(7, 12, at(2500)), Some((15, ms(2250))));
+        // A deposed leader's lower goal does not hide the real leader's.
+        assert_eq!(liveness.leader_applied(7, 13, 13, at(2600)), ms(2350));
+        assert_eq!(liveness.behind(7, 13, at(2600)), Some((15, ms(2350))));
+        // Caught up with everything it heard of.
+        assert_eq!(liveness.leader_applied(7, 20, 20, at(2700)), Duration::ZERO);
+        assert_eq!(liveness.behind(7, 20, at(9000)), None);
+        // Shards are apart, and a peer that does not say (an older version: 0) is not waited for.
+        assert_eq!(liveness.leader_applied(8, 0, 0, t0), Duration::ZERO);
+        assert_eq!(liveness.behind(8, 0, at(9000)), None);
+        assert_eq!(liveness.leader_applied(7, 20, 25, at(9000)), Duration::ZERO);
+        assert_eq!(liveness.behind(8, 0, at(9500)), None);
+        assert_eq!(liveness.behind(7, 20, at(9500)), Some((25, ms(500))));
+    }
+
+    #[test]
+    fn failing_elections_back_off_up_to_four_times_the_timeout() {
+        let ms = Duration::from_millis;
+        assert_eq!(backed_off(700, 0), ms(700), "the first election after a leader is lost is not delayed");
+        assert_eq!(backed_off(700, 1), ms(1400));
+        assert_eq!(backed_off(700, 2), ms(2800));
+        assert_eq!(backed_off(700, 50), ms(2800));
+        assert_eq!(backed_off(u64::MAX, 3), Duration::from_millis(u64::MAX));
     }
 
     #[test]

@@ -84,6 +84,30 @@ pub struct Node {
     leaving: std::sync::atomic::AtomicBool,
 }
 
+/// Why a replica cannot serve a live feed (see [`Node::replica_lag`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaLag {
+    /// It has heard from no leader for this long.
+    Silent(Duration),
+    /// A leader had applied `goal` this long ago, and the replica is still at `applied`.
+    Behind { applied: u64, goal: u64, behind: Duration },
+}
+
+impl std::fmt::Display for ReplicaLag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaLag::Silent(silent) => {
+                write!(f, "has heard from no leader for {} ms (cut off from its peers?)", silent.as_millis())
+            }
+            ReplicaLag::Behind { applied, goal, behind } => write!(
+                f,
+                "has applied up to entry {applied}, behind its leader's {goal} for {} ms (not receiving entries?)",
+                behind.as_millis()
+            ),
+        }
+    }
+}
+
 impl Node {
     /// How long a replica, or the node, may go without hearing from its peers before it counts
     /// as cut off: twice the longest election timeout, so that an ordinary election (which
@@ -99,28 +123,42 @@ impl Node {
         !liveness::quorum_alive(self, &nodes, self.contact_window())
     }
 
-    /// How long this node's replica of `shard` has been out of contact with a leader, when
-    /// that is longer than [`Node::contact_window`] (`None`: in contact, or not hosted here).
-    /// A replica on a node that is [cut off](Node::cut_off) is out of contact (a minority
-    /// may still hear a deposed leader); otherwise a leader is in contact while it hears from a
+    /// Why this node's replica of `shard` cannot serve a live feed now, if it cannot: it has
+    /// been out of contact with a leader for longer than [`Node::contact_window`], or it has
+    /// stayed behind what a leader reported applied for that long (`None`: it follows, or the
+    /// shard is not hosted here).
+    ///
+    /// A replica on a node that is [cut off](Node::cut_off) is out of contact (a minority may
+    /// still hear a deposed leader); otherwise a leader is in contact while it hears from a
     /// majority of the shard's replicas, a follower while a peer claims to lead the shard (at
-    /// any term: during an election the last claim counts) or it accepts entries. A replica out
-    /// of contact commits nothing: its feeds would stall without a word.
-    pub fn replica_silence(&self, shard: ShardId) -> Option<Duration> {
+    /// any term: during an election the last claim counts) or it accepts entries. Contact is
+    /// not enough: a replica whose entries or commit index do not reach it, or that cannot
+    /// apply them, or a deposed leader that has not learnt it, hears claims and commits
+    /// nothing. Either way its feeds would stall without a word.
+    pub fn replica_lag(&self, shard: ShardId) -> Option<ReplicaLag> {
         let replica = self.shards.get(&shard)?;
         let window = self.contact_window();
         if self.cut_off() {
-            return Some(window);
+            return Some(ReplicaLag::Silent(window));
         }
-        let leading = replica.raft.metrics().borrow().state == openraft::ServerState::Leader;
+        let (leading, applied) = {
+            let m = replica.raft.metrics();
+            let m = m.borrow();
+            (m.state == openraft::ServerState::Leader, m.last_applied.map_or(0, |l| l.index))
+        };
+        let now = std::time::Instant::now();
+        if let Some((goal, behind)) = self.liveness.behind(shard, applied, now)
+            && behind > window
+        {
+            return Some(ReplicaLag::Behind { applied, goal, behind });
+        }
         if leading {
             let replicas = self.layout.replicas(shard);
-            return (!liveness::quorum_alive(self, &replicas, window)).then_some(window);
+            return (!liveness::quorum_alive(self, &replicas, window)).then_some(ReplicaLag::Silent(window));
         }
-        let now = std::time::Instant::now();
         let heard = self.liveness.with_claims(|claimed| claimed(shard, 0)).unwrap_or(self.started_at);
         let silent = now.saturating_duration_since(heard.max(self.started_at));
-        (silent > window).then_some(silent)
+        (silent > window).then_some(ReplicaLag::Silent(silent))
     }
 
     /// An error as a client receives it: an `unavailable` from a node that is cut off says to

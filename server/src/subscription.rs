@@ -8,9 +8,9 @@
 //! (a slow client blocks only its own feeds, never the shard; one that does not read at all is
 //! evicted by its writer, see `requests::subscribe`).
 //!
-//! A feed whose replica is cut off from its shard's leader (see [`Node::replica_silence`])
-//! would stall without a word: it ends with `lagging` instead, so that the client resumes on
-//! another node.
+//! A feed whose replica is cut off from its shard's leader, or has stopped following it (see
+//! [`Node::replica_lag`]), would stall without a word: it ends with `lagging` instead, so that
+//! the client resumes on another node.
 //!
 //! A node that does not host the room's shard relays the feed of a replica over gRPC and
 //! resumes from its cursor on another replica if that one fails.
@@ -209,7 +209,8 @@ fn still_admitted(reader: &ShardReader, room: &str, viewer: &str, message: &Mess
 /// Follows `room` on this node's replica of `shard` from `after`, for `viewer`, until
 /// cancelled or the consumer leaves. Returns an error for a terminal failure (e.g. the room
 /// does not exist, or the viewer may not read it), and `Lagging` when the replica has lost
-/// contact with the shard's leader (the consumer should resume elsewhere).
+/// contact with the shard's leader or stopped following it (the consumer should resume
+/// elsewhere).
 pub async fn follow_local(
     node: &Node,
     shard: ShardId,
@@ -230,6 +231,7 @@ pub async fn follow_local(
     // commit index before it ends the feed: read-your-writes, as for History.
     let mut caught_up = false;
     loop {
+        tracing::debug!(shard, %room, cursor, "feed: catching up from history");
         // Catch up from history.
         loop {
             let query = HistoryQuery::After { after: cursor, limit: CATCH_UP_PAGE };
@@ -237,6 +239,7 @@ pub async fn follow_local(
                 Ok(page) => page,
                 Err(e) if !caught_up && maybe_stale(&e) => {
                     caught_up = true;
+                    tracing::debug!(shard, %room, error = %e, "feed: the replica may be behind: catching up with the leader");
                     crate::forward::catch_up_with_leader(node, shard).await?;
                     continue;
                 }
@@ -275,13 +278,14 @@ pub async fn follow_local(
                 break;
             }
         }
+        tracing::debug!(shard, %room, cursor, "feed: live");
         // Live, until something is missed.
         'live: loop {
             let event = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 event = events.recv() => event,
-                _ = contact.tick() => match node.replica_silence(shard) {
-                    Some(silent) => return Err(ServiceError::Lagging { shard, silent }),
+                _ = contact.tick() => match node.replica_lag(shard) {
+                    Some(lag) => return Err(ServiceError::Lagging { shard, lag }),
                     None => continue,
                 },
             };
@@ -326,7 +330,10 @@ pub async fn follow_remote(
     let mut attempt = 0usize;
     let mut contact = crate::node::ticker(CONTACT_CHECK_EVERY);
     // A relay on a node cut off from the cluster would retry in silence: it tells its consumer.
-    let cut_off = || node.cut_off().then(|| ServiceError::Lagging { shard, silent: node.contact_window() });
+    let cut_off = || {
+        node.cut_off()
+            .then(|| ServiceError::Lagging { shard, lag: crate::node::ReplicaLag::Silent(node.contact_window()) })
+    };
     loop {
         if cancel.is_cancelled() {
             return Ok(());
