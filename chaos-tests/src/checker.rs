@@ -412,7 +412,8 @@ pub fn check(records: &[Record]) -> Report {
         list.sort_unstable();
     }
     for record in records {
-        let Record::Subscription { process, room, after, received, received_ns, started_ns, ended_ns, .. } = record
+        let Record::Subscription { process, room, after, received, received_ns, started_ns, ended_ns, nodes, .. } =
+            record
         else {
             continue;
         };
@@ -433,9 +434,10 @@ pub fn check(records: &[Record]) -> Report {
                         None => format!("never (the subscription ran {:.1} s more)", (ended_ns - acked) as f64 / 1e9),
                     };
                     format!(
-                        "process {process}, {room:?}: #{seq}, acknowledged at {:.1} s, arrived {when} (bound {} s)",
+                        "process {process}, {room:?}: #{seq}, acknowledged at {:.1} s, arrived {when} (bound {} s){}",
                         acked as f64 / 1e9,
-                        PROGRESS_BOUND_NS / 1_000_000_000
+                        PROGRESS_BOUND_NS / 1_000_000_000,
+                        nodes_between(nodes, acked, arrived.unwrap_or(*ended_ns))
                     )
                 });
                 break; // one per subscription: the rest of a stall says nothing new
@@ -476,6 +478,22 @@ pub fn check(records: &[Record]) -> Report {
     }
     check_catch_up(records, &finals, &mut report);
     report
+}
+
+/// Where a subscription was between `from` and `to` (its node then, and each it resumed on),
+/// for a stall's report: "; on node X, then Y at 12.3 s".
+fn nodes_between(nodes: &[(u64, String)], from: u64, to: u64) -> String {
+    let then = nodes.iter().rev().find(|(at, _)| *at <= from).map(|(_, n)| n.as_str());
+    let moves: Vec<String> = nodes
+        .iter()
+        .filter(|(at, _)| *at > from && *at <= to)
+        .map(|(at, n)| format!("{n} at {:.1} s", *at as f64 / 1e9))
+        .collect();
+    match (then, moves.is_empty()) {
+        (None, true) => String::new(),
+        (Some(n), true) => format!("; on {n} all along"),
+        (then, false) => format!("; on {}, then {}", then.unwrap_or("?"), moves.join(", ")),
+    }
 }
 
 #[cfg(test)]
@@ -536,6 +554,7 @@ mod tests {
                 received: vec![(1, "a".into()), (2, "b".into()), (3, "c".into())],
                 received_ns: vec![12, 31, 45],
                 resumes: 1,
+                nodes: vec![],
                 error: None,
             },
             Record::Nemesis { at_ns: 15, action: "kill".into(), nodes: vec![1], detail: String::new() },
@@ -700,6 +719,7 @@ mod tests {
             received: received.into_iter().map(|(s, b)| (s, b.to_string())).collect(),
             received_ns: vec![],
             resumes: 0,
+            nodes: vec![],
             error: None,
         };
         let mut h = valid();
@@ -753,6 +773,14 @@ mod tests {
     }
 
     #[test]
+    fn a_stall_names_the_nodes_the_subscriber_was_on() {
+        let nodes = vec![(0, "n1".to_string()), (5_000_000_000, "n2".to_string()), (9_000_000_000, "n3".to_string())];
+        assert_eq!(nodes_between(&nodes, 6_000_000_000, 8_000_000_000), "; on n2 all along");
+        assert_eq!(nodes_between(&nodes, 1_000_000_000, 9_500_000_000), "; on n1, then n2 at 5.0 s, n3 at 9.0 s");
+        assert_eq!(nodes_between(&[], 1, 2), "");
+    }
+
+    #[test]
     fn a_subscriber_that_stalls_is_found() {
         const S: u64 = 1_000_000_000;
         // A subscriber on a node cut off from the leader: #1 arrives, then nothing, while the
@@ -770,6 +798,7 @@ mod tests {
                     received_ns: received.iter().map(|r| r.2).collect(),
                     received: received.into_iter().map(|(s, b, _)| (s, b.to_string())).collect(),
                     resumes: 0,
+                    nodes: vec![],
                     error: None,
                 },
                 final_read(1, "r", true, &["a", "b"]),
@@ -802,6 +831,7 @@ mod tests {
             received: vec![],
             received_ns: vec![],
             resumes: 0,
+            nodes: vec![],
             error: Some("room_not_found".into()),
         });
         assert_eq!(anomalies(&h), vec!["node_crashed".to_string(), "subscription_error".to_string()]);

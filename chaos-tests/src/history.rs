@@ -98,6 +98,9 @@ pub enum Record {
         #[serde(default)]
         received_ns: Vec<u64>,
         resumes: u64,
+        /// Which node the subscription was on from when: where it started, then each resume.
+        #[serde(default)]
+        nodes: Vec<(u64, String)>,
         error: Option<String>,
     },
     /// What the catcher (a user who reads and catches up) saw of one room: its read marker

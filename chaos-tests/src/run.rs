@@ -104,6 +104,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
         )?)),
         false => None,
     };
+    // The nodes' log filter: CHORUS_LOG when set (e.g. to see one module at debug level).
+    let log = std::env::var("CHORUS_LOG").unwrap_or_else(|_| "info,openraft=warn".to_owned());
     let chorusd_args: Vec<String> = [
         "--snapshot-every-entries",
         "500",
@@ -112,7 +114,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
         "--log-kept-after-snapshot",
         "100",
         "--log",
-        "info,openraft=warn",
+        log.as_str(),
         // Everyone signs in as a user of their own, and writes as fast as the cluster lets them.
         "--registration",
         "open",

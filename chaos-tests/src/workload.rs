@@ -252,12 +252,18 @@ pub async fn subscriber(process: u64, client: Client, rooms: Vec<(String, u64)>,
     let mut received_ns: BTreeMap<String, Vec<u64>> = rooms.iter().map(|(r, _)| (r.clone(), Vec::new())).collect();
     let mut errors: BTreeMap<String, String> = BTreeMap::new();
     let mut resumes = 0u64;
+    let mut nodes: Vec<(u64, String)> = Vec::new();
     let mut subscription = client.subscribe(rooms.clone());
     loop {
         let event = tokio::select! {
             _ = ctx.stop.cancelled() => break,
             event = subscription.next() => event,
         };
+        if nodes.is_empty()
+            && let Some(node) = client.current_node().await
+        {
+            nodes.push((started_ns, node));
+        }
         match event {
             Ok(SubscriptionEvent::Message(m)) => {
                 if let Some(list) = received.get_mut(&m.room) {
@@ -267,7 +273,10 @@ pub async fn subscriber(process: u64, client: Client, rooms: Vec<(String, u64)>,
                     times.push(ctx.clock.now());
                 }
             }
-            Ok(SubscriptionEvent::Resumed { .. }) => resumes += 1,
+            Ok(SubscriptionEvent::Resumed { node }) => {
+                resumes += 1;
+                nodes.push((ctx.clock.now(), node));
+            }
             Ok(SubscriptionEvent::Presence(_) | SubscriptionEvent::Typing { .. }) => {}
             Ok(SubscriptionEvent::Gap(g)) => {
                 errors.insert(g.room.clone(), format!("unexpected gap {}..={}: {}", g.from_seq, g.to_seq, g.reason));
@@ -295,6 +304,7 @@ pub async fn subscriber(process: u64, client: Client, rooms: Vec<(String, u64)>,
             started_ns,
             ended_ns,
             resumes,
+            nodes: nodes.clone(),
         });
     }
 }
