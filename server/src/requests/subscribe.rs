@@ -181,6 +181,7 @@ pub async fn handle(
     let mut frames = BytesMut::new();
     let ended = sign_in_ends(&auth);
     tokio::pin!(ended);
+    let mut feeds_gone = false;
     let end = loop {
         tokio::select! {
             // Shutdown first: feeds end with it too, and the reason must not depend on which
@@ -196,9 +197,11 @@ pub async fn handle(
             // own (presence with nothing to watch) would fail the pattern, which disables the
             // branch for the rest of this wait, and an error of another feed then went unseen
             // until some event woke the writer: a cut-off node's subscribers waited in silence.
-            finished = feeds_end(&mut feeds) => match finished {
+            finished = feeds_end(&mut feeds), if !feeds_gone => match finished {
                 Some(e) => break End::Error(e),
-                None => break End::Closing("every room of the subscription ended"),
+                // What they queued (a room's last message and its error) still goes out; the
+                // stream stays until the subscriber closes it, as when it watches presence.
+                None => feeds_gone = true,
             },
             event = rx.recv() => match event {
                 Some(event) => {
@@ -390,7 +393,7 @@ async fn write_or_stall(send: &mut quinn::SendStream, chunk: Bytes) -> Written {
     Written::All
 }
 
-/// Resolves when the subscription's feeds end it: one fails with an error for the whole stream
+/// Resolves when one of the subscription's feeds fails with an error for the whole stream
 /// (`Some`: `lagging`, a failure of the feed itself), or none is left (`None`). Feeds that end
 /// on their own (a room whose error event was sent, presence with nothing to watch) are
 /// collected on the way. Cancel-safe: it holds nothing but the set.
