@@ -116,11 +116,13 @@ impl Liveness {
         Duration::ZERO
     }
 
-    /// The leader's applied index the replica of `shard` here, at `applied`, has not reached,
-    /// and for how long, as of `now`; `None` when it is not behind.
-    pub fn behind(&self, shard: ShardId, applied: u64, now: Instant) -> Option<(u64, Duration)> {
+    /// The leader's applied index that the replica of `shard` here, having reached index
+    /// `reached`, has not, and for how long, as of `now`; `None` when it is not behind. Feeds
+    /// ask with the replica's applied index (is it following?), elections with its last log
+    /// index (does it hold every entry it knows to be committed?).
+    pub fn behind(&self, shard: ShardId, reached: u64, now: Instant) -> Option<(u64, Duration)> {
         let behind = self.behind.lock().unwrap_or_else(|p| p.into_inner());
-        let b = behind.get(&shard).filter(|b| applied < b.goal)?;
+        let b = behind.get(&shard).filter(|b| reached < b.goal)?;
         Some((b.goal, now.saturating_duration_since(b.since)))
     }
 

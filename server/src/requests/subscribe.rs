@@ -404,7 +404,9 @@ async fn feeds_end(feeds: &mut tokio::task::JoinSet<Option<ServiceError>>) -> Op
             Ok(None) => {}
             Err(e) if e.is_panic() => {
                 tracing::error!(error = %e, "a feed of a subscription panicked");
-                return Some(ServiceError::Internal("a feed of this subscription failed".into()));
+                return Some(ServiceError::Internal(
+                    "a feed of this subscription failed on this node (a bug, logged there): subscribe again from your cursors, on another node".into(),
+                ));
             }
             Err(_) => {} // cancelled
         }
@@ -465,7 +467,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn feeds_that_all_end_quietly_end_the_subscription_and_a_panic_is_an_error() {
+    async fn feeds_end_is_none_once_every_feed_ended_quietly_and_an_error_on_a_panic() {
         let mut feeds = tokio::task::JoinSet::new();
         feeds.spawn(async { None });
         feeds.spawn(async { None });
