@@ -34,10 +34,11 @@ pub mod defaults {
     pub const MAX_SNAPSHOT_LOG_PERCENT: u64 = 1_000;
     pub const LOG_KEPT_AFTER_SNAPSHOT: u64 = 5_000;
     pub const MAX_CONNECTIONS: usize = 4096;
-    /// Concurrent requests per connection, as HTTP/2 servers commonly allow (the reference
-    /// client uses at most ~20). QUIC makes room for every stream the peer may open up front,
-    /// per connection: 256 cost ~20 KiB of each idle connection, 100 about a quarter of it.
-    pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+    /// Concurrent requests per connection (the reference client uses at most ~20: up to 16
+    /// subscriptions, 4 send batches, its unary requests; more wait for a free stream). QUIC
+    /// makes room for every stream the peer may open up front, per connection: 256 cost
+    /// ~20 KiB of each idle connection, 100 ~6 KiB, 32 ~3 KiB (docs/BENCHMARKS.md, presence).
+    pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
     pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
     pub const LOG: &str = "info,openraft=warn";
     pub const ACCESS_TOKEN_TTL_S: u64 = 900;
