@@ -34,11 +34,16 @@ pub mod defaults {
     pub const MAX_SNAPSHOT_LOG_PERCENT: u64 = 1_000;
     pub const LOG_KEPT_AFTER_SNAPSHOT: u64 = 5_000;
     pub const MAX_CONNECTIONS: usize = 4096;
-    /// Concurrent requests per connection (the reference client uses at most ~20: up to 16
-    /// subscriptions, 4 send batches, its unary requests; more wait for a free stream). QUIC
+    /// Concurrent streams per connection. A connection holds at most
+    /// `MAX_SUBSCRIPTIONS_PER_CONNECTION` (16) subscriptions, each a stream for as long as it
+    /// lives; the rest leave room, even then, for the reference client's 4 send batches and its
+    /// requests (a Hello renewing the sign-in among them); more wait for a free stream. QUIC
     /// makes room for every stream the peer may open up front, per connection: 256 cost
-    /// ~20 KiB of each idle connection, 100 ~6 KiB, 32 ~3 KiB (docs/BENCHMARKS.md, presence).
+    /// ~20 KiB of each idle connection, 100 ~6 KiB, 32 ~3.5 KiB (docs/BENCHMARKS.md, presence).
     pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+    // A connection full of subscriptions must still be able to renew its sign-in and send.
+    const _: () =
+        assert!(MAX_STREAMS_PER_CONNECTION as usize >= crate::front_door::MAX_SUBSCRIPTIONS_PER_CONNECTION + 8);
     pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
     pub const LOG: &str = "info,openraft=warn";
     pub const ACCESS_TOKEN_TTL_S: u64 = 900;
@@ -267,7 +272,8 @@ pub struct RunArgs {
     #[arg(long, env = "CHORUS_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
-    /// Most concurrent requests (streams) per client connection. [default: 256]
+    /// Most concurrent streams per client connection: subscriptions (at most 16) and requests;
+    /// keep room above 16 for requests. [default: 32]
     #[arg(long, env = "CHORUS_MAX_STREAMS_PER_CONNECTION")]
     pub max_streams_per_connection: Option<u32>,
 
