@@ -4,12 +4,14 @@
 //! - [`client`]: the client protocol over QUIC (see docs/PROTOCOL.md).
 //! - [`peer`]: the gRPC protocol between nodes.
 //! - [`framing`]: length-prefixed frames on a byte stream.
+//! - [`mentions`]: what counts as a mention of a user in a message body.
 //! - [`routing`]: room → shard.
 //!
 //! Fields are only ever added: the encodings are Chorus's on-disk and on-wire formats.
 
 pub mod batching;
 pub mod framing;
+pub mod mentions;
 pub mod routing;
 
 /// The generated code, nested like the protobuf packages (cross-package references rely on it).

@@ -23,8 +23,7 @@ use super::{ApplyBatch, OpResult};
 use crate::error::{CommandError, StoreError};
 use crate::types::OpOutcome;
 
-/// Most members one message mentions: further `@names` are ignored.
-pub const MAX_MENTIONS_PER_MESSAGE: usize = 16;
+pub use chorus_proto::mentions::{MAX_MENTIONS_PER_MESSAGE, parse_mentions};
 
 pub(super) fn joined(member: Option<&MemberRecord>) -> bool {
     member.is_some_and(|m| m.state == MembershipState::Joined as i32)
@@ -33,39 +32,6 @@ pub(super) fn joined(member: Option<&MemberRecord>) -> bool {
 /// Joined or invited: the user's room (what their room index lists).
 pub(super) fn listed(member: Option<&MemberRecord>) -> bool {
     member.is_some_and(|m| m.state == MembershipState::Joined as i32 || m.state == MembershipState::Invited as i32)
-}
-
-/// The distinct user names `@name` mentions in `body`, in order of first appearance, at most
-/// [`MAX_MENTIONS_PER_MESSAGE`]. A mention starts at an `@` that does not follow a name
-/// character (so `ann@example.com` mentions nobody); the name is folded to lower case, and
-/// trailing `.`/`-` are punctuation (`@bob.` mentions bob).
-pub fn parse_mentions(body: &[u8]) -> Vec<String> {
-    let is_name = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
-    let mut found: Vec<String> = Vec::new();
-    let mut i = 0;
-    while let Some(at) = body[i..].iter().position(|&b| b == b'@').map(|p| p + i) {
-        i = at + 1;
-        if at > 0 && is_name(body[at - 1]) {
-            continue;
-        }
-        let len = body[i..].iter().take_while(|&&b| is_name(b)).count();
-        let mut name = &body[i..i + len];
-        while let [rest @ .., b'.' | b'-'] = name {
-            name = rest;
-        }
-        i += len;
-        if name.is_empty() || name.len() > crate::limits::MAX_USER_NAME_BYTES {
-            continue;
-        }
-        let name = String::from_utf8_lossy(name).to_ascii_lowercase();
-        if crate::limits::validate_user_name(&name).is_ok() && !found.contains(&name) {
-            found.push(name);
-            if found.len() == MAX_MENTIONS_PER_MESSAGE {
-                break;
-            }
-        }
-    }
-    found
 }
 
 /// TEXT entries of `room` after `member`'s marker that are still retained (0 for anyone not
@@ -582,20 +548,5 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         let pages = syncer.join().unwrap_or_else(|_| panic!("a Sync page disagreed with itself: see the panic above"));
         assert!(pages > 0);
-    }
-
-    #[test]
-    fn mentions_are_names_after_an_at_sign_that_starts_a_word() {
-        let found = |body: &str| parse_mentions(body.as_bytes());
-        assert_eq!(found("hi @ann and @Bob."), vec!["ann", "bob"]);
-        assert_eq!(found("mail ann@example.com"), Vec::<String>::new());
-        assert_eq!(found("@ann @ann, @ann!"), vec!["ann"]);
-        assert_eq!(found("(@c.d-e_f) @- @. @"), vec!["c.d-e_f"]);
-        assert_eq!(found("@_x is not a name, @9lives is"), vec!["9lives"]);
-        let many: String = (0..40).map(|i| format!("@user{i} ")).collect();
-        assert_eq!(found(&many).len(), MAX_MENTIONS_PER_MESSAGE);
-        let long = format!("@{}", "a".repeat(40));
-        assert_eq!(found(&long), Vec::<String>::new());
-        assert_eq!(parse_mentions(b"\xff@ann\xfe @\xffbob"), vec!["ann"]);
     }
 }
