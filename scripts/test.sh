@@ -13,6 +13,8 @@ source scripts/lib/system-deps.sh
 ensure_build_deps
 ensure_packages iptables
 ensure_packages fuse3
+# The terminal chat's end-to-end test drives it in tmux.
+ensure_packages tmux
 
 TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
 

@@ -81,6 +81,7 @@ pub fn config_dir() -> PathBuf {
 }
 
 /// Where a profile's session lives, readable by its owner only.
+#[derive(Clone)]
 pub struct ProfileStore {
     pub path: PathBuf,
 }

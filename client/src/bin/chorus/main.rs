@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
+mod chat;
+
 /// `println!` that survives a closed stdout: when the reader went away (`chorus status | head`)
 /// the command ends quietly instead of panicking; other write errors are reported.
 macro_rules! out {
@@ -204,9 +206,17 @@ enum Command {
     },
     /// Show the cluster: nodes, and every shard's replicas, leader, term and progress.
     Status,
-    /// Chat in a room: messages arrive as they are sent; type a line to send it (/quit to leave).
-    /// Joins the room if it is public and you are not in it (creating it if it does not exist).
-    Chat { room: String },
+    /// Chat full-screen: your rooms with unread counts, the open room's messages (scroll back
+    /// with PageUp), members and who is typing; /help inside lists the keys. ROOM is opened
+    /// first (joined if it is public and you are not in it, created if it does not exist).
+    /// Without a terminal, or with --plain, a line mode: messages are printed as they arrive
+    /// and each line typed is sent (/quit to leave).
+    Chat {
+        room: Option<String>,
+        /// Line mode even at a terminal (for scripts, pipes and screen readers).
+        #[arg(long)]
+        plain: bool,
+    },
     /// Measure a running cluster: throughput, latency, fan-out (see docs/BENCHMARKS.md).
     Bench(Box<BenchArgs>),
 }
@@ -655,7 +665,14 @@ async fn command(client: &Client, store: &ProfileStore, command: Command, json: 
                         out!("sent to {user} as #{}", receipt.seq);
                     }
                 }
-                None => chat_in(client, store, &direct.room, &format!("direct messages with {user}")).await?,
+                None => {
+                    use std::io::IsTerminal;
+                    if !json && std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+                        chat::run(client, store, Some(&direct.room)).await?
+                    } else {
+                        chat_in(client, store, &direct.room, &format!("direct messages with {user}")).await?
+                    }
+                }
             }
         }
         Command::Admin(admin) => self::admin(client, admin, json).await?,
@@ -729,9 +746,16 @@ async fn command(client: &Client, store: &ProfileStore, command: Command, json: 
                 print_status(&status);
             }
         }
-        Command::Chat { room } => {
-            ensure_room(client, &room, false).await?;
-            chat_in(client, store, &room, &room).await?
+        Command::Chat { room, plain } => {
+            use std::io::IsTerminal;
+            let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+            if plain || json || !terminal {
+                let Some(room) = room else { bail!("line mode (--plain, or no terminal) needs a ROOM") };
+                ensure_room(client, &room, false).await?;
+                chat_in(client, store, &room, &room).await?
+            } else {
+                chat::run(client, store, room.as_deref()).await?
+            }
         }
         Command::Bench(args) => bench(client.options(), *args, json).await?,
     }
