@@ -70,6 +70,7 @@ start_node() {
     --data-dir "$DIR/node-$i" \
     --client-addr "127.0.0.1:$((7400 + i))" \
     --peer-addr "127.0.0.1:$((7300 + i))" \
+    --web-addr "127.0.0.1:$((7500 + i))" \
     --initial-cluster "$(initial_cluster "$n")" \
     --tls-cert "$DIR/tls/cert.pem" --tls-key "$DIR/tls/key.pem" \
     --peer-ca-dir "$DIR/ca" \

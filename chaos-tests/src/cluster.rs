@@ -156,6 +156,7 @@ impl ChaosCluster {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
         let child = Command::new(&self.chorusd)
             .args(["--node-id", &id.to_string(), "--client-addr", &node.client_addr, "--peer-addr", &node.peer_addr])
+            .args(["--web-addr", &format!("{}:7500", node.ip)])
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(&args)

@@ -39,7 +39,7 @@ fn start_node() -> Node {
     let peer_addr = format!("127.0.0.1:{}", free_port());
     let child = Command::new(target_bin("chorusd"))
         .args(["--node-id", "1", "--shard-count", "2", "--client-addr", &client_addr, "--peer-addr", &peer_addr])
-        .args(["--registration", "open"])
+        .args(["--registration", "open", "--web-addr", &format!("127.0.0.1:{}", free_port())])
         .arg("--data-dir")
         .arg(&data)
         .stdout(Stdio::null())

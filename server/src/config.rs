@@ -19,6 +19,7 @@ use crate::rate_limit::RateSpec;
 pub mod defaults {
     pub const NODE_ID: u64 = 1;
     pub const CLIENT_PORT_BASE: u16 = 7400;
+    pub const WEB_PORT_BASE: u16 = 7500;
     pub const PEER_PORT_BASE: u16 = 7300;
     pub const CLUSTER_TOKEN: &str = "chorus";
     pub const SHARD_COUNT: u32 = 16;
@@ -185,6 +186,11 @@ pub struct RunArgs {
     /// UDP address the QUIC client endpoint listens on. [default: 127.0.0.1:<7400 + node-id>]
     #[arg(long, env = "CHORUS_CLIENT_ADDR", value_name = "HOST:PORT")]
     pub client_addr: Option<SocketAddr>,
+
+    /// TCP address of the HTTPS endpoint (health checks `/livez` and `/readyz`), with the
+    /// client endpoint's certificate; `off` serves none. [default: 127.0.0.1:<7500 + node-id>]
+    #[arg(long, env = "CHORUS_WEB_ADDR", value_name = "HOST:PORT|off")]
+    pub web_addr: Option<String>,
 
     /// TCP address the gRPC peer endpoint listens on. [default: the address of this node in
     /// --initial-cluster, else 127.0.0.1:<7300 + node-id>]
@@ -419,6 +425,8 @@ pub struct NodeConfig {
     pub client_addr: SocketAddr,
     pub peer_addr: SocketAddr,
     pub advertise_client_addr: String,
+    /// The HTTPS endpoint's address (`None`: off).
+    pub web_addr: Option<SocketAddr>,
     /// Peer addresses of every node, by id.
     pub initial_cluster: BTreeMap<NodeId, String>,
     pub cluster_token: String,
@@ -580,6 +588,14 @@ fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
             "client address {client_addr} is not reachable as such: set --advertise-client-addr"
         )));
     }
+    let web_addr = match args.web_addr.or(file.web_addr).as_deref() {
+        None => Some(SocketAddr::from(([127, 0, 0, 1], d::WEB_PORT_BASE + port_offset))),
+        Some("off") => None,
+        Some(addr) => Some(
+            addr.parse()
+                .map_err(|_| ConfigError::Invalid(format!("web address {addr:?} is not an IP:port (or off)")))?,
+        ),
+    };
     let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| format!("chorus-data/node-{node_id}").into());
     let shard_count = args.shard_count.or(file.shard_count).unwrap_or(d::SHARD_COUNT);
     if shard_count == 0 || shard_count > 65_536 {
@@ -704,6 +720,7 @@ fn resolve(args: RunArgs, file: FileConfig) -> Result<NodeConfig, ConfigError> {
         client_addr,
         peer_addr,
         advertise_client_addr,
+        web_addr,
         initial_cluster,
         cluster_token: args.cluster_token.or(file.cluster_token).unwrap_or_else(|| d::CLUSTER_TOKEN.into()),
         shard_count,
@@ -856,11 +873,21 @@ mod tests {
     }
 
     #[test]
+    fn the_web_endpoint_may_be_moved_or_turned_off() {
+        let at = |list: &[&str]| resolve(args(list), FileConfig::default()).map(|c| c.web_addr);
+        assert_eq!(at(&["--web-addr", "0.0.0.0:8443"]).unwrap(), Some("0.0.0.0:8443".parse().unwrap()));
+        assert_eq!(at(&["--web-addr", "off"]).unwrap(), None);
+        let bad = at(&["--web-addr", "localhost"]).unwrap_err().to_string();
+        assert!(bad.contains("web address") && bad.contains("off"), "{bad}");
+    }
+
+    #[test]
     fn defaults_make_a_single_node_cluster() {
         let c = resolve(RunArgs::default(), FileConfig::default()).unwrap();
         assert_eq!(c.node_id, 1);
         assert_eq!(c.client_addr.to_string(), "127.0.0.1:7401");
         assert_eq!(c.peer_addr.to_string(), "127.0.0.1:7301");
+        assert_eq!(c.web_addr.map(|a| a.to_string()).as_deref(), Some("127.0.0.1:7501"));
         assert_eq!(c.initial_cluster, BTreeMap::from([(1, "127.0.0.1:7301".to_string())]));
         assert_eq!((c.shard_count, c.replication_factor), (16, 1));
         assert_eq!(c.data_dir, PathBuf::from("chorus-data/node-1"));

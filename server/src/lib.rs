@@ -5,6 +5,7 @@
 //! - [`cluster`]: cluster id and shard placement.
 //! - [`node`]: start-up, the shared node state, ordered shutdown.
 //! - [`front_door`]: the QUIC endpoint; [`requests`]: one module per request kind.
+//! - [`web`]: the HTTPS endpoint (health checks for load balancers).
 //! - [`forward`]: reaching the shard leader from any node; [`batcher`]: many writes per Raft
 //!   entry.
 //! - [`subscription`]: gap-free live feeds.
@@ -36,3 +37,4 @@ pub mod status;
 pub mod subscription;
 pub mod supervisor;
 pub mod tls;
+pub mod web;

@@ -303,6 +303,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         .context("setting up TLS for the client endpoint")?;
     let fingerprint = identity.fingerprint.clone();
     tracing::info!(%fingerprint, "client endpoint TLS certificate (SHA-256)");
+    let web_crypto = tls::web_crypto(&identity)?;
     let crypto = tls::server_crypto(identity)?;
 
     let peer_ip = config.peer_addr.ip();
@@ -363,6 +364,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let peer_server = peer::serve(node.clone(), &peer_tls).await.context("starting the peer server")?;
     let quic = front_door::bind(&node, crypto).context("starting the QUIC client endpoint")?;
     node.client_tasks.spawn(front_door::serve(node.clone(), quic.clone()));
+    if let Some(listener) = crate::web::bind(&node).await? {
+        node.client_tasks.spawn(crate::web::serve(node.clone(), listener, web_crypto));
+    }
     bootstrap::spawn(&node);
     supervisor::supervise(&node, "auth bootstrap", supervisor::Kind::Job, {
         let node = node.clone();
@@ -395,6 +399,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     tracing::info!(
         client_addr = %node.config.client_addr,
         peer_addr = %node.config.peer_addr,
+        web_addr = ?node.config.web_addr,
         "node is serving"
     );
     Ok(RunningNode { node, quic, peer_server })

@@ -25,6 +25,8 @@ pub struct TestNode {
     pub id: u64,
     pub client_addr: String,
     pub peer_addr: String,
+    /// The HTTPS endpoint (health checks).
+    pub web_addr: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
@@ -59,6 +61,7 @@ impl TestCluster {
                 id,
                 client_addr: format!("127.0.0.1:{}", free_port()),
                 peer_addr: format!("127.0.0.1:{}", free_port()),
+                web_addr: format!("127.0.0.1:{}", free_port()),
                 data_dir: dir.path().join(format!("node-{id}")),
                 log: dir.path().join(format!("node-{id}.log")),
                 child: None,
@@ -111,6 +114,8 @@ impl TestCluster {
             node.client_addr.clone(),
             "--peer-addr".into(),
             node.peer_addr.clone(),
+            "--web-addr".into(),
+            node.web_addr.clone(),
             "--initial-cluster".into(),
             self.initial_cluster.clone(),
         ];
