@@ -24,6 +24,7 @@ pub mod chorus {
     pub mod client {
         pub mod v1 {
             tonic::include_proto!("chorus.client.v1");
+            include!(concat!(env!("OUT_DIR"), "/chorus.client.v1.serde.rs"));
         }
     }
     pub mod peer {

@@ -51,6 +51,10 @@ pub enum ServiceError {
         "this connection has {limit} subscriptions, the most it may have: end one, or subscribe to several rooms in one"
     )]
     TooManySubscriptions { limit: usize },
+    /// A WebSocket connection has as many streams open as it may (QUIC holds a client back
+    /// with flow control instead): wait for an answer, or end a subscription.
+    #[error("this connection has {limit} streams open, the most it may have: wait for one to end")]
+    TooManyStreams { limit: usize },
     /// The subscriber did not read its events: the stream is closed to free what it held.
     /// Resubscribe from the last seq received (and read faster).
     #[error("this subscription did not read its events for {} ms with {queued_bytes} bytes waiting; closed so that they need not be kept (resubscribe from the last seq received)", waited.as_millis())]
@@ -92,6 +96,7 @@ impl ServiceError {
             ServiceError::Timeout { .. } => "timeout",
             ServiceError::ShuttingDown => "shutting_down",
             ServiceError::TooManySubscriptions { .. } => "too_many_subscriptions",
+            ServiceError::TooManyStreams { .. } => "too_many_streams",
             ServiceError::SlowSubscriber { .. } => "slow_subscriber",
             ServiceError::Lagging { .. } => "lagging",
             ServiceError::Internal(_) => "internal",

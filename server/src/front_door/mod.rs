@@ -191,9 +191,9 @@ pub async fn serve(node: Arc<Node>, endpoint: quinn::Endpoint) {
 
 /// Takes a connection's user offline (as far as this connection goes) when it ends, however
 /// it ends.
-struct OfflineOnDrop {
-    node: Arc<Node>,
-    session: Arc<Session>,
+pub struct OfflineOnDrop {
+    pub node: Arc<Node>,
+    pub session: Arc<Session>,
 }
 
 impl Drop for OfflineOnDrop {
@@ -347,41 +347,58 @@ async fn handle_stream(
             // Its client has nothing more to say on it (the request was the whole of it): the
             // receive half's state need not live as long as the subscription.
             drop(recv);
-            let me = session.requests.request().and_then(|()| session.identity()).and_then(|me| {
-                let slot = session
-                    .subscriptions
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| ServiceError::TooManySubscriptions { limit: MAX_SUBSCRIPTIONS_PER_CONNECTION })?;
-                Ok((me, slot))
-            });
-            let me = match me {
-                Ok(me) => me,
-                Err(e) => {
-                    requests::subscribe::refuse(&mut send, &e).await;
-                    return;
-                }
-            };
-            let (me, _slot) = me;
-            requests::subscribe::handle(node, me, session.auth.clone(), subscribe, send).await;
+            subscribe_on(node, &session, subscribe, send).await;
         }
         Some(kind) => {
-            let outcome = match node.inflight.clone().try_acquire_owned() {
-                // Boxed: the largest request's future would otherwise size every stream's
-                // task, a subscription's too, for as long as it lives (~3.7 KiB each).
-                Ok(_permit) => Box::pin(requests::dispatch(&node, &session, kind)).await,
-                Err(_) => Err(ServiceError::Unavailable { reason: "this node has too many requests in flight".into() }),
-            };
-            let kind = outcome.unwrap_or_else(|e| {
-                if !matches!(e, ServiceError::Command(_)) {
-                    tracing::debug!(error = %e, code = e.code(), "request failed");
-                }
-                response::Kind::Error(node.wire_error(&e))
-            });
+            let kind = answer(&node, &session, kind).await;
             reply(&mut send, kind).await;
         }
         None => reply(&mut send, response::Kind::Error(ServiceError::UnknownRequest.to_wire())).await,
     }
+}
+
+/// Serves a Subscribe on `send` (a QUIC stream, or a stream of the WebSocket gateway) for a
+/// signed-in connection with a subscription slot left; refuses it with an `Error` event
+/// otherwise.
+pub async fn subscribe_on<S: requests::subscribe::EventSink>(
+    node: Arc<Node>,
+    session: &Session,
+    subscribe: chorus_proto::client::Subscribe,
+    mut send: S,
+) {
+    let me = session.requests.request().and_then(|()| session.identity()).and_then(|me| {
+        let slot = session
+            .subscriptions
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ServiceError::TooManySubscriptions { limit: MAX_SUBSCRIPTIONS_PER_CONNECTION })?;
+        Ok((me, slot))
+    });
+    let (me, _slot) = match me {
+        Ok(me) => me,
+        Err(e) => {
+            requests::subscribe::refuse(&mut send, &e).await;
+            return;
+        }
+    };
+    requests::subscribe::handle(node, me, session.auth.clone(), subscribe, send).await;
+}
+
+/// The answer to a unary request (an `Error` when it fails), within the node's bound on
+/// requests in flight.
+pub async fn answer(node: &Arc<Node>, session: &Session, kind: request::Kind) -> response::Kind {
+    let outcome = match node.inflight.clone().try_acquire_owned() {
+        // Boxed: the largest request's future would otherwise size every stream's task, a
+        // subscription's too, for as long as it lives (~3.7 KiB each).
+        Ok(_permit) => Box::pin(requests::dispatch(node, session, kind)).await,
+        Err(_) => Err(ServiceError::Unavailable { reason: "this node has too many requests in flight".into() }),
+    };
+    outcome.unwrap_or_else(|e| {
+        if !matches!(e, ServiceError::Command(_)) {
+            tracing::debug!(error = %e, code = e.code(), "request failed");
+        }
+        response::Kind::Error(node.wire_error(&e))
+    })
 }
 
 /// Writes the one response frame of a unary request and finishes the stream. A client that
@@ -414,7 +431,7 @@ mod tests {
     #[test]
     fn a_streams_task_is_sized_by_the_subscription_not_by_the_largest_request() {
         let stream = future_size4(&handle_stream);
-        let subscription = future_size5(&requests::subscribe::handle);
+        let subscription = future_size5(&requests::subscribe::handle::<quinn::SendStream>);
         assert!(
             stream <= subscription + 1024,
             "a stream's task takes {stream} bytes, a subscription's future {subscription}"

@@ -124,12 +124,51 @@ async fn sign_in_ends(auth: &ConnectionAuth) -> ServiceError {
     }
 }
 
-pub async fn handle(
+/// Where a subscription's events go: a QUIC stream (the client protocol), or a stream of the
+/// WebSocket gateway (`crate::web::ws`). Both bound what a subscriber that does not read can
+/// hold, and both end with the same last events.
+pub trait EventSink: Send {
+    /// Writes `chunk` (whole `Event` frames), as long as the subscriber keeps taking bytes.
+    fn write_or_stall(&mut self, chunk: Bytes) -> impl Future<Output = Written> + Send;
+    /// Resolves once the subscriber has gone (stopped the stream, or its connection closed).
+    fn gone(&self) -> impl Future<Output = ()> + Send + 'static;
+    /// Writes `rest` (frames, or the end of one, already begun) and then `event`, ends the
+    /// stream and waits until the subscriber has it all, for at most `within`. True when it
+    /// was delivered.
+    fn last_event(&mut self, rest: Bytes, event: &client::Event, within: Duration)
+    -> impl Future<Output = bool> + Send;
+    /// Abandons the stream: its subscriber read nothing, not even why it ends.
+    fn abandon(&mut self, code: u32);
+}
+
+impl EventSink for quinn::SendStream {
+    async fn write_or_stall(&mut self, chunk: Bytes) -> Written {
+        write_or_stall(self, chunk).await
+    }
+
+    fn gone(&self) -> impl Future<Output = ()> + Send + 'static {
+        let stopped = self.stopped();
+        async move {
+            let stopped = stopped.await;
+            tracing::debug!(?stopped, "subscriber stopped the stream");
+        }
+    }
+
+    async fn last_event(&mut self, rest: Bytes, event: &client::Event, within: Duration) -> bool {
+        last_event(self, rest, event, within).await
+    }
+
+    fn abandon(&mut self, code: u32) {
+        let _ = self.reset(code.into());
+    }
+}
+
+pub async fn handle<S: EventSink>(
     node: Arc<Node>,
     me: Arc<Identity>,
     auth: Arc<ConnectionAuth>,
     mut subscribe: Subscribe,
-    mut send: quinn::SendStream,
+    mut send: S,
 ) {
     if let Err(e) = validate(&subscribe) {
         refuse(&mut send, &e).await;
@@ -141,7 +180,7 @@ pub async fn handle(
     };
     let subscribed =
         client::Event { kind: Some(event::Kind::Subscribed(client::Subscribed { rooms: subscribe.rooms.clone() })) };
-    if framing::write_message(&mut send, &subscribed).await.is_err() {
+    if !matches!(send.write_or_stall(framing::encode_frame(&subscribed)).await, Written::All) {
         return;
     }
     let cancel = node.clients_shutdown.child_token();
@@ -189,10 +228,7 @@ pub async fn handle(
             biased;
             _ = node.clients_shutdown.cancelled() => break End::Closing("node shutting down"),
             e = &mut ended => break End::Error(e),
-            stopped = send.stopped() => {
-                tracing::debug!(?stopped, "subscriber stopped the stream");
-                break End::Gone;
-            }
+            _ = send.gone() => break End::Gone,
             // Not a `Some(Ok(Some(e))) = feeds.join_next()` pattern: a feed that ends on its
             // own (presence with nothing to watch) would fail the pattern, which disables the
             // branch for the rest of this wait, and an error of another feed then went unseen
@@ -220,7 +256,7 @@ pub async fn handle(
                         more.event.append_frame(&mut frames);
                     }
                     last_write = Some(tokio::time::Instant::now());
-                    match write_or_stall(&mut send, frames.split().freeze()).await {
+                    match send.write_or_stall(frames.split().freeze()).await {
                         Written::All => {}
                         Written::Gone => break End::Gone,
                         Written::Stalled(rest) => break End::Evict(rest),
@@ -245,18 +281,18 @@ pub async fn handle(
             } else {
                 tracing::debug!(error = %e, "subscription ends");
             }
-            last_event(&mut send, Bytes::new(), &e.to_event(None), LAST_EVENT_DELIVERY).await;
+            send.last_event(Bytes::new(), &e.to_event(None), LAST_EVENT_DELIVERY).await;
         }
         End::Closing(reason) => {
             let closing = client::Event { kind: Some(event::Kind::Closing(client::Closing { reason: reason.into() })) };
-            last_event(&mut send, Bytes::new(), &closing, LAST_EVENT_DELIVERY).await;
+            send.last_event(Bytes::new(), &closing, LAST_EVENT_DELIVERY).await;
         }
         End::Evict(rest) => {
             let e =
                 ServiceError::SlowSubscriber { waited: SLOW_SUBSCRIBER_AFTER, queued_bytes: queued_bytes + rest.len() };
             tracing::info!(error = %e, "evicting a subscriber that does not read");
-            if !last_event(&mut send, rest, &e.to_event(None), EVICTION_GRACE).await {
-                let _ = send.reset(close_codes::SLOW_SUBSCRIBER.into());
+            if !send.last_event(rest, &e.to_event(None), EVICTION_GRACE).await {
+                send.abandon(close_codes::SLOW_SUBSCRIBER);
             }
         }
     }
@@ -369,7 +405,7 @@ enum End {
     Evict(Bytes),
 }
 
-enum Written {
+pub enum Written {
     All,
     Gone,
     /// No byte was taken for [`SLOW_SUBSCRIBER_AFTER`]; what is left of the chunk.
@@ -434,8 +470,8 @@ fn hold_until(last_write: Option<tokio::time::Instant>, now: tokio::time::Instan
 }
 
 /// Ends a subscription stream before it started, with an `Error` event.
-pub async fn refuse(send: &mut quinn::SendStream, e: &ServiceError) {
-    last_event(send, Bytes::new(), &e.to_event(None), LAST_EVENT_DELIVERY).await;
+pub async fn refuse(send: &mut impl EventSink, e: &ServiceError) {
+    send.last_event(Bytes::new(), &e.to_event(None), LAST_EVENT_DELIVERY).await;
 }
 
 #[cfg(test)]

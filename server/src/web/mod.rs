@@ -1,6 +1,6 @@
-//! The node's HTTPS endpoint (`web_addr`, TLS with the client endpoint's certificate), for
-//! load balancers and orchestrators:
+//! The node's HTTPS endpoint (`web_addr`, TLS with the client endpoint's certificate):
 //!
+//! - `GET /ws`: the WebSocket gateway, the client protocol in JSON for browsers ([`ws`]);
 //! - `GET /livez`: 200 while the process serves HTTP at all (restart it when this fails);
 //! - `GET /readyz`: 200 when this node can serve clients: every shard replica it hosts knows
 //!   its leader and follows it (not cut off, not behind; see [`Node::replica_lag`]), and it is
@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Extension, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -27,6 +28,12 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::node::Node;
+
+pub mod ws;
+
+/// The remote address of the connection a request came on.
+#[derive(Clone, Copy)]
+struct Remote(std::net::SocketAddr);
 
 /// Open HTTPS connections per node; further ones are closed at once.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -42,7 +49,27 @@ pub async fn bind(node: &Node) -> anyhow::Result<Option<TcpListener>> {
 }
 
 fn router(node: Arc<Node>) -> Router {
-    Router::new().route("/livez", get(livez)).route("/readyz", get(readyz)).with_state(node)
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/ws", get(websocket))
+        .with_state(node)
+}
+
+async fn websocket(
+    State(node): State<Arc<Node>>,
+    Extension(Remote(remote)): Extension<Remote>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let limit = ws::max_message_bytes(&node);
+    upgrade
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        // Tracked with the node's client tasks: shutdown waits for its subscriptions' `Closing`.
+        .on_upgrade(move |socket| {
+            let tasks = node.client_tasks.clone();
+            tasks.track_future(ws::serve(node, socket, remote).instrument(tracing::info_span!("ws", %remote)))
+        })
 }
 
 async fn livez() -> &'static str {
@@ -78,7 +105,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 pub async fn serve(node: Arc<Node>, listener: TcpListener, crypto: Arc<rustls::ServerConfig>) {
     let acceptor = TlsAcceptor::from(crypto);
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let service = TowerToHyperService::new(router(node.clone()));
+    let router = router(node.clone());
     loop {
         let accepted = tokio::select! {
             _ = node.clients_shutdown.cancelled() => return,
@@ -97,7 +124,8 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, crypto: Arc<rustls::S
             tracing::debug!(%remote, "refusing a web connection: too many");
             continue;
         };
-        let (node2, acceptor, service) = (node.clone(), acceptor.clone(), service.clone());
+        let service = TowerToHyperService::new(router.clone().layer(Extension(Remote(remote))));
+        let (node2, acceptor) = (node.clone(), acceptor.clone());
         let span = tracing::debug_span!("web", %remote);
         node.client_tasks.spawn(
             async move {
@@ -109,7 +137,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, crypto: Arc<rustls::S
                 };
                 let mut http = hyper::server::conn::http1::Builder::new();
                 http.timer(TokioTimer::new()).header_read_timeout(HANDSHAKE_TIMEOUT).max_buf_size(64 * 1024);
-                let connection = http.serve_connection(TokioIo::new(tls), service);
+                let connection = http.serve_connection(TokioIo::new(tls), service).with_upgrades();
                 tokio::pin!(connection);
                 tokio::select! {
                     done = connection.as_mut() => {
