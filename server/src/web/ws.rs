@@ -88,8 +88,12 @@ struct Outgoing<'a> {
 }
 
 fn encode(message: &Outgoing<'_>) -> String {
-    // Serializing generated messages into a string cannot fail (no maps with non-string keys).
-    serde_json::to_string(message).unwrap_or_else(|e| format!("{{\"id\":{},\"reset\":0,\"why\":\"{e}\"}}", message.id))
+    // Serializing generated messages into a string does not fail (their maps have string
+    // keys); were it to, the stream is reset rather than the connection broken.
+    serde_json::to_string(message).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a gateway message did not serialize");
+        serde_json::json!({"id": message.id, "reset": 0}).to_string()
+    })
 }
 
 fn error_response(node: &Node, e: &ServiceError) -> Response {
