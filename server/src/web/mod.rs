@@ -5,9 +5,10 @@
 //! - `GET /readyz`: 200 when this node can serve clients: every shard replica it hosts knows
 //!   its leader and follows it (not cut off, not behind; see [`Node::replica_lag`]), and it is
 //!   not shutting down; else 503 with the reasons. A load balancer sends clients only to ready
-//!   nodes (README.md, "Operator's guide", has HAProxy and nginx examples).
+//!   nodes (README.md, "Operator's guide", has a HAProxy example).
 //!
-//! Bounded like the QUIC endpoint: connections per node ([`MAX_CONNECTIONS`]), the TLS
+//! Bounded like the QUIC endpoint: connections per node (`max_connections`, counted apart
+//! from the QUIC endpoint's; a WebSocket is one), the TLS
 //! handshake and a request's headers within [`HANDSHAKE_TIMEOUT`], HTTP/1.1 only. On shutdown
 //! it stops accepting, and open connections finish their request and close.
 
@@ -35,8 +36,6 @@ pub mod ws;
 #[derive(Clone, Copy)]
 struct Remote(std::net::SocketAddr);
 
-/// Open HTTPS connections per node; further ones are closed at once.
-pub const MAX_CONNECTIONS: usize = 1024;
 /// The TLS handshake, and then each request's headers, must arrive within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -104,7 +103,8 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 /// Serves HTTPS on `listener` until the node shuts down.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, crypto: Arc<rustls::ServerConfig>) {
     let acceptor = TlsAcceptor::from(crypto);
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Further connections are closed at once.
+    let connections = Arc::new(Semaphore::new(node.config.max_connections));
     let router = router(node.clone());
     loop {
         let accepted = tokio::select! {
