@@ -45,6 +45,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// [`SILENT_LIMIT`] is closed.
 const PING_EVERY: Duration = Duration::from_secs(15);
 const SILENT_LIMIT: Duration = Duration::from_secs(45);
+/// How long the closing handshake may take before the socket is dropped.
+const CLOSE_WITHIN: Duration = Duration::from_secs(2);
 /// How long a revoked connection stays open for its subscriptions to say why they end.
 const CLOSE_AFTER_REVOKED: Duration = Duration::from_millis(250);
 
@@ -136,7 +138,9 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, remote: SocketAddr) {
                         }
                     }
                 }
-                let _ = sink.close().await;
+                // A client that reads nothing would hold the closing handshake (and this task,
+                // and the socket) forever: give it a moment, then drop the socket.
+                let _ = tokio::time::timeout(CLOSE_WITHIN, sink.close()).await;
             }
             .in_current_span(),
         )
@@ -242,7 +246,10 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, remote: SocketAddr) {
         let _ = out.try_send(Message::Close(Some(CloseFrame { code, reason: reason.into() })));
     }
     drop(out);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    let mut writer = writer;
+    if tokio::time::timeout(CLOSE_WITHIN + Duration::from_secs(1), &mut writer).await.is_err() {
+        writer.abort();
+    }
 }
 
 /// One logical stream of a WebSocket.
