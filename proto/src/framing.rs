@@ -84,6 +84,17 @@ pub fn append_frame<M: Message>(buf: &mut BytesMut, message: &M) {
     message.encode(buf).expect("buffer has room for the message");
 }
 
+/// Takes the first whole frame's body off the front of `buf` (frames written with
+/// [`append_frame`]); `None`, leaving `buf` as it was, when it holds no whole frame.
+pub fn split_frame(buf: &mut Bytes) -> Option<Bytes> {
+    let len = u32::from_be_bytes(buf.get(..4)?.try_into().ok()?) as usize;
+    if buf.len() - 4 < len {
+        return None;
+    }
+    let mut frame = buf.split_to(4 + len);
+    Some(frame.split_off(4))
+}
+
 /// Writes `message` as one frame.
 pub async fn write_message<M: Message, W: AsyncWrite + Unpin>(writer: &mut W, message: &M) -> std::io::Result<()> {
     writer.write_all(&encode_frame(message)).await
@@ -91,6 +102,7 @@ pub async fn write_message<M: Message, W: AsyncWrite + Unpin>(writer: &mut W, me
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
     use crate::client::{Hello, Request, request};
 
@@ -102,6 +114,19 @@ mod tests {
                 ..Default::default()
             })),
         }
+    }
+
+    #[test]
+    fn split_frame_takes_whole_frames_only() {
+        let mut buf = BytesMut::new();
+        append_frame(&mut buf, &hello());
+        buf.extend_from_slice(&[0, 0, 0, 9, 1]);
+        let mut buf = buf.freeze();
+        let first = split_frame(&mut buf).expect("one whole frame");
+        assert_eq!(<Request as Message>::decode(first).unwrap(), hello());
+        assert_eq!(split_frame(&mut buf), None, "a frame cut short is left");
+        assert_eq!(buf.len(), 5);
+        assert_eq!(split_frame(&mut Bytes::from_static(&[0, 0])), None);
     }
 
     #[tokio::test]

@@ -131,23 +131,27 @@ pub fn load_or_generate(
 /// rustls's server configuration for the HTTPS endpoint (`crate::web`): the client endpoint's
 /// certificate, TLS 1.2 or 1.3 (load balancers' health checks), ALPN `http/1.1`.
 pub fn web_crypto(identity: &ServerIdentity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    let versions = rustls::DEFAULT_VERSIONS;
+    crypto(identity.chain.clone(), identity.key.clone_key(), versions, b"http/1.1")
 }
 
 /// rustls's server configuration for the client endpoint: TLS 1.3 only, ALPN `chorus/1`.
 pub fn server_crypto(identity: ServerIdentity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    crypto(identity.chain, identity.key, &[&rustls::version::TLS13], chorus_proto::ALPN)
+}
+
+fn crypto(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    alpn: &[u8],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(versions)?
         .with_no_client_auth()
-        .with_single_cert(identity.chain, identity.key)?;
-    config.alpn_protocols = vec![chorus_proto::ALPN.to_vec()];
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -3,24 +3,16 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chorus_client::Trust;
 use common::TestCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One `GET path` over TLS (the node's certificate pinned by fingerprint): status and body.
 async fn get(cluster: &TestCluster, id: u64, path: &str) -> Result<(u16, String), String> {
-    let pin = chorus_client::tls::parse_fingerprint(&cluster.fingerprint).map_err(|e| e.to_string())?;
-    let mut config = chorus_client::tls::client_crypto(&Trust::Fingerprints(vec![pin])).map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let addr = &cluster.nodes[&id].web_addr;
     let exchange = async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
-        let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-        let mut tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        let mut tls = cluster.web_tls(id).await?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         tls.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
         let mut response = Vec::new();

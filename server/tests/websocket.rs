@@ -6,11 +6,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use chorus_client::Trust;
 use common::TestCluster;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -23,13 +21,8 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 async fn connect(cluster: &TestCluster, id: u64) -> Ws {
-    let pin = chorus_client::tls::parse_fingerprint(&cluster.fingerprint).unwrap();
-    let mut config = chorus_client::tls::client_crypto(&Trust::Fingerprints(vec![pin])).unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let addr = cluster.nodes[&id].web_addr.clone();
-    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    let tls = cluster.web_tls(id).await.unwrap();
     let (ws, _) = tokio_tungstenite::client_async(format!("wss://{addr}/ws"), tls).await.unwrap();
     ws
 }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use chorus_proto::client::{Event, Request, Response, request, response};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -293,22 +293,15 @@ impl Stream {
     }
 }
 
-/// Splits `chunk` into the `Event`s of its frames (a u32 big-endian length, then the
-/// message). The frames are the node's own, so a bad one is a bug: it ends the split.
+/// Splits `chunk` into the `Event`s of its frames, each with the chunk from its frame on (what
+/// is left to write if it is not taken). The frames are the node's own, so a bad one is a bug:
+/// it ends the split.
 fn events(mut chunk: Bytes) -> impl Iterator<Item = (Event, Bytes)> {
     std::iter::from_fn(move || {
-        if chunk.len() < 4 {
-            return None;
-        }
-        let len = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) as usize;
-        if chunk.len() < 4 + len {
-            return None;
-        }
-        let rest = chunk.clone();
-        chunk.advance(4);
-        let frame = chunk.split_to(len);
+        let from_here = chunk.clone();
+        let frame = chorus_proto::framing::split_frame(&mut chunk)?;
         let event = <Event as prost::Message>::decode(frame).ok()?;
-        Some((event, rest))
+        Some((event, from_here))
     })
 }
 

@@ -246,6 +246,19 @@ impl TestCluster {
         }
     }
 
+    /// A TLS connection to node `id`'s HTTPS endpoint, its certificate pinned like the QUIC
+    /// clients' (ALPN `http/1.1`).
+    pub async fn web_tls(&self, id: u64) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+        let pin = chorus_client::tls::parse_fingerprint(&self.fingerprint).unwrap();
+        let mut config = chorus_client::tls::client_crypto(&Trust::Fingerprints(vec![pin])).unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let addr = &self.nodes[&id].web_addr;
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        connector.connect(name, tcp).await.map_err(|e| format!("TLS to {addr}: {e}"))
+    }
+
     pub async fn leader_of(&self, via: u64, shard: u32) -> u64 {
         let status = self.wait_ready(via).await;
         status.shards[shard as usize].leader
